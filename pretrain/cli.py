@@ -1,0 +1,109 @@
+"""`pretrain` command line: prepare, train, generate, metrics."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pretrain.errors import UserError
+
+OVERRIDES_HELP = "dotted overrides applied after the YAML, e.g. optim.lr=3e-3 train.steps=200"
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from pretrain.config import load_config
+    from pretrain.data import prepare_data
+
+    cfg = load_config(args.config, args.overrides)
+    out = prepare_data(cfg.data, progress=True)
+    print(f"data ready in {out}")
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from pretrain.config import load_config
+    from pretrain.generate import generate_text
+    from pretrain.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume, stop_at=args.stop_at)
+    val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+    print(f"finished at step {result.step}; val loss {val}; run dir {result.run_dir}")
+    if result.checkpoint is not None and result.step == cfg.train.steps and cfg.logging.sample_tokens > 0:
+        sample = generate_text(result.checkpoint, cfg.logging.sample_prompt, cfg.logging.sample_tokens,
+                               seed=cfg.train.seed)
+        (result.run_dir / "sample.txt").write_text(sample + "\n")
+        print(f"--- sample ({result.checkpoint.name}) ---\n{sample}\n---")
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from pretrain.generate import generate_text
+
+    print(generate_text(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+
+
+def _cmd_metrics(args: argparse.Namespace) -> None:
+    from pretrain.metrics import metrics_command
+
+    metrics_command(args.paths)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain",
+        description="GPT pretraining with rotational optimizers and rotation metrics, driven by YAML configs.",
+        epilog="Example: pretrain prepare configs/tiny-cpu.yaml && pretrain train configs/tiny-cpu.yaml")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="tokenize a corpus into token shards (idempotent)",
+                       description="Turn the corpus named in data.* into token shards plus an index and tokenizer "
+                                   "in data.dir. Re-running with the same inputs does nothing.")
+    p.add_argument("config", help="YAML recipe, e.g. configs/tiny-cpu.yaml")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model from a YAML recipe",
+                       description="Train the model the recipe describes on prepared shards, writing metrics, "
+                                   "TensorBoard logs and checkpoints into train.out_dir.")
+    p.add_argument("config", help="YAML recipe, e.g. configs/tiny-cpu.yaml")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.add_argument("--resume", metavar="auto|CKPT",
+                   help="'auto' continues the newest complete checkpoint in train.out_dir (or starts fresh); "
+                        "a path continues that checkpoint")
+    p.add_argument("--stop-at", type=int, metavar="STEP",
+                   help="stop after this optimizer step with a checkpoint (the schedule still spans train.steps)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint",
+                       description="Sample a continuation of PROMPT from a checkpoint's model/ and tokenizer/.")
+    p.add_argument("checkpoint", help="checkpoint folder, or a run folder (its latest checkpoint)")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("metrics", help="print and plot rotation metrics of one run, or compare two",
+                       description="Print the per-layer rotation table of a run or checkpoint, refresh its "
+                                   "figures, and compare two runs side by side when given two paths.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="run folder or checkpoint folder (one or two)")
+    p.set_defaults(func=_cmd_metrics)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

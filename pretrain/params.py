@@ -1,0 +1,106 @@
+"""The parameter classification table (DESIGN section 3).
+
+Every parameter is classified once, from the type of the module that owns it, into a
+`ParamSpec`. The optimizer builder, the rotation metrics and the start-up summary all read
+this one table; nothing downstream guesses a neuron axis from `p.dim()`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from transformers.pytorch_utils import Conv1D
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str  # as in model.named_parameters() (parametrized weights end in `.original`)
+    shape: tuple[int, ...]
+    kind: str  # linear | conv1d | embedding | norm | bias | gain | other
+    neuron_axis: int | None  # axis that indexes output neurons; None for vectors
+    rotational: bool  # would an RV optimizer treat it rotationally (needs weight decay)
+    weight_decay: bool
+
+    @property
+    def tracked(self) -> bool:
+        """Rotation metrics follow every tensor that has neurons."""
+        return self.neuron_axis is not None
+
+    @property
+    def num_neurons(self) -> int:
+        return self.shape[self.neuron_axis] if self.neuron_axis is not None else 0
+
+
+class LinearGain(nn.Module):
+    """Parametrization W -> diag(g) W along the neuron axis; g is a learnable [out] vector."""
+
+    def __init__(self, num_neurons: int, neuron_axis: int) -> None:
+        super().__init__()
+        self.neuron_axis = neuron_axis
+        self.gain = nn.Parameter(torch.ones(num_neurons))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * (self.gain[:, None] if self.neuron_axis == 0 else self.gain[None, :])
+
+
+def _matrix_axis(module: nn.Module) -> tuple[str, int] | None:
+    if isinstance(module, nn.Linear):
+        return "linear", 0  # weight is [out, in]
+    if isinstance(module, Conv1D):
+        return "conv1d", 1  # transformers' GPT-2 Conv1D weight is [in, out]
+    if isinstance(module, nn.Embedding):
+        return "embedding", 0  # one row per token
+    return None
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith("RMSNorm")
+
+
+def classify_parameters(model: nn.Module, rotational_embeddings: bool = False) -> list[ParamSpec]:
+    """One ParamSpec per unique parameter of `model`, in `named_parameters()` order."""
+    by_id: dict[int, tuple[str, int | None, bool]] = {}  # id -> (kind, axis, rotational)
+    for module in model.modules():
+        matrix = _matrix_axis(module)
+        if matrix is not None:
+            kind, axis = matrix
+            weight = (module.parametrizations.weight.original
+                      if parametrize.is_parametrized(module, "weight") else module.weight)
+            rotational = kind != "embedding" or rotational_embeddings
+            by_id.setdefault(id(weight), (kind, axis, rotational))
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, nn.Parameter):
+                by_id.setdefault(id(bias), ("bias", None, False))
+        elif isinstance(module, LinearGain):
+            by_id.setdefault(id(module.gain), ("gain", None, False))
+        elif _is_norm(module):
+            for p in module.parameters(recurse=False):
+                by_id.setdefault(id(p), ("norm", None, False))
+    table = []
+    for name, p in model.named_parameters():
+        kind, axis, rotational = by_id.get(id(p), ("other", None, False))
+        decay = kind in ("linear", "conv1d", "embedding")
+        table.append(ParamSpec(name, tuple(p.shape), kind, axis, rotational and decay, decay))
+    return table
+
+
+def summarize_table(table: list[ParamSpec]) -> str:
+    """A compact start-up summary: counts and sizes per kind, axis and rotational flag."""
+    groups: Counter[tuple[str, int | None, bool, bool]] = Counter()
+    sizes: Counter[tuple[str, int | None, bool, bool]] = Counter()
+    for spec in table:
+        key = (spec.kind, spec.neuron_axis, spec.rotational, spec.weight_decay)
+        groups[key] += 1
+        sizes[key] += int(torch.Size(spec.shape).numel())
+    lines = [f"{'kind':<10} {'tensors':>7} {'params':>12} {'axis':>4} {'rotational':>10} {'decay':>5}"]
+    for key in sorted(groups, key=lambda k: -sizes[k]):
+        kind, axis, rot, decay = key
+        lines.append(f"{kind:<10} {groups[key]:>7} {sizes[key]:>12,} {'-' if axis is None else axis:>4} "
+                     f"{'yes' if rot else 'no':>10} {'yes' if decay else 'no':>5}")
+    total = sum(sizes.values())
+    lines.append(f"{'total':<10} {len(table):>7} {total:>12,}")
+    return "\n".join(lines)

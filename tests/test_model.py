@@ -1,0 +1,77 @@
+"""Models from transformers classes: presets, the parameter table, gain folding on export."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+from pretrain.config import ModelConfig
+from pretrain.errors import UserError
+from pretrain.model import PRESETS, build_model, padded_vocab_size, resolve_size, save_hf_model
+from pretrain.params import classify_parameters, summarize_table
+
+VOCAB, SEQ, EOS = 300, 32, 299
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_parameter_table_axes_follow_module_types(arch):
+    model = build_model(ModelConfig(arch=arch, preset="tiny"), VOCAB, SEQ, EOS)
+    table = {spec.name: spec for spec in classify_parameters(model)}
+    assert len(table) == len(list(model.parameters()))
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module is not model.get_output_embeddings():
+            spec = table[f"{name}.weight"]
+            assert (spec.kind, spec.neuron_axis, spec.rotational) == ("linear", 0, True)
+            assert spec.num_neurons == module.out_features
+        elif isinstance(module, Conv1D):
+            spec = table[f"{name}.weight"]
+            assert (spec.kind, spec.neuron_axis, spec.rotational) == ("conv1d", 1, True)
+            assert spec.num_neurons == module.nf  # output features are the columns of [in, out]
+            assert table[f"{name}.bias"].weight_decay is False
+        elif isinstance(module, nn.Embedding):
+            spec = table[f"{name}.weight"]
+            assert (spec.kind, spec.neuron_axis, spec.rotational) == ("embedding", 0, False)
+    norms = [s for s in table.values() if s.kind == "norm"]
+    assert norms and all(not s.weight_decay and not s.rotational and not s.tracked for s in norms)
+    assert "total" in summarize_table(list(table.values()))
+
+
+def test_rotational_embeddings_option():
+    model = build_model(ModelConfig(preset="tiny"), VOCAB, SEQ, EOS)
+    table = classify_parameters(model, rotational_embeddings=True)
+    assert [s.rotational for s in table if s.kind == "embedding"] == [True]
+
+
+def test_presets_and_overrides():
+    size = resolve_size(ModelConfig(preset="llama-125m", num_layers=2), seq_len=4096)
+    assert size["hidden_size"] == 768 and size["num_layers"] == 2 and size["max_position_embeddings"] == 4096
+    assert set(PRESETS) >= {"tiny", "gpt2-124m", "llama-125m", "llama-350m", "llama-1b"}
+    assert padded_vocab_size(8193) == 8256
+    with pytest.raises(UserError, match="divisible"):
+        resolve_size(ModelConfig(hidden_size=130), seq_len=16)
+    with pytest.raises(UserError, match="model.preset must be one of"):
+        resolve_size(ModelConfig(preset="huge"), seq_len=16)
+
+
+def test_sdpa_attention_is_used():
+    model = build_model(ModelConfig(preset="tiny"), VOCAB, SEQ, EOS)
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_gains_fold_into_a_plain_transformers_checkpoint(arch, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch, preset="tiny", linear_gains=True), VOCAB, SEQ, EOS).eval()
+    table = classify_parameters(model)
+    gains = [s for s in table if s.kind == "gain"]
+    assert gains and all(not s.weight_decay and not s.rotational for s in gains)
+    with torch.no_grad():  # non-trivial gains, so folding is really exercised
+        for spec in gains:
+            model.get_parameter(spec.name).uniform_(0.5, 1.5)
+    save_hf_model(model, tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert not any("gain" in n or "parametrizations" in n for n, _ in loaded.named_parameters())
+    x = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
