@@ -25,8 +25,9 @@ def lr_at(step: int, peak_lr: float, total_steps: int, cfg: ScheduleConfig) -> f
         if step <= decay_start:
             return peak_lr
         return peak_lr - (peak_lr - floor) * (step - decay_start) / decay_steps
-    span = max(1, total_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    # The first post-warmup step runs at the peak and the last step at the floor.
+    span = max(1, total_steps - cfg.warmup_steps - 1)
+    progress = min(1.0, max(0.0, (step - cfg.warmup_steps - 1) / span))
     if cfg.name == "linear":
         return peak_lr - (peak_lr - floor) * progress
     return floor + 0.5 * (peak_lr - floor) * (1.0 + math.cos(math.pi * progress))
