@@ -17,7 +17,7 @@ def plot_loss_curves(records: list[dict[str, Any]], path: Path) -> None:
     for key, style in (("train/loss", "-"), ("val/loss", "o-")):
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         if points:
-            steps, values = zip(*points)
+            steps, values = zip(*points, strict=True)
             ax.plot(steps, values, style, label=key.split("/")[0], markersize=3)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")

@@ -15,8 +15,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pretrain.card import model_card
-from pretrain.checkpoint import (check_compatible, find_latest, load_training_state, save_run_config,
-                                 save_training_state, write_checkpoint)
+from pretrain.checkpoint import (
+    check_compatible,
+    find_latest,
+    load_training_state,
+    save_run_config,
+    save_training_state,
+    write_checkpoint,
+)
 from pretrain.config import Config, save_config
 from pretrain.curves import plot_loss_curves
 from pretrain.data import TrainLoader, ValLoader, load_index, load_tokenizer
@@ -97,6 +103,28 @@ def evaluate(model: torch.nn.Module, loader: ValLoader, device: torch.device, au
     return total / max(count, 1)
 
 
+def forward_backward(model: torch.nn.Module, loader: TrainLoader, step: int, grad_accum: int, grad_clip: float,
+                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
+                     autocast) -> tuple[float, float]:
+    """Accumulate the gradient of one optimizer step's batch; unscale and clip it.
+
+    Returns (mean loss, gradient norm before clipping) as floats: the one host sync per step.
+    """
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(grad_accum):
+        x, y = loader.get_batch(step, micro)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            logits = model(input_ids=x).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / grad_accum
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    return loss_sum.item(), grad_norm.item()
+
+
 def train(cfg: Config, resume: str | None = None, stop_at: int | None = None) -> TrainResult:
     """Run (or continue) the training run `cfg` describes; `stop_at` ends early with a checkpoint."""
     check_world(cfg)
@@ -166,19 +194,8 @@ def train(cfg: Config, resume: str | None = None, stop_at: int | None = None) ->
             lr = lr_at(step, cfg.optim.lr, tcfg.steps, cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(tcfg.grad_accum):
-                x, y = loader.get_batch(step, micro)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast():
-                    logits = forward(input_ids=x).logits
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / tcfg.grad_accum
-                scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0
-                                                       else math.inf)
-            loss_value, grad_value = loss_sum.item(), grad_norm.item()
+            loss_value, grad_value = forward_backward(forward, loader, step, tcfg.grad_accum, tcfg.grad_clip,
+                                                      optimizer, scaler, device, autocast)
             if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
                 optimizer.zero_grad(set_to_none=True)
                 skips += 1

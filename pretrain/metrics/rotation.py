@@ -1,0 +1,190 @@
+"""Per-neuron rotation metrics of any optimizer, measured from weights and gradients alone.
+
+Per optimizer step the training loop does::
+
+    measuring = tracker.should_measure(step)
+    if measuring: tracker.capture()                # after backward + clip, before optimizer.step()
+    optimizer.step()
+    if measuring: scalars = tracker.measure(step, lr)
+
+Only measurement steps cost anything: `capture` keeps one exact copy of the tracked weights
+(in their own dtype) and the per-neuron gradient norms; `measure` reduces the step's change
+per neuron and frees the copy. The quantities and file format: docs/rotation-metrics.md.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pretrain.config import OptimConfig
+from pretrain.metrics.history import EQUILIBRIUM_TOLERANCE, LAYER_METRICS, RotationHistory
+from pretrain.metrics.neurons import (
+    LAYER_STATS,
+    NEURON_METRICS,
+    grad_norms,
+    layer_stats,
+    neuron_metrics,
+    neuron_sums,
+    workspace_elements,
+)
+from pretrain.metrics.store import write_rotation
+from pretrain.optim.equilibrium import equilibrium_rate, rule_of
+from pretrain.params import ParamSpec
+
+STATE_VERSION = 1
+# Logger name group of each per-layer metric: `rotation/<group>/<layer>`.
+LOG_GROUPS = {"theta_mean": "angle", "theta_rms": "angle_rms", "theta_cv": "cv", "ratio": "ratio",
+              "rel_update": "rel_update", "grad_norm": "grad_norm", "weight_norm": "weight_norm"}
+# Wrapper prefixes (torch.compile, DDP, transformers base models) and weight suffixes that
+# carry no information in a layer name.
+_PREFIXES = ("_orig_mod.", "module.", "model.", "transformer.")
+_SUFFIXES = (".parametrizations.weight.original", ".weight")
+
+
+def layer_name(param_name: str) -> str:
+    """Short display name: 'model.layers.0.mlp.up_proj.weight' -> 'layers.0.mlp.up_proj'."""
+    name = param_name
+    while name.startswith(_PREFIXES):
+        name = name.split(".", 1)[1]
+    for suffix in _SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+class RotationTracker:
+    """Measures the per-neuron angular update of every tracked tensor of `table`."""
+
+    def __init__(self, model: nn.Module, table: list[ParamSpec], optim_cfg: OptimConfig, every: int) -> None:
+        if every < 0:
+            raise ValueError(f"rotation metrics interval must be >= 0 (0 turns them off), got {every}")
+        self.every = every
+        self.specs = [spec for spec in table if spec.tracked]
+        names = [layer_name(spec.name) for spec in self.specs]
+        self.layers = names if len(set(names)) == len(names) else [spec.name for spec in self.specs]
+        self.history = RotationHistory(self.layers)
+        # Per-neuron values of the latest measurement: layer -> NEURON_METRICS -> [neurons].
+        self.snapshot: dict[str, dict[str, torch.Tensor]] = {}
+        self._model = model
+        self._optim = optim_cfg
+        self._rule = rule_of(optim_cfg.name)
+        self._neurons = [spec.num_neurons for spec in self.specs]
+        self._segment = torch.repeat_interleave(torch.arange(len(self.specs)), torch.tensor(self._neurons))
+        self._workspace = workspace_elements(self.specs)
+        self._before: list[torch.Tensor] | None = None
+        self._grad_norms: list[torch.Tensor] | None = None
+        self._line = ""
+
+    # ------------------------------------------------------------------ the per-step protocol
+
+    def should_measure(self, step: int) -> bool:
+        """Every `every` optimizer steps, and the first step (where warmup-free runs differ most)."""
+        return self.every > 0 and (step % self.every == 0 or step == 1)
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Remember the pre-step weights and per-neuron gradient norms; call right before optimizer.step()."""
+        params = self._params()
+        # An exact copy in the parameter's own dtype: theta needs w_t bit for bit, since a
+        # rounded copy (bf16: ~4e-3 relative per element) would add more angle than the
+        # ~1e-3 rad per step being measured, and a wider one would only cost more. It is one
+        # copy of the tracked weights, held only from capture() to measure() of a measured step.
+        self._before = [p.detach().clone() for p in params]
+        self._grad_norms = [grad_norms(p, spec.neuron_axis) for p, spec in zip(params, self.specs, strict=True)]
+
+    @torch.no_grad()
+    def measure(self, step: int, lr: float) -> dict[str, float]:
+        """Compare to the captured weights; record and return `rotation/...` scalars (finite ones only)."""
+        if self._before is None or self._grad_norms is None:
+            raise RuntimeError("RotationTracker.measure() needs capture() before optimizer.step()")
+        params = self._params()
+        device = params[0].device if params else torch.device("cpu")
+        workspace = torch.empty(self._workspace, dtype=torch.float64, device=device)
+        sums = [neuron_sums(before, after.detach(), spec.neuron_axis, workspace)
+                for spec, before, after in zip(self.specs, self._before, params, strict=True)]
+        self._before = None  # frees the pre-step copy
+        metrics = neuron_metrics(torch.cat(sums), torch.cat(self._grad_norms))
+        self._grad_norms = None
+        self._segment = self._segment.to(device)
+        stats = layer_stats(metrics, self._segment, len(self.specs)).cpu().numpy()  # the one host sync
+        per_layer = dict(zip(LAYER_STATS, stats.T, strict=True))
+        self.snapshot = {layer: dict(zip(NEURON_METRICS, part.unbind(dim=1), strict=True))
+                         for layer, part in zip(self.layers, metrics.split(self._neurons), strict=True)}
+
+        eta_r = equilibrium_rate(self._rule, lr, self._optim.weight_decay, self._optim.betas, self._optim.momentum)
+        layer_eta = np.array([eta_r if spec.weight_decay else 0.0 for spec in self.specs])
+        per_layer["ratio"] = np.divide(per_layer["theta_mean"], layer_eta,
+                                       out=np.full(len(self.specs), np.nan), where=layer_eta > 0)
+        self.history.append(step, lr, eta_r, np.stack([per_layer[m] for m in LAYER_METRICS], axis=1))
+        self._line = self._summarize()
+        return self._scalars()
+
+    def summary_line(self) -> str:
+        """Short progress-bar text, e.g. 'θ/η 1.02 eq 10/14' (layers within ±10%); '' before any measurement."""
+        return self._line
+
+    # ------------------------------------------------------------------ persistence
+
+    def state_dict(self) -> dict:
+        """History and latest snapshot; tensors, lists, dicts and numbers only (weights_only-loadable)."""
+        return {"version": STATE_VERSION, "history": self.history.state_dict(),
+                "snapshot": {layer: {k: v.cpu().clone() for k, v in m.items()} for layer, m in self.snapshot.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"rotation tracker state version {state.get('version')} is not {STATE_VERSION}")
+        history = RotationHistory.from_state_dict(state["history"])
+        if history.layers != self.layers:
+            raise ValueError(f"rotation history tracks {len(history.layers)} layers {history.layers[:3]}..., "
+                             f"this model tracks {len(self.layers)} layers {self.layers[:3]}...")
+        self.history = history
+        self.snapshot = {layer: dict(m) for layer, m in state["snapshot"].items()}
+        self._line = self._summarize() if len(history) else ""
+
+    def save(self, directory: Path) -> None:
+        """Write the checkpoint's `rotation/` folder into `directory` (created if missing)."""
+        write_rotation(Path(directory), self._layer_table(), self._optimizer_info(), self.every, self.history,
+                       self.snapshot)
+
+    # ------------------------------------------------------------------ internals
+
+    def _params(self) -> list[torch.Tensor]:
+        # Looked up by name on every use, so a parameter replaced after construction
+        # (e.g. by load_state_dict(assign=True)) is still the one measured.
+        return [self._model.get_parameter(spec.name) for spec in self.specs]
+
+    def _scalars(self) -> dict[str, float]:
+        latest = self.history.values[-1]
+        out = {f"rotation/{LOG_GROUPS[metric]}/{layer}": float(latest[i, j])
+               for j, metric in enumerate(LAYER_METRICS) for i, layer in enumerate(self.layers)}
+        out["rotation/eta_r"] = float(self.history.eta_r[-1])
+        out["rotation/ratio_mean"] = float(self.history.ratio_mean()[-1])
+        out["rotation/balance"] = float(self.history.balance()[-1])
+        # Undefined values (no eta_r without weight decay, a layer whose theta is 0) stay
+        # NaN in the history but are left out here, so logger graphs have no holes.
+        return {k: v for k, v in out.items() if math.isfinite(v)}
+
+    def _summarize(self) -> str:
+        ratio = self.history.column("ratio")[-1]
+        defined = ~np.isnan(ratio)
+        if not defined.any():  # no eta_r (no weight decay): the mean angle itself
+            theta = self.history.column("theta_mean")[-1]
+            theta = theta[~np.isnan(theta)]
+            return f"θ {theta.mean():.1e}" if theta.size else "θ nan"
+        inside = int((np.abs(ratio[defined] - 1.0) <= EQUILIBRIUM_TOLERANCE).sum())
+        return f"θ/η {self.history.ratio_mean()[-1]:.2f} eq {inside}/{int(defined.sum())}"
+
+    def _layer_table(self) -> list[dict]:
+        return [{"name": layer, "param": spec.name, "kind": spec.kind, "shape": list(spec.shape),
+                 "neuron_axis": spec.neuron_axis, "neurons": spec.num_neurons, "rotational": spec.rotational,
+                 "weight_decay": spec.weight_decay} for layer, spec in zip(self.layers, self.specs, strict=True)]
+
+    def _optimizer_info(self) -> dict:
+        o = self._optim
+        return {"name": o.name, "rule": self._rule, "lr": o.lr, "weight_decay": o.weight_decay,
+                "betas": list(o.betas), "momentum": o.momentum}
