@@ -1,4 +1,4 @@
-"""`pretrain` command line: prepare, train, generate, metrics."""
+"""`pretrain` command line: prepare, train, generate, metrics, study, export, push."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from pretrain.errors import UserError
+from pretrain.hub import add_export_parser, add_push_parser
+from pretrain.study import add_study_parser
 
 OVERRIDES_HELP = "dotted overrides applied after the YAML, e.g. optim.lr=3e-3 train.steps=200"
 
@@ -88,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "figures, and compare two runs side by side when given two paths.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="run folder or checkpoint folder (one or two)")
     p.set_defaults(func=_cmd_metrics)
+
+    add_study_parser(sub)
+    add_export_parser(sub)
+    add_push_parser(sub)
     return parser
 
 

@@ -8,6 +8,8 @@ all compute these numbers one way.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -88,9 +90,16 @@ class RotationHistory:
         after_last_out = np.where(outside.any(axis=0), self._n - np.argmax(outside[::-1], axis=0), 0)
         return [int(self.steps[i]) if i < self._n else None for i in after_last_out]
 
-    def overall_time_to_equilibrium(self) -> int | None:
-        """Max over the layers that have an eta_r; None until every one of them is in equilibrium."""
+    def overall_time_to_equilibrium(self, counted: Sequence[bool] | None = None) -> int | None:
+        """Max over the counted layers that have an eta_r; None until every one of them is in equilibrium.
+
+        `counted` selects the layers (default: all). Callers pass the rotational-eligible ones, so
+        a plain optimizer and its RV are judged on the same tensors; an embedding that an RV
+        leaves plain would otherwise hold the RV's time back forever.
+        """
         defined = ~np.isnan(self.column("ratio")).all(axis=0)
+        if counted is not None:
+            defined &= np.asarray(counted, dtype=bool)
         times = [t for t, d in zip(self.time_to_equilibrium(), defined, strict=True) if d]
         if not times or any(t is None for t in times):
             return None

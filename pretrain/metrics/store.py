@@ -123,9 +123,15 @@ def _summary(layers: list[dict], optimizer: dict, every: int, history: RotationH
         "eta_r": _finite(history.eta_r[-1]) if measured else None,
         "ratio_mean": _finite(history.ratio_mean()[-1]) if measured else None,
         "balance": _finite(history.balance()[-1]) if measured else None,
-        "time_to_equilibrium": history.overall_time_to_equilibrium() if measured else None,
+        "time_to_equilibrium": history.overall_time_to_equilibrium(equilibrium_layers(layers)) if measured else None,
         "layers": rows,
     }
+
+
+def equilibrium_layers(layers: list[dict]) -> list[bool]:
+    """The layers the overall time to equilibrium is judged on: the rotational-eligible ones, if any."""
+    rotational = [bool(layer["rotational"]) for layer in layers]
+    return rotational if any(rotational) else [True] * len(layers)
 
 
 def _finite(x: float) -> float | None:
