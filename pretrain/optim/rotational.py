@@ -1,0 +1,307 @@
+"""The rotational optimizer: AdamW, Lion or SGDM, plain or as rotational variants (DESIGN section 4).
+
+A parameter group is rotational or plain. Plain tensors take the inner rule's step with its
+usual weight decay. A rotational tensor W, per neuron w (a slice along the neuron axis, or
+the whole tensor), keeps its norm n and rotates by a controlled angle each step:
+
+    u  <- inner direction (no lr, no decay)      s  <- c*s + (1-c)*||u2||^2
+    u1 <- u - w <u, w> / ||w||^2                 w1 <- w - eta_r * n * u2 / (sqrt(s / (1-c^t)) + eps)
+    u2 <- u1 - mean(u1)   (zero_mean)            w  <- n * centre(w1) / ||centre(w1)||
+
+How it is computed: everything after u is linear in w, u and the all-ones vector, so the
+step needs only five sums per neuron (||w||^2, ||u||^2, <u, w>, sum w, sum u). From them a
+few vectorised operations on [neurons]-long vectors give per-neuron a, b, c with
+w_new = a*w + b*u + c, applied by three foreach ops. The sums are taken from the current
+weights every step, so the norm and mean never drift over a long run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from pretrain.optim.equilibrium import equilibrium_rate
+from pretrain.optim.rules import INNER_RULES, Rule
+
+_TINY = torch.finfo(torch.float32).tiny
+# A neuron whose |mean| is below this fraction of its RMS counts as centred already. Centring
+# it again would only add rounding noise; skipping it makes re-building the optimizer over
+# trained weights (a resume) leave them bit-identical.
+_CENTRED_TOL = 1e-6
+# On CPU a group is processed in chunks of about this many elements, so that a chunk's weights,
+# gradients, moments and scratch stay in cache across the ~15 passes of a step (measured in
+# benchmarks/RESULTS_optim.md). Accelerators take a whole group at once: fewer kernel launches.
+_CPU_CHUNK_NUMEL = 1 << 20
+
+
+class RotationalOptimizer(Optimizer):
+    """AdamW, Lion or SGDM (`rule`), with per-group rotational variants (RVs).
+
+    Param-group options besides the constructor's: `rotational` (None: rotational iff
+    weight_decay > 0 and the tensor is a matrix) and `neuron_axis` (default 0; the axis that
+    indexes output neurons, 1 for transformers' Conv1D). With rotational off every rule is the
+    plain optimizer: AdamW with decoupled decay, Lion as published, SGDM with L2 decay through
+    the momentum as torch.optim.SGD.
+
+    Rotational tensors are centred per neuron at construction when `center_init` (already
+    centred neurons are left bit-identical). To resume, build the optimizer before loading
+    the trained weights and the optimizer state, as usual.
+    """
+
+    def __init__(self, params: Iterable[Any], rule: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), momentum: float = 0.9, eps: float = 1e-8,
+                 update_norm_decay: float = 0.9, zero_mean: bool = True, per_neuron: bool = True,
+                 center_init: bool = True, rotational_eps: float = 1e-8) -> None:
+        defaults = dict(rule=rule, lr=lr, weight_decay=weight_decay, betas=tuple(betas), momentum=momentum, eps=eps,
+                        update_norm_decay=update_norm_decay, zero_mean=zero_mean, per_neuron=per_neuron,
+                        center_init=center_init, rotational_eps=rotational_eps, rotational=None, neuron_axis=0)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["rule"] not in INNER_RULES:
+            raise ValueError(f"unknown rule {group['rule']!r}; expected one of {', '.join(INNER_RULES)}")
+        for p in group["params"]:
+            if _is_rotational(group, p):
+                _check_neuron_axis(group, p)
+                self._init_rotational(p, group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    # ------------------------------------------------------------------ state
+
+    def _init_rotational(self, p: Tensor, group: dict[str, Any]) -> None:
+        """Store the per-neuron norm n (after centring the neurons, if asked) and a zero s."""
+        view = _neuron_major(p, _axis(group))
+        dims = tuple(range(1, view.dim()))
+        norm = torch.linalg.vector_norm(view, dim=dims, keepdim=True, dtype=torch.float32)
+        if group["center_init"]:
+            mean = view.mean(dim=dims, keepdim=True, dtype=torch.float32)
+            centred = view - mean
+            centred_norm = torch.linalg.vector_norm(centred, dim=dims, keepdim=True)
+            rescaled = centred * torch.where(centred_norm > 0, norm / centred_norm, 0.0)
+            off_centre = mean.abs() * math.sqrt(view[0].numel()) > _CENTRED_TOL * norm
+            view.copy_(torch.where(off_centre, rescaled, view))
+        state = self.state[p]
+        state["neuron_norm"] = norm.flatten()
+        state["update_norm_avg"] = torch.zeros_like(state["neuron_norm"])
+
+    def _init_moments(self, p: Tensor, rule: Rule) -> None:
+        state = self.state[p]
+        state["step"] = torch.tensor(0.0)  # on the host, as in torch.optim: reading it never syncs a device
+        for name in rule.buffers:
+            state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    # ------------------------------------------------------------------ step
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        rule = INNER_RULES[group["rule"]]
+        live = [p for p in group["params"] if p.grad is not None]
+        if not live:
+            return
+        rotational = [_is_rotational(group, p) for p in live]
+        for p, rot in zip(live, rotational, strict=True):
+            if "step" not in self.state[p]:
+                self._init_moments(p, rule)
+            if rot and "neuron_norm" not in self.state[p]:  # e.g. the group was switched to rotational
+                self._init_rotational(p, group)
+        torch._foreach_add_([self.state[p]["step"] for p in live], 1.0)
+        for batch in self._batches(group, rule, [p for p, rot in zip(live, rotational, strict=True) if not rot], False):
+            self._plain_step(batch, group, rule)
+        for batch in self._batches(group, rule, [p for p, rot in zip(live, rotational, strict=True) if rot], True):
+            self._rotational_step(batch, group, rule)
+
+    def _batches(self, group: dict[str, Any], rule: Rule, params: list[Tensor], rotational: bool) -> Iterator[_Batch]:
+        """Foreach-able batches of one device, dtype and step count, tiled into row blocks on CPU.
+
+        A batch holds views: of each parameter, its gradient and its state; rotational ones are
+        neuron-major (dim 0 indexes neurons) and tiles hold whole neurons only.
+        """
+        keyed: dict[tuple[torch.device, torch.dtype, int], list[Tensor]] = {}
+        for p in params:
+            keyed.setdefault((p.device, p.dtype, int(self.state[p]["step"])), []).append(p)
+        names = ("param", "grad", *rule.buffers)
+        for (device, _, step), members in keyed.items():
+            limit = _CPU_CHUNK_NUMEL if device.type == "cpu" else None
+            batch = _Batch(step)
+            for p in members:
+                state = self.state[p]
+                views = [p, p.grad, *(state[name] for name in rule.buffers)]
+                if rotational:
+                    views = [_neuron_major(t, _axis(group)) for t in views]
+                    views += [state["neuron_norm"], state["update_norm_avg"]]
+                elif p.dim() == 0:
+                    views = [t.view(1) for t in views]
+                for tile in _tiles(views, limit):
+                    if limit is not None and batch.numel and batch.numel + tile[0].numel() > limit:
+                        yield batch
+                        batch = _Batch(step)
+                    batch.add(names + (_PER_NEURON if rotational else ()), tile)
+            if batch.numel:
+                yield batch
+
+    def _plain_step(self, batch: _Batch, group: dict[str, Any], rule: Rule) -> None:
+        lr, wd = group["lr"], group["weight_decay"]
+        params, grads = batch["param"], batch["grad"]
+        if rule.coupled_decay and wd != 0:
+            grads = torch._foreach_add(grads, params, alpha=wd)
+        direction = rule.direction(grads, batch.buffers(rule), batch.step, group)
+        if not rule.coupled_decay and wd != 0:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        direction.add_to(params, -lr)
+
+    def _rotational_step(self, batch: _Batch, group: dict[str, Any], rule: Rule) -> None:
+        direction = rule.direction(batch["grad"], batch.buffers(rule), batch.step, group)
+        weights, updates = batch["param"], direction.unscaled()
+        avgs = batch["update_norm_avg"]
+        eta = equilibrium_rate(group["rule"], float(group["lr"]), group["weight_decay"], group["betas"],
+                               group["momentum"])
+        coeffs = _rotation_coefficients(
+            _neuron_sums(weights, updates, group["zero_mean"]),
+            norm=torch.cat(batch["neuron_norm"]), avg=torch.cat(avgs), scale=direction.scale, eta=eta,
+            decay=group["update_norm_decay"], step=batch.step, eps=group["rotational_eps"],
+            zero_mean=group["zero_mean"])
+        torch._foreach_copy_(avgs, coeffs.avg.split([w.shape[0] for w in weights]))
+        torch._foreach_mul_(weights, _per_neuron(coeffs.a, weights))
+        torch._foreach_addcmul_(weights, updates, _per_neuron(coeffs.b, weights))
+        if coeffs.c is not None:
+            torch._foreach_add_(weights, _per_neuron(coeffs.c, weights))
+
+
+_PER_NEURON = ("neuron_norm", "update_norm_avg")
+
+
+class _Batch:
+    """Lists of views by role ("param", "grad", buffer names, per-neuron state), with one step count."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.numel = 0
+        self.slots: dict[str, list[Tensor]] = {}
+
+    def add(self, names: tuple[str, ...], views: list[Tensor]) -> None:
+        for name, view in zip(names, views, strict=True):
+            self.slots.setdefault(name, []).append(view)
+        self.numel += views[0].numel()
+
+    def __getitem__(self, name: str) -> list[Tensor]:
+        return self.slots[name]
+
+    def buffers(self, rule: Rule) -> dict[str, list[Tensor]]:
+        return {name: self.slots[name] for name in rule.buffers}
+
+
+@dataclass
+class _Coefficients:
+    a: Tensor  # w_new = a*w + b*u + c per neuron, u the direction's unscaled tensors
+    b: Tensor
+    c: Tensor | None  # None without zero_mean
+    avg: Tensor  # the new update-norm average s
+
+
+def _rotation_coefficients(sums: Tensor, *, norm: Tensor, avg: Tensor, scale: float, eta: float, decay: float,
+                           step: int, eps: float, zero_mean: bool) -> _Coefficients:
+    """Steps 3-6 of the RV update as per-neuron coefficients, from the sums of `_neuron_sums`.
+
+    With u = scale * u_raw: u1 = u - alpha*w, u2 = u1 - mu, w1 = w - beta*u2, w2 = w1 - nu
+    and w_new = r*w2, hence a = r*(1 + beta*alpha), b = -r*beta*scale, c = r*(beta*mu - nu).
+    """
+    w_sq, u_sq, dot = sums[0], sums[1] * scale ** 2, sums[2] * scale
+    alpha = dot / w_sq.clamp_min(_TINY)  # a zero neuron has no radial part (and stays zero)
+    u2_sq = (u_sq - alpha * dot).clamp_min(0.0)  # ||u1||^2, since <u1, w> = 0
+    if zero_mean:
+        w_sum, u_sum, count = sums[3], sums[4] * scale, sums[5]
+        mu = (u_sum - alpha * w_sum) / count
+        nu = w_sum / count  # the mean of w1, as u2 has none
+        u2_sq = (u2_sq - count * mu ** 2).clamp_min(0.0)
+    avg = decay * avg + (1.0 - decay) * u2_sq
+    beta = eta * norm / (torch.sqrt(avg / (1.0 - decay ** step)) + eps)
+    w1_sq = w_sq + beta ** 2 * u2_sq  # ||w - beta*u2||^2 when <w, u2> = 0
+    if zero_mean:
+        w1_sq = w1_sq + 2.0 * beta * mu * w_sum - count * nu ** 2  # <w, u2> = -mu*sum(w); minus the mean
+    r = norm * torch.rsqrt(w1_sq.clamp_min(_TINY))
+    return _Coefficients(a=r * (1.0 + beta * alpha), b=-r * beta * scale,
+                         c=r * (beta * mu - nu) if zero_mean else None, avg=avg)
+
+
+def _neuron_sums(weights: list[Tensor], updates: list[Tensor], zero_mean: bool) -> Tensor:
+    """Per-neuron sums of neuron-major tensors as one [rows, neurons] float32 tensor.
+
+    Rows: ||w||^2, ||u||^2, <u, w>, and with zero_mean also sum(w), sum(u), elements per neuron.
+    Rows of different tensors differ in length, which no foreach op reduces over, hence the
+    loop; writing into one buffer lets the arithmetic that follows run once per batch.
+    """
+    sums = weights[0].new_empty((6 if zero_mean else 3, sum(w.shape[0] for w in weights)), dtype=torch.float32)
+    start = 0
+    for w, u in zip(weights, updates, strict=True):
+        seg = sums[:, start:start + w.shape[0]]
+        start += w.shape[0]
+        w, u = w.flatten(1), u.flatten(1)  # views, except for a >2-d tensor whose neuron axis is not 0
+        torch.linalg.vector_norm(w, dim=1, dtype=torch.float32, out=seg[0])
+        torch.linalg.vector_norm(u, dim=1, dtype=torch.float32, out=seg[1])
+        torch.linalg.vecdot(u.float(), w.float(), dim=1, out=seg[2])  # faster than (u * w).sum() on CPU
+        if zero_mean:
+            torch.sum(w, dim=1, dtype=torch.float32, out=seg[3])
+            torch.sum(u, dim=1, dtype=torch.float32, out=seg[4])
+            seg[5].fill_(w.shape[1])
+    sums[:2].square_()
+    return sums
+
+
+def _per_neuron(values: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """Split a flat per-neuron vector into views that broadcast against each neuron-major tensor."""
+    parts = values.split([t.shape[0] for t in like])
+    return [v.view(-1, *([1] * (t.dim() - 1))) for v, t in zip(parts, like, strict=True)]
+
+
+def _neuron_major(t: Tensor, axis: int | None) -> Tensor:
+    """View of `t` with one neuron per index of dim 0 (axis None: the whole tensor is one neuron)."""
+    return t.unsqueeze(0) if axis is None else t.movedim(axis, 0)
+
+
+def _axis(group: dict[str, Any]) -> int | None:
+    return group["neuron_axis"] if group["per_neuron"] else None
+
+
+def _is_rotational(group: dict[str, Any], p: Tensor) -> bool:
+    if group["rotational"] is None:  # the paper's default: decayed matrices rotate
+        return group["weight_decay"] > 0 and p.dim() >= 2
+    if group["rotational"] and group["weight_decay"] <= 0:
+        raise ValueError("a rotational parameter group needs weight_decay > 0 (it sets the equilibrium rotation)")
+    return bool(group["rotational"])
+
+
+def _check_neuron_axis(group: dict[str, Any], p: Tensor) -> None:
+    if not group["per_neuron"]:
+        return
+    if p.dim() < 2:
+        raise ValueError(f"per-neuron rotation needs a tensor with a neuron axis, got shape {tuple(p.shape)}; "
+                         "set rotational=False or per_neuron=False for it")
+    if not -p.dim() <= group["neuron_axis"] < p.dim():
+        raise ValueError(f"neuron_axis {group['neuron_axis']} is out of range for a tensor of shape {tuple(p.shape)}")
+
+
+def _tiles(views: list[Tensor], limit: int | None) -> Iterator[list[Tensor]]:
+    """Row blocks of `views` (tensors with equal dim 0) of at most about `limit` elements each."""
+    per_row = views[0].numel() // max(1, len(views[0]))
+    rows = len(views[0]) if limit is None else max(1, limit // max(1, per_row))
+    if rows >= len(views[0]):
+        yield views
+        return
+    yield from (list(tile) for tile in zip(*(v.split(rows) for v in views), strict=True))

@@ -1,0 +1,132 @@
+"""State dicts round-trip exactly, resuming is bit-identical, and bad settings fail with a clear error."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from pretrain.optim import RotationalOptimizer
+
+RULE_HYPER = {"adamw": dict(lr=1e-2, betas=(0.9, 0.95)), "lion": dict(lr=1e-3), "sgdm": dict(lr=0.05)}
+
+
+def _model(seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen) * 0.1 for shape in ((12, 8), (8, 12), (12,), (5, 4, 3))]
+
+
+def _groups(params: list[torch.Tensor]) -> list[dict]:
+    return [{"params": params[:1], "rotational": True, "neuron_axis": 0},
+            {"params": params[1:2], "rotational": True, "neuron_axis": 1},
+            {"params": params[2:3], "weight_decay": 0.0},
+            {"params": params[3:], "rotational": False}]
+
+
+def _optimizer(params: list[torch.Tensor], rule: str) -> RotationalOptimizer:
+    return RotationalOptimizer(_groups(params), rule=rule, weight_decay=0.1, **RULE_HYPER[rule])
+
+
+def _step(opt: RotationalOptimizer, params: list[torch.Tensor], seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+
+
+def _saved(obj: object) -> object:
+    """Through torch.save and the safe (weights_only) loader, as checkpoints are."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def _assert_states_equal(a: dict, b: dict) -> None:
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for key, state in a["state"].items():
+        assert state.keys() == b["state"][key].keys()
+        for name, value in state.items():
+            assert torch.equal(value, b["state"][key][name]), (key, name)
+
+
+@pytest.mark.parametrize("rule", list(RULE_HYPER))
+def test_state_dict_round_trips_and_resume_is_bit_identical(rule: str) -> None:
+    params = _model()
+    opt = _optimizer(params, rule)
+    for seed in range(4):
+        _step(opt, params, seed)
+    saved_weights, saved_state = _saved([p.detach().clone() for p in params]), _saved(opt.state_dict())
+
+    resumed = _model(seed=99)  # a fresh run: build the optimizer, then load weights and state
+    resumed_opt = _optimizer(resumed, rule)
+    with torch.no_grad():
+        for p, w in zip(resumed, saved_weights, strict=True):
+            p.copy_(w)
+    resumed_opt.load_state_dict(saved_state)
+    _assert_states_equal(resumed_opt.state_dict(), opt.state_dict())
+
+    for seed in range(4, 7):
+        _step(opt, params, seed)
+        _step(resumed_opt, resumed, seed)
+        for p, q in zip(params, resumed, strict=True):
+            assert torch.equal(p, q)
+    _assert_states_equal(resumed_opt.state_dict(), opt.state_dict())
+
+
+def test_resume_over_loaded_weights_is_bit_identical_too() -> None:
+    """Building the optimizer over already trained (centred) weights leaves them untouched."""
+    params = _model()
+    opt = _optimizer(params, "adamw")
+    for seed in range(3):
+        _step(opt, params, seed)
+    resumed = [p.detach().clone() for p in params]
+    resumed_opt = _optimizer(resumed, "adamw")
+    for p, q in zip(params, resumed, strict=True):
+        assert torch.equal(p, q)
+    resumed_opt.load_state_dict(_saved(opt.state_dict()))
+    _step(opt, params, 3)
+    _step(resumed_opt, resumed, 3)
+    for p, q in zip(params, resumed, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_per_neuron_state_is_one_float_per_neuron() -> None:
+    params = _model()
+    opt = _optimizer(params, "adamw")
+    _step(opt, params, 0)
+    assert opt.state[params[0]]["neuron_norm"].shape == (12,)
+    assert opt.state[params[1]]["update_norm_avg"].shape == (12,)  # Conv1D-like: neurons along axis 1
+    assert "neuron_norm" not in opt.state[params[2]] and "neuron_norm" not in opt.state[params[3]]
+    assert opt.state[params[0]]["step"].device.type == "cpu"
+
+
+@pytest.mark.parametrize("build,message", [
+    (lambda p: RotationalOptimizer([{"params": [p], "rotational": True}], weight_decay=0.0), "weight_decay > 0"),
+    (lambda p: RotationalOptimizer([p], rule="adam", weight_decay=0.1), "unknown rule"),
+    (lambda p: RotationalOptimizer([{"params": [p], "neuron_axis": 2}], weight_decay=0.1), "out of range"),
+    (lambda p: RotationalOptimizer([{"params": [p[0]], "rotational": True}], weight_decay=0.1), "neuron axis"),
+])
+def test_bad_settings_raise_one_clear_error(build, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build(torch.randn(4, 6))
+
+
+def test_weight_decay_set_to_zero_later_is_refused_at_the_step() -> None:
+    p = torch.randn(4, 6)
+    opt = RotationalOptimizer([{"params": [p], "rotational": True}], weight_decay=0.1)
+    opt.param_groups[0]["weight_decay"] = 0.0
+    p.grad = torch.randn(4, 6)
+    with pytest.raises(ValueError, match="weight_decay > 0"):
+        opt.step()
+
+
+def test_a_vector_may_rotate_as_a_whole() -> None:
+    p = torch.randn(10)
+    opt = RotationalOptimizer([{"params": [p], "rotational": True}], weight_decay=0.1, per_neuron=False, lr=1e-2)
+    norm = p.norm()
+    p.grad = torch.randn(10)
+    opt.step()
+    torch.testing.assert_close(p.norm(), norm)
