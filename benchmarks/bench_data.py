@@ -10,7 +10,7 @@
 
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH=. python benchmarks/bench_data.py [--repeat 3] [--out FILE]
 
-Writes the "Data" section of benchmarks/RESULTS.md to `--out` (default benchmarks/RESULTS_data.md).
+Writes its "Data" section to `--out` (default benchmarks/RESULTS_data.md), to paste into benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Training-step overhead and memory of the rotation tracker (results: benchmarks/RESULTS_metrics.md).
+"""Training-step overhead and memory of the rotation tracker (results: benchmarks/RESULTS.md).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_metrics.py --models tiny llama-125m --pairs 6
 

@@ -36,7 +36,7 @@ _TINY = torch.finfo(torch.float32).tiny
 _CENTRED_TOL = 1e-6
 # On CPU a group is processed in chunks of about this many elements, so that a chunk's weights,
 # gradients, moments and scratch stay in cache across the ~15 passes of a step (measured in
-# benchmarks/RESULTS_optim.md). Accelerators take a whole group at once: fewer kernel launches.
+# benchmarks/RESULTS.md). Accelerators take a whole group at once: fewer kernel launches.
 _CPU_CHUNK_NUMEL = 1 << 20
 
 
