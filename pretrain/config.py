@@ -219,18 +219,25 @@ def validate(cfg: Config) -> None:
 # ----------------------------------------------------------------------------- internals
 
 
-def _read_recipe(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+def read_yaml_mapping(path: Path, what: str, example: str, shape: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping, with one-line errors naming `what` it is."""
     if not path.is_file():
-        raise UserError(f"config file {path} does not exist; pass a YAML recipe such as configs/tiny-cpu.yaml")
-    resolved = path.resolve()
-    if resolved in seen:
-        raise UserError(f"config {path} extends itself through {' -> '.join(map(str, seen))}")
+        raise UserError(f"{what} {path} does not exist; pass {example}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise UserError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
-        raise UserError(f"config {path} must be a YAML mapping of sections, got {type(raw).__name__}")
+        raise UserError(f"{what} {path} must be {shape}, got {type(raw).__name__}")
+    return raw
+
+
+def _read_recipe(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    resolved = path.resolve()
+    if resolved in seen:
+        raise UserError(f"config {path} extends itself through {' -> '.join(map(str, seen))}")
+    raw = read_yaml_mapping(path, "config file", "a YAML recipe such as configs/tiny-cpu.yaml",
+                            "a YAML mapping of sections")
     parent = raw.pop("extends", None)
     if parent is None:
         return raw

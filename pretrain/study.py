@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from pretrain.config import Config, load_config
+from pretrain.config import Config, load_config, read_yaml_mapping
 from pretrain.errors import UserError
 
 STUDY_KEYS = ("base", "out_dir", "overrides", "grid", "per_optimizer")
@@ -113,14 +113,8 @@ def load_study(path: str | Path, extra_overrides: Sequence[str] = (), out_dir: s
 
 
 def _read_spec(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"study file {path} does not exist; pass a file such as configs/study/warmup-free-tiny.yaml")
-    try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"study file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(spec, dict):
-        raise UserError(f"study file {path} must be a mapping with keys {', '.join(STUDY_KEYS)}")
+    spec = read_yaml_mapping(path, "study file", "a file such as configs/study/warmup-free-tiny.yaml",
+                             f"a mapping with keys {', '.join(STUDY_KEYS)}")
     unknown = sorted(set(spec) - set(STUDY_KEYS))
     if unknown:
         raise UserError(f"study file {path} has unknown key(s) {', '.join(unknown)}; valid keys: "
