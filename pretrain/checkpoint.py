@@ -1,6 +1,6 @@
 """Checkpoints: atomic writes, a `latest` pointer, keep-last-N pruning, exact resume.
 
-Layout of `<run>/checkpoints/step_XXXXXX/`:
+Layout of `<run>/checkpoints/step_NNNNNN/`:
   model/        plain `transformers` model (save_pretrained, safetensors, gains folded)
   tokenizer/    the data's tokenizer
   state/        model.safetensors (raw training weights, gains unfolded), optimizer.pt,
