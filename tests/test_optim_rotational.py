@@ -68,8 +68,8 @@ def test_each_step_keeps_norms_and_mean_and_rotates_by_the_expected_angle(rule: 
         grad = _randn(shape, step) * (1 + step % 3)  # update norms that vary from step to step
         p.grad = grad
         before = _rows(p, axis)
-        momentum_before = opt.state[p]["exp_avg"].double().numpy().copy() if rule == "lion" and step > 1 else (
-            np.zeros(shape))
+        state = opt.state[p]
+        momentum_before = state["exp_avg"].double().numpy().copy() if "exp_avg" in state else np.zeros(shape)
         opt.step()
         after = _rows(p, axis)
 

@@ -34,9 +34,10 @@ _TINY = torch.finfo(torch.float32).tiny
 # it again would only add rounding noise; skipping it makes re-building the optimizer over
 # trained weights (a resume) leave them bit-identical.
 _CENTRED_TOL = 1e-6
-# On CPU a group is processed in chunks of about this many elements, so that a chunk's weights,
-# gradients, moments and scratch stay in cache across the ~15 passes of a step (measured in
-# benchmarks/RESULTS.md). Accelerators take a whole group at once: fewer kernel launches.
+# On CPU a group is processed in tiles of about this many elements (whole neurons), so that a
+# tile's weights, gradients, moments and scratch stay in cache across the ~15 passes of a step:
+# 1.7x faster for RV-AdamW on llama-125m than whole groups (benchmarks/bench_optim.py --cpu-chunk 0).
+# Accelerators take a whole group at once: fewer kernel launches.
 _CPU_CHUNK_NUMEL = 1 << 20
 
 
@@ -219,24 +220,30 @@ def _rotation_coefficients(sums: Tensor, *, norm: Tensor, avg: Tensor, scale: fl
                            step: int, eps: float, zero_mean: bool) -> _Coefficients:
     """Steps 3-6 of the RV update as per-neuron coefficients, from the sums of `_neuron_sums`.
 
-    With u = scale * u_raw: u1 = u - alpha*w, u2 = u1 - mu, w1 = w - beta*u2, w2 = w1 - nu
-    and w_new = r*w2, hence a = r*(1 + beta*alpha), b = -r*beta*scale, c = r*(beta*mu - nu).
+    With u = scale * u_raw, u1 = u - A*w, u2 = u1 - M, w1 = w - B*u2, w2 = w1 - nu (the means
+    M, nu only with zero_mean) and w_new = r*w2: a = r*(1 + B*A), b = -r*B*scale, c = r*(B*M - nu).
+    Below, alpha = A/scale, mu = M/scale and beta = B*scale are per unit of u_raw, so `scale`
+    enters only the update-norm average. Fused ops keep this to ~30 small kernels: it runs once
+    per CPU tile, where its dispatch cost shows.
     """
-    w_sq, u_sq, dot = sums[0], sums[1] * scale ** 2, sums[2] * scale
+    w_sq, u_sq, dot = sums[0], sums[1], sums[2]
     alpha = dot / w_sq.clamp_min(_TINY)  # a zero neuron has no radial part (and stays zero)
-    u2_sq = (u_sq - alpha * dot).clamp_min(0.0)  # ||u1||^2, since <u1, w> = 0
+    u2_sq = torch.addcmul(u_sq, alpha, dot, value=-1.0)  # ||u1||^2 = ||u||^2 - alpha*<u, w>
     if zero_mean:
-        w_sum, u_sum, count = sums[3], sums[4] * scale, sums[5]
-        mu = (u_sum - alpha * w_sum) / count
+        w_sum, u_sum, count = sums[3], sums[4], sums[5]
+        u1_sum = torch.addcmul(u_sum, alpha, w_sum, value=-1.0)
+        mu = u1_sum / count
         nu = w_sum / count  # the mean of w1, as u2 has none
-        u2_sq = (u2_sq - count * mu ** 2).clamp_min(0.0)
-    avg = decay * avg + (1.0 - decay) * u2_sq
-    beta = eta * norm / (torch.sqrt(avg / (1.0 - decay ** step)) + eps)
-    w1_sq = w_sq + beta ** 2 * u2_sq  # ||w - beta*u2||^2 when <w, u2> = 0
-    if zero_mean:
-        w1_sq = w1_sq + 2.0 * beta * mu * w_sum - count * nu ** 2  # <w, u2> = -mu*sum(w); minus the mean
-    r = norm * torch.rsqrt(w1_sq.clamp_min(_TINY))
-    return _Coefficients(a=r * (1.0 + beta * alpha), b=-r * beta * scale,
+        u2_sq.addcmul_(mu, u1_sum, value=-1.0)  # ||u2||^2 = ||u1||^2 - count*mu^2
+    u2_sq.clamp_min_(0.0)  # cancellation must not leave it negative
+    avg = torch.add(avg * decay, u2_sq, alpha=(1.0 - decay) * scale ** 2)
+    beta = (eta * scale) * norm / torch.sqrt(avg / (1.0 - decay ** step)).add_(eps)
+    w1_sq = torch.addcmul(w_sq, beta.square(), u2_sq)  # ||w - beta*u2||^2 when <w, u2> = 0
+    if zero_mean:  # <w, u2> = -mu*sum(w); removing the mean takes count*nu^2 = nu*sum(w)
+        w1_sq.addcmul_(w_sum, torch.addcmul(nu, beta, mu, value=-2.0), value=-1.0)
+    r = w1_sq.clamp_min_(_TINY).rsqrt_().mul_(norm)
+    r_beta = r * beta
+    return _Coefficients(a=torch.addcmul(r, r_beta, alpha), b=-r_beta,
                          c=r * (beta * mu - nu) if zero_mean else None, avg=avg)
 
 
