@@ -3,14 +3,17 @@
 Layout of `<run>/checkpoints/step_NNNNNN/`:
   model/        plain `transformers` model (save_pretrained, safetensors, gains folded)
   tokenizer/    the data's tokenizer
-  state/        model.safetensors (raw training weights, gains unfolded), optimizer.pt,
-                trainer.pt (step, tokens seen, RNG, rotation-metrics history); all tensors,
-                loaded with `weights_only=True`
+  state/        trainer.pt (step, tokens seen, RNG, rotation-metrics history; tensors only,
+                loaded with `weights_only=True`) and the strategy's training state:
+                single/DDP: model.safetensors (raw weights, gains unfolded) + optimizer.pt;
+                FSDP2: dcp/ (torch distributed checkpoint, one shard file per rank, reshardable);
+                DeepSpeed: deepspeed/ (its own per-rank files; same world size and stage to resume)
   rotation/     rotation metrics (see docs/rotation-metrics.md)
   config.yaml   the resolved run config
   README.md     model card
 A checkpoint is written into a temp folder and renamed into place, and only then does
-`checkpoints/latest` name it, so `latest` never points at a partial checkpoint.
+`checkpoints/latest` name it, so `latest` never points at a partial checkpoint. In a distributed
+run every rank writes its part into the same temp folder; rank 0 alone creates, renames and prunes.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_model, save_model
 
 from pretrain.config import Config, config_to_dict, save_config
 from pretrain.errors import UserError
@@ -32,7 +34,7 @@ FORMAT_VERSION = 1
 # Config keys that define the trajectory of a run; a checkpoint resumes only under equal values.
 IDENTITY_SECTIONS = ("model", "optim", "schedule")
 IDENTITY_KEYS = {"data": ("dir", "seq_len", "tokenizer", "vocab_size"),
-                 "train": ("steps", "micro_batch_size", "grad_accum", "seed")}
+                 "train": ("steps", "seed")}
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -52,26 +54,33 @@ def find_latest(run_dir: Path) -> Path | None:
     return ckpt if (ckpt / "state" / "trainer.pt").is_file() else None
 
 
-def write_checkpoint(run_dir: Path, step: int, keep_last: int, write_contents: Callable[[Path], None]) -> Path:
-    """Let `write_contents` fill a temp folder, move it into place, point `latest` at it, prune."""
+def write_checkpoint(run_dir: Path, step: int, keep_last: int, write_contents: Callable[[Path], None],
+                     is_main: bool = True, barrier: Callable[[], None] = lambda: None) -> Path:
+    """Let `write_contents` fill a temp folder (on every rank), move it into place, point `latest` at it, prune."""
     root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = root / f".tmp-{final.name}"
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
     try:
         write_contents(tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():  # re-saving the same step (e.g. a resumed run's final save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    pointer_tmp = root / "latest.tmp"
-    pointer_tmp.write_text(final.name + "\n")
-    os.replace(pointer_tmp, root / "latest")
-    _prune(root, keep_last, keep=final.name)
+    barrier()
+    if is_main:
+        if final.exists():  # re-saving the same step (e.g. a resumed run's final save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer_tmp = root / "latest.tmp"
+        pointer_tmp.write_text(final.name + "\n")
+        os.replace(pointer_tmp, root / "latest")
+        _prune(root, keep_last, keep=final.name)
+    barrier()
     return final
 
 
@@ -82,20 +91,14 @@ def _prune(root: Path, keep_last: int, keep: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def save_training_state(state_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        trainer_state: dict[str, Any]) -> None:
+def save_trainer_state(state_dir: Path, trainer_state: dict[str, Any]) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(state_dir / "model.safetensors"))
-    torch.save(optimizer.state_dict(), state_dir / "optimizer.pt")
     torch.save({"format_version": FORMAT_VERSION, "rng": rng_state(), **trainer_state}, state_dir / "trainer.pt")
 
 
-def load_training_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore weights and optimizer in place; return the trainer state (step, tokens, ...)."""
-    state_dir = ckpt / "state"
-    load_model(model, str(state_dir / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))
-    trainer = torch.load(state_dir / "trainer.pt", weights_only=True)
+def load_trainer_state(ckpt: Path) -> dict[str, Any]:
+    """The trainer state (step, tokens, tracker, ...) of `ckpt`; restores the RNG streams."""
+    trainer = torch.load(ckpt / "state" / "trainer.pt", weights_only=True)
     if trainer.get("format_version") != FORMAT_VERSION:
         raise UserError(f"checkpoint {ckpt} has format version {trainer.get('format_version')}, "
                         f"this code reads version {FORMAT_VERSION}")
@@ -118,6 +121,13 @@ def check_compatible(ckpt: Path, cfg: Config) -> None:
             old, new = saved.get(section, {}).get(key), current[section][key]
             if old != new:
                 diffs.append(f"{section}.{key}: {old!r} in the checkpoint vs {new!r} now")
+    # The sample order is defined by the global step and the global batch, not by how the batch is
+    # split over ranks and micro-steps: any world size that keeps the global batch resumes exactly.
+    t, p = saved.get("train", {}), saved.get("parallel", {})
+    old_batch = t.get("micro_batch_size", 0) * t.get("grad_accum", 0) * (p.get("world_size") or 1)
+    if old_batch != cfg.global_batch_size:
+        diffs.append(f"global batch (micro_batch_size x grad_accum x world size): {old_batch} sequences in the "
+                     f"checkpoint vs {cfg.global_batch_size} now")
     if diffs:
         raise UserError(f"checkpoint {ckpt} was written by an incompatible config ({'; '.join(diffs[:3])}); "
                         "resume with the run's own config or choose a new train.out_dir")

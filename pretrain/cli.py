@@ -28,6 +28,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume, stop_at=args.stop_at)
+    if not result.is_main:  # rank 0 reports and samples for the whole run
+        return
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
     print(f"finished at step {result.step}; val loss {val}; run dir {result.run_dir}")
     if result.checkpoint is not None and result.step == cfg.train.steps and cfg.logging.sample_tokens > 0:

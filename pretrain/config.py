@@ -134,8 +134,12 @@ class LoggingConfig:
 class ParallelConfig:
     strategy: Literal["single", "ddp", "fsdp2", "deepspeed"] = "single"
     zero_stage: int = 0
-    # The world size the run expects; None accepts whatever the launcher gives.
+    # The world size the run expects; None accepts whatever the launcher gives (and records it).
     world_size: Optional[int] = None
+    # Extra DeepSpeed settings (buckets, offload, ...) merged under the ones derived from this config.
+    deepspeed_config: Optional[str] = None
+    # Seconds a collective may wait for a peer before the run fails (a dead or hung rank).
+    timeout_s: int = 600
 
 
 @dataclass
@@ -212,6 +216,11 @@ def validate(cfg: Config) -> None:
                         f"got {cfg.schedule.warmup_steps}")
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise UserError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}")
+    if cfg.parallel.strategy == "deepspeed" and cfg.train.nan_policy == "skip":
+        raise UserError("train.nan_policy=skip is not available under DeepSpeed (its gradients are reduced into its "
+                        "own buffers before the loss is checked); use train.nan_policy=stop")
+    if cfg.parallel.world_size is not None and cfg.parallel.world_size < 1:
+        raise UserError(f"parallel.world_size must be positive, got {cfg.parallel.world_size}")
     if cfg.optim.lr <= 0:
         raise UserError(f"optim.lr must be positive, got {cfg.optim.lr}")
 

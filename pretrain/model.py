@@ -150,22 +150,37 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def folded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict of a plain `transformers` model: each gain folded into its weight."""
-    state: dict[str, torch.Tensor] = {}
-    prefix_of = {id(m): name for name, m in model.named_modules()}
-    folded_prefixes = []
-    for module in model.modules():
-        if parametrize.is_parametrized(module, "weight"):
-            prefix = prefix_of[id(module)]
-            folded_prefixes.append(prefix + ".parametrizations.")
-            with torch.no_grad():
-                state[prefix + ".weight"] = module.weight.detach().clone()
-    for key, value in model.state_dict().items():
-        if not any(key.startswith(p) for p in folded_prefixes):
-            state[key] = value
+    return fold_gains(model.state_dict(), model)
+
+
+def fold_gains(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Fold each learnable gain of `state` (a state dict of `model`, full tensors) into its weight.
+
+    Tied parameters (the output head) keep only their first name: a gathered state dict holds
+    separate copies that `save_pretrained` could not recognise as one tensor.
+    """
+    state = dict(state)
+    seen: set[int] = set()
+    for name, p in unwrap(model).named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            state.pop(name, None)
+        seen.add(id(p))
+    for prefix, module in unwrap(model).named_modules():
+        if not parametrize.is_parametrized(module, "weight"):
+            continue
+        gain_module = module.parametrizations.weight[0]
+        original = state.pop(f"{prefix}.parametrizations.weight.original")
+        gain = state.pop(f"{prefix}.parametrizations.weight.0.gain")
+        shape = (-1, 1) if gain_module.neuron_axis == 0 else (1, -1)
+        state[f"{prefix}.weight"] = original * gain.view(shape)
     return state
 
 
-def save_hf_model(model: nn.Module, out_dir: Path) -> None:
-    """`save_pretrained` (safetensors) of the plain model, gains folded, generation config included."""
+def save_hf_model(model: nn.Module, out_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """`save_pretrained` (safetensors) of the plain model, gains folded, generation config included.
+
+    `state_dict`: already folded full weights (gathered from a sharded model); default: the model's own.
+    """
     model = unwrap(model)
-    model.save_pretrained(out_dir, state_dict=folded_state_dict(model), safe_serialization=True)
+    model.save_pretrained(out_dir, state_dict=state_dict if state_dict is not None else folded_state_dict(model),
+                          safe_serialization=True)

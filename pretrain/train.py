@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -18,9 +17,9 @@ from pretrain.card import model_card
 from pretrain.checkpoint import (
     check_compatible,
     find_latest,
-    load_training_state,
+    load_trainer_state,
     save_run_config,
-    save_training_state,
+    save_trainer_state,
     write_checkpoint,
 )
 from pretrain.config import Config, save_config
@@ -30,7 +29,16 @@ from pretrain.errors import UserError
 from pretrain.logger import MetricsLogger, check_trackers_available, read_metrics
 from pretrain.metrics import RotationTracker
 from pretrain.model import build_model, save_hf_model
-from pretrain.optim import build_optimizer
+from pretrain.parallel import (
+    Engine,
+    World,
+    barrier,
+    build_engine,
+    check_world,
+    close_world,
+    init_world,
+    mean_over_ranks,
+)
 from pretrain.params import classify_parameters, summarize_table
 from pretrain.schedule import lr_at
 
@@ -43,17 +51,19 @@ class TrainingDiverged(UserError):
 class TrainResult:
     run_dir: Path
     step: int
-    losses: dict[int, float] = field(default_factory=dict)  # train loss per optimizer step of this process
+    losses: dict[int, float] = field(default_factory=dict)  # global-batch train loss per optimizer step
     val_loss: float | None = None
     checkpoint: Path | None = None
+    is_main: bool = True  # rank 0 (the one that writes the run directory)
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto`: this rank's GPU if there is one, else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"train.device={name} but no CUDA device is visible; use train.device=cpu")
-    return torch.device(name)
+    return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
 
 
 def pick_precision(name: str, device: torch.device) -> torch.dtype:
@@ -62,17 +72,6 @@ def pick_precision(name: str, device: torch.device) -> torch.dtype:
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def check_world(cfg: Config) -> None:
-    """Refuse a launch whose process count differs from what the config asks for."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.parallel.world_size is not None and world != cfg.parallel.world_size:
-        raise UserError(f"parallel.world_size={cfg.parallel.world_size} but the launcher started {world} "
-                        "process(es); fix the launch command or the config")
-    if world > 1 and cfg.parallel.strategy == "single":
-        raise UserError(f"the launcher started {world} processes but parallel.strategy=single; "
-                        "launch one process or choose a distributed strategy")
 
 
 def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
@@ -91,6 +90,7 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
 
 
 def evaluate(model: torch.nn.Module, loader: ValLoader, device: torch.device, autocast) -> float:
+    """Mean val loss over every rank's share of the fixed val windows."""
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
@@ -100,104 +100,132 @@ def evaluate(model: torch.nn.Module, loader: ValLoader, device: torch.device, au
             total += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten()).item()
             count += 1
     model.train()
-    return total / max(count, 1)
+    return mean_over_ranks([total / max(count, 1)], device)[0]
 
 
-def forward_backward(model: torch.nn.Module, loader: TrainLoader, step: int, grad_accum: int, grad_clip: float,
-                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
-                     autocast) -> tuple[float, float]:
-    """Accumulate the gradient of one optimizer step's batch; unscale and clip it.
+def forward_backward(engine: Engine, loader: TrainLoader, step: int, grad_accum: int, grad_clip: float,
+                     device: torch.device, autocast) -> tuple[float, float | None]:
+    """Accumulate this rank's share of one optimizer step's batch; unscale and clip the gradient.
 
-    Returns (mean loss, gradient norm before clipping) as floats: the one host sync per step.
+    Returns (mean loss over the global batch, global gradient norm before clipping, or None where
+    the strategy clips inside its step) as floats: the one host sync per step.
     """
     loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum):
         x, y = loader.get_batch(step, micro)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast():
-            logits = model(input_ids=x).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / grad_accum
-        scaler.scale(loss).backward()
+        with engine.accumulate(last=micro == grad_accum - 1), autocast():
+            logits = engine.model(input_ids=x).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / grad_accum
+            engine.backward(loss)
         loss_sum += loss.detach()
-    scaler.unscale_(optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
-    return loss_sum.item(), grad_norm.item()
+    grad_norm = engine.clip(grad_clip)
+    return mean_over_ranks([loss_sum.item()], device)[0], grad_norm
 
 
 def train(cfg: Config, resume: str | None = None, stop_at: int | None = None) -> TrainResult:
-    """Run (or continue) the training run `cfg` describes; `stop_at` ends early with a checkpoint."""
-    check_world(cfg)
+    """Run (or continue) the training run `cfg` describes; `stop_at` ends early with a checkpoint.
+
+    Every rank of a distributed launch calls this; rank 0 alone writes the run directory.
+    """
+    world = check_world(cfg)
+    device = pick_device(cfg.train.device, world.local_rank)
+    init_world(cfg, device)
+    try:
+        return _train(cfg, world, device, resume, stop_at)
+    finally:
+        close_world()
+
+
+def _train(cfg: Config, world: World, device: torch.device, resume: str | None, stop_at: int | None) -> TrainResult:
     check_trackers_available(cfg)
-    device = pick_device(cfg.train.device)
+    cfg.parallel.world_size = world.size  # recorded in the saved config: the global batch depends on it
     dtype = pick_precision(cfg.train.precision, device)
     run_dir = Path(cfg.train.out_dir)
     ckpt_in = resolve_resume(run_dir, resume)
     if ckpt_in is not None:
         check_compatible(ckpt_in, cfg)
 
-    # --- data: validated before anything is written
+    # --- data: validated before anything is written; each rank reads only its own windows
     data_dir = Path(cfg.data.dir)
     load_index(data_dir)
     tokenizer = load_tokenizer(data_dir)
     tcfg = cfg.train
-    loader = TrainLoader(data_dir, cfg.data.seq_len, tcfg.micro_batch_size, tcfg.grad_accum, tcfg.seed)
-    val_loader = ValLoader(data_dir, cfg.data.seq_len, tcfg.micro_batch_size, tcfg.eval_batches)
+    loader = TrainLoader(data_dir, cfg.data.seq_len, tcfg.micro_batch_size, tcfg.grad_accum, tcfg.seed,
+                         world.rank, world.size)
+    val_loader = ValLoader(data_dir, cfg.data.seq_len, tcfg.micro_batch_size, tcfg.eval_batches,
+                           world.rank, world.size)
 
-    # --- model, optimizer, metrics
+    # --- model, optimizer (inside the strategy's engine), metrics
     torch.manual_seed(tcfg.seed)
     model = build_model(cfg.model, len(tokenizer), cfg.data.seq_len, tokenizer.eos_token_id).to(device)
     table = classify_parameters(model, cfg.optim.rotational_embeddings)
-    optimizer = build_optimizer(model, table, cfg.optim)
-    tracker = RotationTracker(model, table, cfg.optim, cfg.logging.rotation_every)
-    forward = torch.compile(model) if tcfg.compile else model
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    print(f"model: {cfg.model.arch}/{cfg.model.preset}, {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"device {device}, {str(dtype).removeprefix('torch.')}, optimizer {cfg.optim.name}")
-    print(summarize_table(table))
+    engine = build_engine(cfg, model, table, world, dtype, scaler)
+    tracker = RotationTracker(model, table, cfg.optim, cfg.logging.rotation_every,
+                              engine.tracker_source([spec for spec in table if spec.tracked]))
+    if tcfg.compile:
+        engine.model = torch.compile(engine.model)
+    # FSDP2 and DeepSpeed cast parameters themselves; the others run under autocast.
+    casts_itself = cfg.parallel.strategy in ("fsdp2", "deepspeed")
+    autocast = ((lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 and not casts_itself
+                else contextlib.nullcontext)
+    say = print if world.is_main else (lambda *_: None)
+    zero = f" ZeRO-{cfg.parallel.zero_stage}" if engine.strategy == "deepspeed" else ""
+    say(f"model: {cfg.model.arch}/{cfg.model.preset}, {sum(math.prod(s.shape) for s in table):,} parameters, "
+        f"device {device}, {str(dtype).removeprefix('torch.')}, optimizer {cfg.optim.name}, "
+        f"strategy {engine.strategy}{zero} x{world.size}")
+    say(summarize_table(table))
 
     start_step, trainer_state = 0, {}
     if ckpt_in is not None:
-        trainer_state = load_training_state(ckpt_in, model, optimizer)
+        engine.load_state(ckpt_in / "state")
+        trainer_state = load_trainer_state(ckpt_in)
         tracker.load_state_dict(trainer_state["tracker"])
         start_step = int(trainer_state["step"])
-        print(f"resumed from {ckpt_in} at step {start_step}")
+        say(f"resumed from {ckpt_in} at step {start_step}")
     elif cfg.model.init_from:
-        print(f"initialised from {cfg.model.init_from}")
+        say(f"initialised from {cfg.model.init_from}")
 
     created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    logger = MetricsLogger(run_dir, cfg, resume_step=start_step)
+    barrier()  # every rank has seen whether the run dir existed before rank 0 creates it
+    logger = None
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        logger = MetricsLogger(run_dir, cfg, resume_step=start_step)
     tokens_per_step = cfg.global_batch_size * cfg.data.seq_len
-    result = TrainResult(run_dir, start_step)
+    result = TrainResult(run_dir, start_step, is_main=world.is_main)
     last_val: float | None = trainer_state.get("val_loss")
     end_step = min(tcfg.steps, stop_at) if stop_at is not None else tcfg.steps
 
     def save(step: int) -> Path:
         def contents(tmp: Path) -> None:
-            save_hf_model(model, tmp / "model")
+            engine.save_state(tmp / "state")
+            weights = engine.export_state_dict()  # a collective: the full weights, on rank 0
+            if not world.is_main:
+                return
+            save_hf_model(model, tmp / "model", weights)
             tokenizer.save_pretrained(tmp / "tokenizer")
-            save_training_state(tmp / "state", model, optimizer, {
-                "step": step, "tokens_seen": step * tokens_per_step, "tracker": tracker.state_dict(),
-                "val_loss": last_val})
+            save_trainer_state(tmp / "state", {"step": step, "tokens_seen": step * tokens_per_step,
+                                               "tracker": tracker.state_dict(), "val_loss": last_val,
+                                               "strategy": engine.strategy, "world_size": world.size})
             tracker.save(tmp / "rotation")
             save_run_config(cfg, tmp)
             (tmp / "README.md").write_text(model_card(cfg, step, step * tokens_per_step, last_val, tmp / "rotation"))
-        return write_checkpoint(run_dir, step, cfg.checkpoint.keep_last, contents)
+        return write_checkpoint(run_dir, step, cfg.checkpoint.keep_last, contents, world.is_main, barrier)
 
-    progress = tqdm(total=tcfg.steps, initial=start_step, disable=not cfg.logging.progress, dynamic_ncols=True)
+    progress = tqdm(total=tcfg.steps, initial=start_step, disable=not (cfg.logging.progress and world.is_main),
+                    dynamic_ncols=True)
     skips, window_start, window_tokens = 0, time.perf_counter(), 0
     try:
         for step in range(start_step + 1, end_step + 1):
             lr = lr_at(step, cfg.optim.lr, tcfg.steps, cfg.schedule)
-            for group in optimizer.param_groups:
+            for group in engine.optimizer.param_groups:
                 group["lr"] = lr
-            loss_value, grad_value = forward_backward(forward, loader, step, tcfg.grad_accum, tcfg.grad_clip,
-                                                      optimizer, scaler, device, autocast)
-            if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
-                optimizer.zero_grad(set_to_none=True)
+            loss_value, grad_value = forward_backward(engine, loader, step, tcfg.grad_accum, tcfg.grad_clip, device,
+                                                      autocast)
+            if not (math.isfinite(loss_value) and math.isfinite(grad_value if grad_value is not None else 0.0)):
                 skips += 1
                 if tcfg.nan_policy == "stop" or skips > tcfg.max_skips:
                     last = find_latest(run_dir)
@@ -205,15 +233,15 @@ def train(cfg: Config, resume: str | None = None, stop_at: int | None = None) ->
                         f"loss became {loss_value} (grad norm {grad_value}) at step {step}; stopped by "
                         f"train.nan_policy={tcfg.nan_policy}; the last good checkpoint is "
                         f"{last if last else 'none (lower optim.lr or add schedule.warmup_steps)'}")
+                engine.skip()
                 progress.write(f"step {step}: non-finite loss, update skipped ({skips} in a row)")
                 continue
             skips = 0
             measuring = tracker.should_measure(step)
             if measuring:
                 tracker.capture()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            norm_in_step = engine.step()
+            grad_value = grad_value if grad_value is not None else norm_in_step
             result.losses[step] = loss_value
             result.step = step
             window_tokens += tokens_per_step
@@ -223,13 +251,15 @@ def train(cfg: Config, resume: str | None = None, stop_at: int | None = None) ->
                 record.update(tracker.measure(step, lr))
             if step % cfg.logging.log_every == 0 or step == end_step:
                 elapsed = time.perf_counter() - window_start
-                record.update({"train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_value,
-                               "train/tokens": step * tokens_per_step, "perf/tokens_per_s": window_tokens / elapsed})
+                record.update({"train/loss": loss_value, "train/lr": lr, "train/tokens": step * tokens_per_step,
+                               "perf/tokens_per_s": window_tokens / elapsed})
+                if grad_value is not None:
+                    record["train/grad_norm"] = grad_value
                 window_start, window_tokens = time.perf_counter(), 0
             if step % tcfg.eval_every == 0 or step == tcfg.steps:
-                last_val = evaluate(forward, val_loader, device, autocast)
+                last_val = evaluate(engine.model, val_loader, device, autocast)
                 record["val/loss"] = last_val
-            if record:
+            if record and logger is not None:
                 logger.log(step, record)
             progress.set_postfix_str(f"loss {loss_value:.3f} lr {lr:.2e} {tracker.summary_line()}", refresh=False)
             progress.update(1)
@@ -237,13 +267,14 @@ def train(cfg: Config, resume: str | None = None, stop_at: int | None = None) ->
                 result.checkpoint = save(step)
     except BaseException as exc:
         progress.close()
-        logger.close()
-        if created and find_latest(run_dir) is None and not isinstance(exc, TrainingDiverged):
+        if logger is not None:
+            logger.close()
+        if world.is_main and created and find_latest(run_dir) is None and not isinstance(exc, TrainingDiverged):
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping from a run that never got going
         raise
     progress.close()
-    logger.close()
     result.val_loss = last_val
-    plot_loss_curves(read_metrics(run_dir), run_dir / "loss.png")
+    if logger is not None:
+        logger.close()
+        plot_loss_curves(read_metrics(run_dir), run_dir / "loss.png")
     return result
-

@@ -37,19 +37,6 @@ def workspace_elements(specs: list[ParamSpec]) -> int:
     return max(sizes, default=0)
 
 
-def grad_norms(param: torch.Tensor, axis: int) -> torch.Tensor:
-    """Per-neuron gradient norm (float64); zeros when the tensor got no gradient this step.
-
-    A norm is a sum of positive terms, with no cancellation, so it is reduced in the
-    gradient's dtype promoted to at least fp32.
-    """
-    grad = param.grad
-    if grad is None:
-        return torch.zeros(param.shape[axis], dtype=torch.float64, device=param.device)
-    dims = tuple(d for d in range(grad.dim()) if d != axis)
-    return torch.linalg.vector_norm(grad, dim=dims, dtype=torch.promote_types(grad.dtype, torch.float32)).double()
-
-
 def neuron_sums(before: torch.Tensor, after: torch.Tensor, axis: int, workspace: torch.Tensor) -> torch.Tensor:
     """[neurons, 3] float64: |w_t|^2, <w_t, dw>, |dw|^2 with dw = w_{t+1} - w_t.
 

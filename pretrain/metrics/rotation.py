@@ -19,19 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from pretrain.config import OptimConfig
 from pretrain.metrics.history import EQUILIBRIUM_TOLERANCE, LAYER_METRICS, RotationHistory
-from pretrain.metrics.neurons import (
-    LAYER_STATS,
-    NEURON_METRICS,
-    grad_norms,
-    layer_stats,
-    neuron_metrics,
-    neuron_sums,
-    workspace_elements,
-)
+from pretrain.metrics.neurons import LAYER_STATS, NEURON_METRICS, layer_stats, neuron_metrics
+from pretrain.metrics.sources import ModelSource, OptimizerSource
 from pretrain.metrics.store import write_rotation
 from pretrain.optim.equilibrium import equilibrium_rate, rule_of
 from pretrain.params import ParamSpec
@@ -60,7 +54,8 @@ def layer_name(param_name: str) -> str:
 class RotationTracker:
     """Measures the per-neuron angular update of every tracked tensor of `table`."""
 
-    def __init__(self, model: nn.Module, table: list[ParamSpec], optim_cfg: OptimConfig, every: int) -> None:
+    def __init__(self, model: nn.Module, table: list[ParamSpec], optim_cfg: OptimConfig, every: int,
+                 source: ModelSource | OptimizerSource | None = None) -> None:
         if every < 0:
             raise ValueError(f"rotation metrics interval must be >= 0 (0 turns them off), got {every}")
         self.every = every
@@ -70,14 +65,11 @@ class RotationTracker:
         self.history = RotationHistory(self.layers)
         # Per-neuron values of the latest measurement: layer -> NEURON_METRICS -> [neurons].
         self.snapshot: dict[str, dict[str, torch.Tensor]] = {}
-        self._model = model
+        self.source = source or ModelSource(model, self.specs)
         self._optim = optim_cfg
         self._rule = rule_of(optim_cfg.name)
         self._neurons = [spec.num_neurons for spec in self.specs]
         self._segment = torch.repeat_interleave(torch.arange(len(self.specs)), torch.tensor(self._neurons))
-        self._workspace = workspace_elements(self.specs)
-        self._before: list[torch.Tensor] | None = None
-        self._grad_norms: list[torch.Tensor] | None = None
         self._line = ""
 
     # ------------------------------------------------------------------ the per-step protocol
@@ -89,27 +81,18 @@ class RotationTracker:
     @torch.no_grad()
     def capture(self) -> None:
         """Remember the pre-step weights and per-neuron gradient norms; call right before optimizer.step()."""
-        params = self._params()
-        # An exact copy in the parameter's own dtype: theta needs w_t bit for bit, since a
-        # rounded copy (bf16: ~4e-3 relative per element) would add more angle than the
-        # ~1e-3 rad per step being measured, and a wider one would only cost more. It is one
-        # copy of the tracked weights, held only from capture() to measure() of a measured step.
-        self._before = [p.detach().clone() for p in params]
-        self._grad_norms = [grad_norms(p, spec.neuron_axis) for p, spec in zip(params, self.specs, strict=True)]
+        self.source.begin()
 
     @torch.no_grad()
     def measure(self, step: int, lr: float) -> dict[str, float]:
         """Compare to the captured weights; record and return `rotation/...` scalars (finite ones only)."""
-        if self._before is None or self._grad_norms is None:
+        sums = self.source.end()
+        if sums is None:
             raise RuntimeError("RotationTracker.measure() needs capture() before optimizer.step()")
-        params = self._params()
-        device = params[0].device if params else torch.device("cpu")
-        workspace = torch.empty(self._workspace, dtype=torch.float64, device=device)
-        sums = [neuron_sums(before, after.detach(), spec.neuron_axis, workspace)
-                for spec, before, after in zip(self.specs, self._before, params, strict=True)]
-        self._before = None  # frees the pre-step copy
-        metrics = neuron_metrics(torch.cat(sums), torch.cat(self._grad_norms))
-        self._grad_norms = None
+        if self.source.group is not None:  # sharded: each rank summed the elements it holds
+            dist.all_reduce(sums, group=self.source.group)
+        metrics = neuron_metrics(sums[:, :3], sums[:, 3].sqrt())
+        device = metrics.device
         self._segment = self._segment.to(device)
         stats = layer_stats(metrics, self._segment, len(self.specs)).cpu().numpy()  # the one host sync
         per_layer = dict(zip(LAYER_STATS, stats.T, strict=True))
@@ -152,11 +135,6 @@ class RotationTracker:
                        self.snapshot)
 
     # ------------------------------------------------------------------ internals
-
-    def _params(self) -> list[torch.Tensor]:
-        # Looked up by name on every use, so a parameter replaced after construction
-        # (e.g. by load_state_dict(assign=True)) is still the one measured.
-        return [self._model.get_parameter(spec.name) for spec in self.specs]
 
     def _scalars(self) -> dict[str, float]:
         latest = self.history.values[-1]

@@ -13,21 +13,33 @@ step needs only five sums per neuron (||w||^2, ||u||^2, <u, w>, sum w, sum u). F
 few vectorised operations on [neurons]-long vectors give per-neuron a, b, c with
 w_new = a*w + b*u + c, applied by three foreach ops. The sums are taken from the current
 weights every step, so the norm and mean never drift over a long run.
+
+Sharded parameters keep that math exact (DESIGN section 4):
+- FSDP2 (DTensor parameters). The step works on local shards. A shard along the neuron axis
+  holds whole neurons: per-neuron work stays local and the per-neuron state is a DTensor
+  sharded the same way. A shard along another axis (GPT-2's Conv1D, [in, out] sharded on `in`)
+  holds part of every neuron: the five sums are all-reduced over the mesh, once per group.
+- ZeRO (flat 1-D partitions). `adopt_flat_partition` gives such a parameter its `SegmentMap`:
+  sums are `index_add` over its elements, all-reduced as a [6, neurons] vector, and a, b, c are
+  gathered per element. The per-neuron state covers all neurons of the flat group.
+A rotational tensor the optimizer cannot map to its neurons raises instead of taking the plain rule.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.optim import Optimizer
 
 from pretrain.optim.equilibrium import equilibrium_rate
 from pretrain.optim.rules import INNER_RULES, Rule
+from pretrain.optim.segments import SegmentMap
 
 _TINY = torch.finfo(torch.float32).tiny
 # A neuron whose |mean| is below this fraction of its RMS counts as centred already. Centring
@@ -62,6 +74,7 @@ class RotationalOptimizer(Optimizer):
         defaults = dict(rule=rule, lr=lr, weight_decay=weight_decay, betas=tuple(betas), momentum=momentum, eps=eps,
                         update_norm_decay=update_norm_decay, zero_mean=zero_mean, per_neuron=per_neuron,
                         center_init=center_init, rotational_eps=rotational_eps, rotational=None, neuron_axis=0)
+        self._segment_maps: dict[int, SegmentMap] = {}
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -89,19 +102,59 @@ class RotationalOptimizer(Optimizer):
 
     def _init_rotational(self, p: Tensor, group: dict[str, Any]) -> None:
         """Store the per-neuron norm n (after centring the neurons, if asked) and a zero s."""
-        view = _neuron_major(p, _axis(group))
-        dims = tuple(range(1, view.dim()))
-        norm = torch.linalg.vector_norm(view, dim=dims, keepdim=True, dtype=torch.float32)
+        partial_group = _partial_group(p, _axis(group))
+        view = _neuron_major(_local(p), _axis(group))  # a view: centring writes into p
+        dims, width = tuple(range(1, view.dim())), view[0].numel() if len(view) else 0
+
+        def neuron_sum(t: Tensor) -> Tensor:  # over the whole neuron, whichever ranks hold it
+            return _reduced(t.sum(dim=dims, dtype=torch.float32).view(-1, *[1] * len(dims)), partial_group)
+
+        count = _reduced(torch.full((view.shape[0], *[1] * len(dims)), float(width), device=view.device),
+                         partial_group)
+        norm = neuron_sum(view.square()).sqrt()
         if group["center_init"]:
-            mean = view.mean(dim=dims, keepdim=True, dtype=torch.float32)
+            mean = neuron_sum(view) / count.clamp_min(1)
             centred = view - mean
-            centred_norm = torch.linalg.vector_norm(centred, dim=dims, keepdim=True)
+            centred_norm = neuron_sum(centred.square()).sqrt()
             rescaled = centred * torch.where(centred_norm > 0, norm / centred_norm, 0.0)
-            off_centre = mean.abs() * math.sqrt(view[0].numel()) > _CENTRED_TOL * norm
+            off_centre = mean.abs() * count.sqrt() > _CENTRED_TOL * norm
             view.copy_(torch.where(off_centre, rescaled, view))
         state = self.state[p]
-        state["neuron_norm"] = norm.flatten()
+        state["neuron_norm"] = _per_neuron_state(p, _axis(group), norm.flatten())
         state["update_norm_avg"] = torch.zeros_like(state["neuron_norm"])
+
+    @torch.no_grad()
+    def adopt_flat_partition(self, flat: Tensor, segment_map: SegmentMap, originals: list[Tensor],
+                             group_index: int) -> None:
+        """Take over a ZeRO flat partition `flat` of param group `group_index` that replaced `originals`.
+
+        The per-neuron norms computed from the full tensors at construction move to `flat`, in the
+        map's neuron order; the originals' state is dropped (they are no longer optimised here).
+        """
+        group = self.param_groups[group_index]
+        if not group["per_neuron"] and group["rotational"] is not False:
+            raise ValueError("per_neuron=False is not supported on flat (ZeRO) partitions; use per-neuron rotation")
+        if group["rotational"] is None:  # decide now, from the original shapes, not the flat one
+            kinds = {_is_rotational(group, q) for q in originals}
+            if len(kinds) > 1:
+                raise ValueError("a flat partition mixes rotational and plain tensors; give its parameter group "
+                                 "an explicit `rotational` flag")
+            group["rotational"] = kinds.pop() if kinds else False
+        state = {} if not group["rotational"] else {
+            "neuron_norm": torch.cat([self.state[q]["neuron_norm"] for q in originals]).to(flat.device),
+            "update_norm_avg": torch.zeros(segment_map.num_neurons, device=flat.device)}
+        for q in originals:
+            self.state.pop(q, None)
+        self.state[flat].update(state)
+        self._segment_maps[id(flat)] = segment_map
+
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Create every parameter's state now (as a fresh step 0 would), e.g. as a template to load into."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if "step" not in self.state[p]:
+                    self._init_moments(p, INNER_RULES[group["rule"]])
 
     def _init_moments(self, p: Tensor, rule: Rule) -> None:
         state = self.state[p]
@@ -121,12 +174,19 @@ class RotationalOptimizer(Optimizer):
             if "step" not in self.state[p]:
                 self._init_moments(p, rule)
             if rot and "neuron_norm" not in self.state[p]:  # e.g. the group was switched to rotational
+                if id(p) in self._segment_maps:
+                    raise RuntimeError("a flat partition has no per-neuron norms; adopt it before switching "
+                                       "its group to rotational")
                 self._init_rotational(p, group)
         torch._foreach_add_([self.state[p]["step"] for p in live], 1.0)
+        flat = [p for p, rot in zip(live, rotational, strict=True) if rot and id(p) in self._segment_maps]
+        dense = [p for p, rot in zip(live, rotational, strict=True) if rot and id(p) not in self._segment_maps]
         for batch in self._batches(group, rule, [p for p, rot in zip(live, rotational, strict=True) if not rot], False):
             self._plain_step(batch, group, rule)
-        for batch in self._batches(group, rule, [p for p, rot in zip(live, rotational, strict=True) if rot], True):
+        for batch in self._batches(group, rule, dense, True):
             self._rotational_step(batch, group, rule)
+        for p in flat:
+            self._flat_rotational_step(p, group, rule)
 
     def _batches(self, group: dict[str, Any], rule: Rule, params: list[Tensor], rotational: bool) -> Iterator[_Batch]:
         """Foreach-able batches of one device, dtype and step count, tiled into row blocks on CPU.
@@ -134,25 +194,27 @@ class RotationalOptimizer(Optimizer):
         A batch holds views: of each parameter, its gradient and its state; rotational ones are
         neuron-major (dim 0 indexes neurons) and tiles hold whole neurons only.
         """
-        keyed: dict[tuple[torch.device, torch.dtype, int], list[Tensor]] = {}
+        keyed: dict[tuple[torch.device, torch.dtype, int, Any], list[Tensor]] = {}
         for p in params:
-            keyed.setdefault((p.device, p.dtype, int(self.state[p]["step"])), []).append(p)
+            partial = _partial_group(p, _axis(group)) if rotational else None
+            keyed.setdefault((p.device, p.dtype, int(self.state[p]["step"]), partial), []).append(p)
         names = ("param", "grad", *rule.buffers)
-        for (device, _, step), members in keyed.items():
-            limit = _CPU_CHUNK_NUMEL if device.type == "cpu" else None
-            batch = _Batch(step)
+        for (device, _, step, partial), members in keyed.items():
+            # Partial neurons are summed over ranks once per batch: one batch, the same on every rank.
+            limit = _CPU_CHUNK_NUMEL if device.type == "cpu" and partial is None else None
+            batch = _Batch(step, partial)
             for p in members:
                 state = self.state[p]
-                views = [p, p.grad, *(state[name] for name in rule.buffers)]
+                views = [_local(t) for t in (p, p.grad, *(state[name] for name in rule.buffers))]
                 if rotational:
                     views = [_neuron_major(t, _axis(group)) for t in views]
-                    views += [state["neuron_norm"], state["update_norm_avg"]]
+                    views += [_local(state["neuron_norm"]), _local(state["update_norm_avg"])]
                 elif p.dim() == 0:
                     views = [t.view(1) for t in views]
                 for tile in _tiles(views, limit):
                     if limit is not None and batch.numel and batch.numel + tile[0].numel() > limit:
                         yield batch
-                        batch = _Batch(step)
+                        batch = _Batch(step, partial)
                     batch.add(names + (_PER_NEURON if rotational else ()), tile)
             if batch.numel:
                 yield batch
@@ -173,8 +235,11 @@ class RotationalOptimizer(Optimizer):
         avgs = batch["update_norm_avg"]
         eta = equilibrium_rate(group["rule"], float(group["lr"]), group["weight_decay"], group["betas"],
                                group["momentum"])
+        sums = _neuron_sums(weights, updates, group["zero_mean"])
+        if batch.partial is not None:
+            dist.all_reduce(sums, group=batch.partial)
         coeffs = _rotation_coefficients(
-            _neuron_sums(weights, updates, group["zero_mean"]),
+            sums,
             norm=torch.cat(batch["neuron_norm"]), avg=torch.cat(avgs), scale=direction.scale, eta=eta,
             decay=group["update_norm_decay"], step=batch.step, eps=group["rotational_eps"],
             zero_mean=group["zero_mean"])
@@ -184,6 +249,31 @@ class RotationalOptimizer(Optimizer):
         if coeffs.c is not None:
             torch._foreach_add_(weights, _per_neuron(coeffs.c, weights))
 
+    def _flat_rotational_step(self, p: Tensor, group: dict[str, Any], rule: Rule) -> None:
+        """The RV step of a ZeRO flat partition: the same coefficients, from all-reduced segment sums."""
+        state, segment_map = self.state[p], self._segment_maps[id(p)]
+        direction = rule.direction([p.grad], {name: [state[name]] for name in rule.buffers}, int(state["step"]), group)
+        w, u = p, direction.unscaled()[0]
+        w32, u32 = w.float(), u.float()
+        rows = [w32.square(), u32.square(), u32 * w32]
+        if group["zero_mean"]:
+            rows += [w32, u32]
+        sums = torch.stack([segment_map.sums(r) for r in rows])
+        if group["zero_mean"]:
+            sums = torch.cat([sums, segment_map.counts.unsqueeze(0)])
+        dist.all_reduce(sums, group=segment_map.group)
+        eta = equilibrium_rate(group["rule"], float(group["lr"]), group["weight_decay"], group["betas"],
+                               group["momentum"])
+        coeffs = _rotation_coefficients(
+            sums, norm=state["neuron_norm"], avg=state["update_norm_avg"], scale=direction.scale, eta=eta,
+            decay=group["update_norm_decay"], step=int(state["step"]), eps=group["rotational_eps"],
+            zero_mean=group["zero_mean"])
+        state["update_norm_avg"].copy_(coeffs.avg)
+        w.mul_(segment_map.spread(coeffs.a))
+        w.addcmul_(u, segment_map.spread(coeffs.b))
+        if coeffs.c is not None:
+            w.add_(segment_map.spread(coeffs.c))
+
 
 _PER_NEURON = ("neuron_norm", "update_norm_avg")
 
@@ -191,8 +281,9 @@ _PER_NEURON = ("neuron_norm", "update_norm_avg")
 class _Batch:
     """Lists of views by role ("param", "grad", buffer names, per-neuron state), with one step count."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, partial: Any = None) -> None:
         self.step = step
+        self.partial = partial  # the process group to sum per-neuron sums over, if neurons are split
         self.numel = 0
         self.slots: dict[str, list[Tensor]] = {}
 
@@ -312,3 +403,40 @@ def _tiles(views: list[Tensor], limit: int | None) -> Iterator[list[Tensor]]:
         yield views
         return
     yield from (list(tile) for tile in zip(*(v.split(rows) for v in views), strict=True))
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (an alias: in-place updates reach the DTensor); any other tensor as is."""
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def _partial_group(p: Tensor, axis: int | None) -> Any:
+    """The process group holding the rest of `p`'s neurons, or None when local neurons are whole."""
+    if not isinstance(p, DTensor):
+        return None
+    if p.device_mesh.ndim != 1:
+        raise ValueError(f"rotational tensors on a {p.device_mesh.ndim}-d device mesh are not supported; "
+                         "use a 1-d (data-parallel) mesh")
+    placement = p.placements[0]
+    if isinstance(placement, Replicate):
+        return None
+    if isinstance(placement, Shard) and axis is not None and placement.dim % p.dim() == axis % p.dim():
+        return None
+    return p.device_mesh.get_group()
+
+
+def _reduced(t: Tensor, group: Any) -> Tensor:
+    if group is not None:
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def _per_neuron_state(p: Tensor, axis: int | None, local: Tensor) -> Tensor:
+    """A [neurons] state vector placed like `p`'s neurons: sharded with them, or replicated when split."""
+    if not isinstance(p, DTensor):
+        return local
+    if _partial_group(p, axis) is None and isinstance(p.placements[0], Shard):
+        size = p.shape[axis] if axis is not None else 1
+        return DTensor.from_local(local, p.device_mesh, [Shard(0)], run_check=False, shape=torch.Size([size]),
+                                  stride=(1,))
+    return DTensor.from_local(local, p.device_mesh, [Replicate()], run_check=False)

@@ -1,0 +1,167 @@
+"""Where the rotation tracker reads weights and gradients from, under each strategy.
+
+A source turns one optimizer step into per-neuron float64 sums [neurons, 4] of the tracked
+tensors (|w_t|^2, <w_t, dw>, |dw|^2, |g|^2, in the tracker's neuron order) over the elements this
+rank holds. Sums of a sharded run are then all-reduced over `group`, which gives exactly the
+single-process numbers (DESIGN section 5):
+- `ModelSource` reads the model's parameters by name: whole tensors (single, DDP) or FSDP2
+  DTensor shards (rows of a neuron-axis shard land at their global neuron index; a shard along
+  another axis holds part of every neuron and its partial sums add up across ranks).
+- `OptimizerSource` watches the optimizer's own step through step hooks, for DeepSpeed, whose
+  optimizer updates flat ZeRO partitions (mapped to neurons by their `SegmentMap`) while the
+  model's parameters may hold nothing at all (ZeRO-3).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Shard
+
+from pretrain.metrics.neurons import neuron_sums, workspace_elements
+from pretrain.optim.segments import SegmentMap
+from pretrain.params import ParamSpec
+
+
+def _local_rows(p: Tensor, axis: int) -> tuple[Tensor, int, bool]:
+    """(local tensor, global index of its first neuron, whether its neurons are split across ranks)."""
+    if not isinstance(p, DTensor):
+        return p, 0, False
+    placement, mesh = p.placements[0], p.device_mesh
+    if isinstance(placement, Shard) and placement.dim % p.dim() == axis % p.dim():
+        n = p.shape[axis]
+        return p._local_tensor, min(mesh.get_local_rank() * math.ceil(n / mesh.size()), n), False
+    return p._local_tensor, 0, isinstance(placement, Shard)
+
+
+def _grad_square_sums(grad: Tensor | None, axis: int, rows: int, device: torch.device) -> Tensor:
+    if grad is None:
+        return torch.zeros(rows, dtype=torch.float64, device=device)
+    dims = tuple(d for d in range(grad.dim()) if d != axis)
+    return torch.linalg.vector_norm(grad, dim=dims, dtype=torch.promote_types(grad.dtype, torch.float32)
+                                    ).double().square()
+
+
+class ModelSource:
+    """Tracked tensors read from the model by name; see the module docstring."""
+
+    def __init__(self, model: nn.Module, specs: list[ParamSpec]) -> None:
+        self.model, self.specs = model, specs
+        self.base = [0]
+        for spec in specs:
+            self.base.append(self.base[-1] + spec.num_neurons)
+        self.group = next((p.device_mesh.get_group() for p in self._params() if isinstance(p, DTensor)), None)
+        self._workspace = workspace_elements(specs)
+        self._before: list[Tensor] | None = None
+        self._grads: list[Tensor] = []
+
+    def _params(self) -> list[Tensor]:
+        # Looked up by name on every use, so a parameter replaced after construction
+        # (e.g. by load_state_dict(assign=True)) is still the one measured.
+        return [self.model.get_parameter(spec.name) for spec in self.specs]
+
+    def begin(self) -> None:
+        self._before, self._grads = [], []
+        for p, spec in zip(self._params(), self.specs, strict=True):
+            local, _, _ = _local_rows(p, spec.neuron_axis)
+            # An exact copy in the parameter's own dtype: theta needs w_t bit for bit, since a
+            # rounded copy (bf16: ~4e-3 relative per element) would add more angle than the
+            # ~1e-3 rad per step being measured, and a wider one would only cost more.
+            self._before.append(local.detach().clone())
+            grad = p.grad._local_tensor if isinstance(p.grad, DTensor) else p.grad
+            self._grads.append(_grad_square_sums(grad, spec.neuron_axis, local.shape[spec.neuron_axis], local.device))
+
+    def end(self) -> Tensor | None:
+        if self._before is None:
+            return None
+        params = self._params()
+        device = params[0].device if params else torch.device("cpu")
+        out = torch.zeros(self.base[-1], 4, dtype=torch.float64, device=device)
+        workspace = torch.empty(self._workspace, dtype=torch.float64, device=device)
+        for i, (p, spec, before) in enumerate(zip(params, self.specs, self._before, strict=True)):
+            local, first, _ = _local_rows(p, spec.neuron_axis)
+            rows = slice(self.base[i] + first, self.base[i] + first + local.shape[spec.neuron_axis])
+            out[rows, :3] += neuron_sums(before, local.detach(), spec.neuron_axis, workspace)
+            out[rows, 3] += self._grads[i]
+        self._before, self._grads = None, []
+        return out
+
+
+class OptimizerSource:
+    """Sums taken inside `optimizer.step()` (pre/post step hooks) from the tensors it updates."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, specs: list[ParamSpec], names: dict[int, str],
+                 maps: dict[int, SegmentMap], group: Any) -> None:
+        self.specs, self.names, self.maps, self.group = specs, names, maps, group
+        self.base: dict[str, int] = {}
+        total = 0
+        for spec in specs:
+            self.base[spec.name] = total
+            total += spec.num_neurons
+        self.total = total
+        self._axis = {spec.name: spec.neuron_axis for spec in specs}
+        self._routes = {key: self._route(m) for key, m in maps.items()}
+        self._sums: Tensor | None = None
+        self._before: dict[int, Tensor] = {}
+        self._workspace = workspace_elements(specs)
+        optimizer.register_step_pre_hook(self._pre_step)
+        optimizer.register_step_post_hook(self._post_step)
+
+    def _route(self, segment_map: SegmentMap) -> tuple[Tensor, Tensor]:
+        """(source, destination): map neurons that are tracked, and their rows in the tracker."""
+        src, dst = [], []
+        for i, info in enumerate(segment_map.tensors):
+            if info.name in self.base:
+                src.append(torch.arange(segment_map.base[i], segment_map.base[i] + info.num_neurons))
+                dst.append(torch.arange(self.base[info.name], self.base[info.name] + info.num_neurons))
+        empty = torch.zeros(0, dtype=torch.int64)
+        return (torch.cat(src) if src else empty), (torch.cat(dst) if dst else empty)
+
+    def _tracked(self, optimizer: torch.optim.Optimizer) -> list[Tensor]:
+        return [p for g in optimizer.param_groups for p in g["params"]
+                if id(p) in self.maps or self.names.get(id(p)) in self.base]
+
+    def begin(self) -> None:
+        """Arm the hooks: the next optimizer step(s) add their sums (ZeRO-3 steps once per sub-group)."""
+        self._sums = torch.zeros(self.total, 4, dtype=torch.float64)
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._sums is None:
+            return
+        for p in self._tracked(optimizer):
+            self._before[id(p)] = p.detach().clone()
+            if p.grad is not None:
+                self._add(p, p.grad.double().square(), column=3)
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._sums is None:
+            return
+        for p in self._tracked(optimizer):
+            before = self._before.pop(id(p))
+            if id(p) in self.maps:
+                w0 = before.double()
+                dw = p.detach().double() - w0
+                for column, values in enumerate((w0 * w0, w0 * dw, dw * dw)):
+                    self._add(p, values, column)
+            else:  # a whole tensor (ZeRO stage 0)
+                name = self.names[id(p)]
+                rows = slice(self.base[name], self.base[name] + p.shape[self._axis[name]])
+                workspace = torch.empty(self._workspace, dtype=torch.float64, device=p.device)
+                self._sums[rows, :3] += neuron_sums(before, p.detach(), self._axis[name], workspace).to(self._sums)
+
+    def _add(self, p: Tensor, values: Tensor, column: int) -> None:
+        if id(p) in self.maps:
+            src, dst = self._routes[id(p)]
+            self._sums[:, column].index_add_(0, dst, self.maps[id(p)].sums(values.flatten())[src].cpu())
+        else:
+            name = self.names[id(p)]
+            axis = self._axis[name]
+            dims = tuple(d for d in range(values.dim()) if d != axis)
+            self._sums[self.base[name]:self.base[name] + p.shape[axis], column] += values.sum(dim=dims).cpu()
+
+    def end(self) -> Tensor | None:
+        sums, self._sums = self._sums, None
+        return sums

@@ -1,0 +1,122 @@
+"""The process group: what the launcher started, checked against what the config asks for.
+
+Every launcher we support (torchrun, `accelerate launch`, the `deepspeed` launcher, the SLURM
+script, which runs torchrun per node) exports RANK, WORLD_SIZE and LOCAL_RANK; the strategy
+itself lives only in the run config. A launch that does not deliver what the config asks for
+is refused before anything is built: `accelerate launch --cpu` and the `deepspeed` launcher both
+fall back to one process without a word, which would otherwise train a different run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pretrain.config import Config
+from pretrain.errors import UserError
+
+# Environment variables accelerate sets when its own FSDP / DeepSpeed plugin is chosen; the
+# strategy must come from the run config, so a launch config that asks for another one is refused.
+_ACCELERATE_STRATEGY_ENV = {"ACCELERATE_USE_FSDP": "fsdp2", "ACCELERATE_USE_DEEPSPEED": "deepspeed"}
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1 or dist.is_initialized()
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"environment variable {name}={value!r} is not an integer; fix the launch script") from None
+
+
+def launched_world() -> World:
+    """Rank, world size and local rank from the launcher's environment (1 process without one)."""
+    return World(_env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0))
+
+
+def check_world(cfg: Config, world: World | None = None) -> World:
+    """Refuse a launch whose processes, rank or strategy differ from what the config asks for."""
+    world = world or launched_world()
+    strategy, wanted = cfg.parallel.strategy, cfg.parallel.world_size
+    if wanted is not None and world.size != wanted:
+        raise UserError(f"parallel.world_size={wanted} but the launcher started {world.size} process(es); "
+                        "fix the launch command (e.g. torchrun --nproc_per_node) or the config")
+    if world.size > 1 and strategy == "single":
+        raise UserError(f"the launcher started {world.size} processes but parallel.strategy=single; "
+                        "launch one process or choose a distributed strategy (ddp, fsdp2, deepspeed)")
+    if not 0 <= world.rank < world.size or not 0 <= world.local_rank < world.size:
+        raise UserError(f"the launcher gave RANK={world.rank} LOCAL_RANK={world.local_rank} for WORLD_SIZE="
+                        f"{world.size}; fix the launch script")
+    for env, plugin in _ACCELERATE_STRATEGY_ENV.items():
+        if os.environ.get(env, "").lower() in ("1", "true") and strategy != plugin:
+            raise UserError(f"the accelerate launch config enables its {plugin} plugin but parallel.strategy="
+                            f"{strategy}; use a plain multi-process accelerate config from launch/accelerate/ "
+                            "and set the strategy in the run config")
+    if strategy == "deepspeed" and cfg.parallel.zero_stage == 0 and cfg.train.precision in ("bf16", "fp16"):
+        raise UserError("DeepSpeed with half precision wraps the optimizer in its own flat-partition optimizer; "
+                        "set parallel.zero_stage to 1, 2 or 3 (or train.precision=fp32)")
+    return world
+
+
+def init_world(cfg: Config, device: torch.device) -> World:
+    """Check the launch, then join the process group (gloo on CPU, NCCL on GPUs) if there is one.
+
+    The collective timeout (`parallel.timeout_s`) bounds how long the survivors of a dead rank
+    wait before they fail; under torchrun the agent stops them at once anyway.
+    """
+    world = check_world(cfg)
+    if cfg.parallel.strategy == "single" or dist.is_initialized():
+        return world
+    if device.type == "cuda":
+        torch.cuda.set_device(world.local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "MASTER_ADDR" not in os.environ:
+        if world.size > 1:
+            raise UserError("WORLD_SIZE > 1 but MASTER_ADDR is not set; start the run with torchrun, "
+                            "accelerate launch or the deepspeed launcher")
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
+    dist.init_process_group(backend, rank=world.rank, world_size=world.size,
+                            timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
+    if dist.get_world_size() != world.size or dist.get_rank() != world.rank:
+        raise UserError(f"the process group has rank {dist.get_rank()} of {dist.get_world_size()}, the launcher "
+                        f"said {world.rank} of {world.size}; fix the launch script")
+    return world
+
+
+def close_world() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Average host floats over all ranks (the logged loss is the global batch's)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

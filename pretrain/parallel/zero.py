@@ -1,0 +1,200 @@
+"""DeepSpeed ZeRO 0-3 with the RV math intact (DESIGN section 4).
+
+The run config is the one source of truth: `deepspeed_config` derives batch sizes, ZeRO stage,
+clipping and precision from it and merges the optional `parallel.deepspeed_config` JSON (bucket
+sizes, offload, ...) under them; a JSON that sets any of those keys differently is refused.
+
+After `deepspeed.initialize`, the client optimizer (ours) holds flat 1-D fp32 partitions instead
+of the weights. `segment_maps` reads DeepSpeed's flattening (where each model tensor sits in the
+flat buffer, and which slice this rank owns) and builds one `SegmentMap` per partition; the
+rotational optimizer adopts them, so each neuron's sums are reduced over ranks and the update is
+the single-process one. The rotation tracker reads the same partitions through step hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pretrain.config import Config
+from pretrain.errors import UserError
+from pretrain.metrics.sources import OptimizerSource
+from pretrain.model import fold_gains
+from pretrain.optim.rotational import RotationalOptimizer
+from pretrain.optim.segments import Segment, SegmentMap, TensorInfo
+from pretrain.parallel.engine import Engine
+from pretrain.parallel.world import World
+from pretrain.params import ParamSpec
+
+_CHECKPOINT_TAG = "deepspeed"
+
+
+def deepspeed_config(cfg: Config, world: World, dtype: torch.dtype) -> dict[str, Any]:
+    """The DeepSpeed config of this run: ours, over the user's JSON for everything we do not set."""
+    t = cfg.train
+    ours: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world.size,
+        "gradient_clipping": t.grad_clip,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "zero_allow_untested_optimizer": True,
+    }
+    user: dict[str, Any] = {}
+    if cfg.parallel.deepspeed_config:
+        path = Path(cfg.parallel.deepspeed_config)
+        try:
+            user = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"parallel.deepspeed_config {path} is not a readable JSON file ({exc}); "
+                            "point it at a file such as launch/deepspeed/zero.json") from None
+    for key in ("optimizer", "scheduler"):
+        if key in user:
+            raise UserError(f"parallel.deepspeed_config sets {key!r}, which the run config owns (optim / schedule "
+                            "sections); remove it from the JSON")
+    for key, value in ours.items():
+        if key in user and user[key] not in (value, "auto"):
+            raise UserError(f"parallel.deepspeed_config sets {key}={user[key]!r} but the run config gives "
+                            f"{value!r}; remove it from the JSON (the run config is the source of truth)")
+    zero = dict(user.get("zero_optimization", {}))
+    if zero.get("stage", cfg.parallel.zero_stage) != cfg.parallel.zero_stage:
+        raise UserError(f"parallel.deepspeed_config sets zero_optimization.stage={zero['stage']} but "
+                        f"parallel.zero_stage={cfg.parallel.zero_stage}; set the stage in the run config only")
+    zero["stage"] = cfg.parallel.zero_stage
+    return {**user, **ours, "zero_optimization": zero}
+
+
+class DeepSpeedEngine(Engine):
+    """`deepspeed.initialize` around the model and our optimizer; the loop's vocabulary on top."""
+
+    strategy = "deepspeed"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, world: World, cfg: Config,
+                 table: list[ParamSpec], dtype: torch.dtype) -> None:
+        import deepspeed
+
+        super().__init__(model, optimizer, world, torch.amp.GradScaler(enabled=False))
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+        names = {id(p): name for name, p in model.named_parameters()}
+        self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                config=deepspeed_config(cfg, world, dtype))
+        self.model = self.ds
+        self.stage = cfg.parallel.zero_stage
+        self.maps = segment_maps(self.ds.optimizer, table, names, self.stage)
+        if isinstance(optimizer, RotationalOptimizer):
+            for flat, (segment_map, originals, group_index) in self.maps.items():
+                optimizer.adopt_flat_partition(flat, segment_map, originals, group_index)
+        self._last = True
+
+    def tracker_source(self, specs: list[ParamSpec]) -> OptimizerSource:
+        names = {id(p): name for name, p in self.raw_model.named_parameters()}
+        maps = {id(flat): m for flat, (m, _, _) in self.maps.items()}
+        return OptimizerSource(self.optimizer, specs, names, maps, dist.group.WORLD if self.stage else None)
+
+    @contextlib.contextmanager
+    def accumulate(self, last: bool) -> Iterator[None]:
+        self._last = last
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss, scale_wrt_gas=False)  # the loop already divides by grad_accum
+        if not self._last:
+            self.ds.step()  # a micro-step: DeepSpeed only counts it
+
+    def clip(self, max_norm: float) -> float | None:
+        return None  # DeepSpeed clips inside step(), with gradient_clipping from the run config
+
+    def step(self) -> float | None:
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else None
+
+    def export_state_dict(self) -> dict[str, torch.Tensor] | None:
+        if self.stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.raw_model.parameters()), modifier_rank=None):
+                state = {k: v.detach().cpu().clone() for k, v in self.raw_model.state_dict().items()} \
+                    if self.world.is_main else None
+        else:
+            state = self.raw_model.state_dict() if self.world.is_main else None
+        return fold_gains(state, self.raw_model) if state is not None else None
+
+    def save_state(self, state_dir: Path) -> None:
+        self.ds.save_checkpoint(str(state_dir), tag=_CHECKPOINT_TAG, save_latest=False)
+
+    def load_state(self, state_dir: Path) -> None:
+        if not (state_dir / _CHECKPOINT_TAG).is_dir():
+            raise UserError(f"{state_dir.parent} was not written by a DeepSpeed run; resume it with the "
+                            "parallel.strategy it was trained with")
+        path, _ = self.ds.load_checkpoint(str(state_dir), tag=_CHECKPOINT_TAG, load_lr_scheduler_states=False)
+        if path is None:
+            raise UserError(f"DeepSpeed could not load {state_dir / _CHECKPOINT_TAG}; it resumes only on the "
+                            "world size and ZeRO stage that wrote it")
+
+
+SegmentMaps = dict[torch.Tensor, tuple[SegmentMap, list[torch.Tensor], int]]
+
+
+def segment_maps(zero_optimizer: Any, table: list[ParamSpec], names: dict[int, str], stage: int) -> SegmentMaps:
+    """flat fp32 partition -> (its SegmentMap, the model tensors of its group, the param group index)."""
+    if stage == 0:
+        return {}
+    axis = {spec.name: spec.neuron_axis for spec in table}
+
+    def info(p: torch.Tensor, shape: tuple[int, ...]) -> TensorInfo:
+        name = names[id(p)]
+        return TensorInfo(name, tuple(shape), axis[name])
+
+    maps: SegmentMaps = {}
+    if stage in (1, 2):
+        opt = zero_optimizer
+        for i, originals in enumerate(opt.bit16_groups):
+            group = opt.real_dp_process_group[i]
+            flat = opt.bit16_groups_flat[i]
+            part = opt.parallel_partitioned_bit16_groups[i][dist.get_rank(group=group)]
+            fp32 = opt.single_partition_of_fp32_groups[i]
+            tensors = [info(p, p.shape) for p in originals]
+            order = {id(p): k for k, p in enumerate(originals)}
+            part_lo, part_hi = _offset(part, flat), _offset(part, flat) + part.numel()
+            segments = []
+            for p in opt.round_robin_bit16_groups[i]:
+                lo = _offset(p, flat)
+                a, b = max(lo, part_lo), min(lo + p.numel(), part_hi)
+                if a < b:
+                    segments.append(Segment(order[id(p)], a - lo, b - a, a - part_lo))
+            maps[fp32] = (SegmentMap(tensors, segments, fp32.numel(), fp32.device, group), list(originals), i)
+    else:
+        opt = zero_optimizer
+        for j, originals in enumerate(opt.fp16_groups):
+            group = opt.sub_group_process_groups[j]
+            rank = dist.get_rank(group=group)
+            flat16, fp32 = opt.fp16_partitioned_groups_flat[j], opt.fp32_partitioned_groups_flat[j]
+            tensors = [info(p, p.ds_shape) for p in originals]
+            segments = []
+            for k, p in enumerate(originals):
+                size = p.partition_numel()
+                start = rank * size
+                length = max(0, min(size, p.ds_numel - start))
+                if length:
+                    segments.append(Segment(k, start, length, _offset(p.ds_tensor, flat16)))
+            maps[fp32] = (SegmentMap(tensors, segments, fp32.numel(), fp32.device, group), list(originals),
+                          opt.sub_group_to_group_id[j])
+    return maps
+
+
+def _offset(view: torch.Tensor, flat: torch.Tensor) -> int:
+    """Element offset of `view` inside the flat buffer it aliases."""
+    offset, rest = divmod(view.data_ptr() - flat.data_ptr(), flat.element_size())
+    if rest or not 0 <= offset <= flat.numel():
+        raise RuntimeError("a DeepSpeed parameter does not alias its flat buffer; this DeepSpeed version "
+                           "flattens differently from what the RV segment map expects")
+    return offset
