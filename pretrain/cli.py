@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pretrain",
         description="GPT pretraining with rotational optimizers and rotation metrics, driven by YAML configs.",
         epilog="Example: pretrain prepare configs/tiny-cpu.yaml && pretrain train configs/tiny-cpu.yaml")
+    # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK is read from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="tokenize a corpus into token shards (idempotent)",

@@ -130,11 +130,12 @@ def train(cfg: Config, resume: str | None = None, stop_at: int | None = None) ->
     """
     world = check_world(cfg)
     device = pick_device(cfg.train.device, world.local_rank)
-    init_world(cfg, device)
+    created_group = init_world(cfg, device)
     try:
         return _train(cfg, world, device, resume, stop_at)
     finally:
-        close_world()
+        if created_group:
+            close_world()
 
 
 def _train(cfg: Config, world: World, device: torch.device, resume: str | None, stop_at: int | None) -> TrainResult:

@@ -20,8 +20,8 @@ Sharded parameters keep that math exact (DESIGN section 4):
   sharded the same way. A shard along another axis (GPT-2's Conv1D, [in, out] sharded on `in`)
   holds part of every neuron: the five sums are all-reduced over the mesh, once per group.
 - ZeRO (flat 1-D partitions). `adopt_flat_partition` gives such a parameter its `SegmentMap`:
-  sums are `index_add` over its elements, all-reduced as a [6, neurons] vector, and a, b, c are
-  gathered per element. The per-neuron state covers all neurons of the flat group.
+  the sums are reductions over its blocks, all-reduced as one [6, neurons] vector, and a, b, c are
+  applied block by block. The per-neuron state covers all neurons of the flat group.
 A rotational tensor the optimizer cannot map to its neurons raises instead of taking the plain rule.
 """
 
@@ -254,13 +254,7 @@ class RotationalOptimizer(Optimizer):
         state, segment_map = self.state[p], self._segment_maps[id(p)]
         direction = rule.direction([p.grad], {name: [state[name]] for name in rule.buffers}, int(state["step"]), group)
         w, u = p, direction.unscaled()[0]
-        w32, u32 = w.float(), u.float()
-        rows = [w32.square(), u32.square(), u32 * w32]
-        if group["zero_mean"]:
-            rows += [w32, u32]
-        sums = torch.stack([segment_map.sums(r) for r in rows])
-        if group["zero_mean"]:
-            sums = torch.cat([sums, segment_map.counts.unsqueeze(0)])
+        sums = segment_map.rotation_sums(w, u, group["zero_mean"])
         dist.all_reduce(sums, group=segment_map.group)
         eta = equilibrium_rate(group["rule"], float(group["lr"]), group["weight_decay"], group["betas"],
                                group["momentum"])
@@ -269,10 +263,7 @@ class RotationalOptimizer(Optimizer):
             decay=group["update_norm_decay"], step=int(state["step"]), eps=group["rotational_eps"],
             zero_mean=group["zero_mean"])
         state["update_norm_avg"].copy_(coeffs.avg)
-        w.mul_(segment_map.spread(coeffs.a))
-        w.addcmul_(u, segment_map.spread(coeffs.b))
-        if coeffs.c is not None:
-            w.add_(segment_map.spread(coeffs.c))
+        segment_map.apply(w, u, coeffs.a, coeffs.b, coeffs.c)
 
 
 _PER_NEURON = ("neuron_norm", "update_norm_avg")

@@ -78,15 +78,16 @@ def check_world(cfg: Config, world: World | None = None) -> World:
     return world
 
 
-def init_world(cfg: Config, device: torch.device) -> World:
+def init_world(cfg: Config, device: torch.device) -> bool:
     """Check the launch, then join the process group (gloo on CPU, NCCL on GPUs) if there is one.
 
-    The collective timeout (`parallel.timeout_s`) bounds how long the survivors of a dead rank
-    wait before they fail; under torchrun the agent stops them at once anyway.
+    Returns whether this call created the group (and so should destroy it): a group the caller
+    initialised already is used as it is. The collective timeout (`parallel.timeout_s`) bounds how
+    long the survivors of a dead rank wait before they fail; under torchrun the agent stops them at once.
     """
     world = check_world(cfg)
     if cfg.parallel.strategy == "single" or dist.is_initialized():
-        return world
+        return False
     if device.type == "cuda":
         torch.cuda.set_device(world.local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -100,7 +101,7 @@ def init_world(cfg: Config, device: torch.device) -> World:
     if dist.get_world_size() != world.size or dist.get_rank() != world.rank:
         raise UserError(f"the process group has rank {dist.get_rank()} of {dist.get_world_size()}, the launcher "
                         f"said {world.rank} of {world.size}; fix the launch script")
-    return world
+    return True
 
 
 def close_world() -> None:

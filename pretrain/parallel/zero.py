@@ -171,7 +171,7 @@ def segment_maps(zero_optimizer: Any, table: list[ParamSpec], names: dict[int, s
                 a, b = max(lo, part_lo), min(lo + p.numel(), part_hi)
                 if a < b:
                     segments.append(Segment(order[id(p)], a - lo, b - a, a - part_lo))
-            maps[fp32] = (SegmentMap(tensors, segments, fp32.numel(), fp32.device, group), list(originals), i)
+            maps[fp32] = (SegmentMap(tensors, segments, fp32.numel(), group), list(originals), i)
     else:
         opt = zero_optimizer
         for j, originals in enumerate(opt.fp16_groups):
@@ -186,7 +186,7 @@ def segment_maps(zero_optimizer: Any, table: list[ParamSpec], names: dict[int, s
                 length = max(0, min(size, p.ds_numel - start))
                 if length:
                     segments.append(Segment(k, start, length, _offset(p.ds_tensor, flat16)))
-            maps[fp32] = (SegmentMap(tensors, segments, fp32.numel(), fp32.device, group), list(originals),
+            maps[fp32] = (SegmentMap(tensors, segments, fp32.numel(), group), list(originals),
                           opt.sub_group_to_group_id[j])
     return maps
 
