@@ -1,6 +1,6 @@
 """Whole training-step throughput: tokens/s, data-loader share, and optimizer ratios.
 
-Runs the loop's own `forward_backward` + `optimizer.step()` on the prepared embedded corpus,
+Runs the loop's own `forward_backward` + `engine.step()` on the prepared embedded corpus,
 alternating the compared optimizers step by step so machine noise hits them alike, and
 reports medians and ratios measured in this one run.
 
@@ -21,7 +21,8 @@ import torch
 from pretrain.config import load_config
 from pretrain.data import TrainLoader, load_tokenizer
 from pretrain.model import build_model
-from pretrain.optim import build_optimizer
+from pretrain.parallel import build_engine
+from pretrain.parallel.world import World
 from pretrain.params import classify_parameters
 from pretrain.train import forward_backward
 
@@ -36,19 +37,17 @@ def make_setup(shape: str, optimizer: str, micro_batch: int, seq_len: int):
     tokenizer = load_tokenizer(cfg.data.dir)
     torch.manual_seed(0)
     model = build_model(cfg.model, len(tokenizer), seq_len, tokenizer.eos_token_id)
-    optim = build_optimizer(model, classify_parameters(model), cfg.optim)
+    engine = build_engine(cfg, model, classify_parameters(model), World(0, 1, 0), torch.float32,
+                          torch.amp.GradScaler("cpu", enabled=False))
     loader = TrainLoader(cfg.data.dir, seq_len, micro_batch, 1, cfg.train.seed)
-    return cfg, model, optim, loader
+    return cfg, engine, loader
 
 
 def timed_step(setup, step: int) -> float:
-    cfg, model, optim, loader = setup
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    cfg, engine, loader = setup
     start = time.perf_counter()
-    forward_backward(model, loader, step, 1, cfg.train.grad_clip, optim, scaler, torch.device("cpu"),
-                     contextlib.nullcontext)
-    optim.step()
-    optim.zero_grad(set_to_none=True)
+    forward_backward(engine, loader, step, 1, cfg.train.grad_clip, torch.device("cpu"), contextlib.nullcontext)
+    engine.step()
     return time.perf_counter() - start
 
 
@@ -69,7 +68,7 @@ def main() -> None:
             elapsed = timed_step(setups[name], step)
             if step > 1:  # the first step pays one-off allocation costs
                 times[name].append(elapsed)
-    loader = setups[names[0]][3]
+    loader = setups[names[0]][2]
     load_times = []
     for step in range(1, 200):
         start = time.perf_counter()
@@ -77,7 +76,7 @@ def main() -> None:
         load_times.append(time.perf_counter() - start)
 
     tokens = args.micro_batch * args.seq_len
-    params = sum(p.numel() for p in setups[names[0]][1].parameters())
+    params = sum(p.numel() for p in setups[names[0]][1].raw_model.parameters())
     print(f"shape {args.shape} ({params / 1e6:.1f}M params), batch {args.micro_batch}x{args.seq_len}, "
           f"{args.steps} steps each, torch threads {torch.get_num_threads()}")
     base = statistics.median(times[names[0]])

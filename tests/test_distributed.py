@@ -111,9 +111,16 @@ def assert_rotation_match(got: dict, ref: dict) -> None:
             assert got[key] == pytest.approx(value, rel=ANGLE_RTOL, abs=1e-12), key
 
 
-CASES = [(m, "rv-adamw", s) for m in MODELS for s in STRATEGIES]
-CASES += [("llama", "rv-lion", s) for s in ("fsdp2", "zero2", "zero3")]
-CASES += [("gpt2", "rv-lion", s) for s in ("fsdp2", "zero3")]
+# (model, optimizer, strategy, extra overrides); "gains": learnable per-neuron gains (parametrized weights).
+GAINS = "model.linear_gains=true"
+CASES = [(m, "rv-adamw", s, "") for m in MODELS for s in STRATEGIES]
+CASES += [("llama", "rv-lion", s, "") for s in ("fsdp2", "zero2", "zero3")]
+CASES += [("gpt2", "rv-lion", s, "") for s in ("fsdp2", "zero3")]
+CASES += [("llama", "rv-adamw", s, GAINS) for s in ("fsdp2", "zero3")]
+# bf16 under each strategy's own mixed precision (autocast for DDP, FSDP2's MixedPrecisionPolicy,
+# DeepSpeed's bf16 mode): different rounding, so compared loosely against the fp32 reference.
+BF16 = "train.precision=bf16"
+BF16_STRATEGIES = ("ddp", "fsdp2", "zero2")
 
 
 class Runs:
@@ -121,18 +128,20 @@ class Runs:
 
     def __init__(self, root: Path, data_dir: Path) -> None:
         self.root, self.data_dir = root, data_dir
-        self.references = {(m, o): root / f"single-{m}-{o}" for m, o, _ in CASES}
-        self.runs = {case: root / "-".join(case) for case in CASES}
+        self.references = {(m, o, x): root / f"single-{m}-{o}{'-gains' if x else ''}" for m, o, _, x in CASES}
+        self.runs = {case: root / ("-".join(case[:3]) + ("-gains" if case[3] else "")) for case in CASES}
+        self.runs.update({("llama", "rv-adamw", s, BF16): root / f"bf16-{s}" for s in BF16_STRATEGIES})
         self.resumed = {s: root / f"resumed-{s}" for s in STRATEGIES}
 
     def args(self, out: Path, *overrides: str) -> list[str]:
         return tiny_args(self.data_dir, out, *RUN, *overrides)
 
     def train_all(self) -> None:
-        for (model, optim), out in self.references.items():
-            train(tiny_config(self.data_dir, out, *RUN, *MODELS[model], f"optim.name={optim}", "train.grad_accum=2"))
-        plan = [self.args(out, *MODELS[m], f"optim.name={o}", *STRATEGIES[s], "parallel.world_size=2")
-                for (m, o, s), out in self.runs.items()]
+        for (model, optim, extra), out in self.references.items():
+            train(tiny_config(self.data_dir, out, *RUN, *MODELS[model], f"optim.name={optim}", "train.grad_accum=2",
+                              *filter(None, [extra])))
+        plan = [self.args(out, *MODELS[m], f"optim.name={o}", *STRATEGIES[s], "parallel.world_size=2",
+                          *filter(None, [x])) for (m, o, s, x), out in self.runs.items()]
         for strategy, out in self.resumed.items():  # interrupted at step 10, then resumed
             args = self.args(out, "optim.name=rv-adamw", *STRATEGIES[strategy])
             plan += [[*args, "--stop-at", "10"], [*args, "--resume", "auto"]]
@@ -150,9 +159,9 @@ def runs(tmp_path_factory, tiny_data_dir) -> Runs:
     return runs
 
 
-@pytest.mark.parametrize(("model", "optim", "strategy"), CASES)
-def test_strategy_equals_single_process(runs, model, optim, strategy):
-    ref, got = runs.references[model, optim], runs.runs[model, optim, strategy]
+@pytest.mark.parametrize(("model", "optim", "strategy", "extra"), CASES)
+def test_strategy_equals_single_process(runs, model, optim, strategy, extra):
+    ref, got = runs.references[model, optim, extra], runs.runs[model, optim, strategy, extra]
     ref_losses, got_losses = losses(ref), losses(got)
     assert sorted(got_losses) == list(range(1, STEPS + 1))
     for step, value in ref_losses.items():
@@ -163,9 +172,19 @@ def test_strategy_equals_single_process(runs, model, optim, strategy):
     assert "world_size: 2" in saved  # the run really had two ranks
 
 
+@pytest.mark.parametrize("strategy", BF16_STRATEGIES)
+def test_bf16_mixed_precision_trains_under_each_strategy(runs, strategy):
+    ref, got = losses(runs.references["llama", "rv-adamw", ""]), losses(runs.runs["llama", "rv-adamw", strategy, BF16])
+    assert sorted(got) == sorted(ref)
+    for step, value in ref.items():  # bf16 rounding (~0.4% per element), fp32 master weights and reductions
+        assert got[step] == pytest.approx(value, rel=2e-2), step
+    assert got[STEPS] < got[1] - 0.2  # and it learns
+    assert "precision: bf16" in (runs.runs["llama", "rv-adamw", strategy, BF16] / "config.yaml").read_text()
+
+
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_resume_equals_uninterrupted_run(runs, strategy):
-    straight, out = runs.runs["llama", "rv-adamw", strategy], runs.resumed[strategy]
+    straight, out = runs.runs["llama", "rv-adamw", strategy, ""], runs.resumed[strategy]
     assert f"resumed from {out}/checkpoints/step_000010 at step 10" in runs.log
     assert losses(out) == losses(straight)  # bit-identical: same world, same reduction order
     got, ref = final_weights(out), final_weights(straight)
@@ -176,7 +195,7 @@ def test_resume_equals_uninterrupted_run(runs, strategy):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_resume_on_another_world_size_keeps_the_sample_order(runs, tmp_path, strategy):
     """2 ranks x 1 micro-step, resumed as 1 rank x 2 micro-steps: the same global batches."""
-    straight = runs.references["llama", "rv-adamw"]
+    straight = runs.references["llama", "rv-adamw", ""]
     out = tmp_path / "run"
     first = run_torchrun(tiny_args(runs.data_dir, out, *RUN, "optim.name=rv-adamw", *STRATEGIES[strategy],
                                    "--stop-at", "10"))

@@ -119,3 +119,13 @@ def test_a_flat_partition_takes_the_same_rv_step_as_the_tensors(tmp_path):
             torch.testing.assert_close(flat.detach().view(p.shape), p.detach(), rtol=1e-5, atol=1e-6)
     finally:
         dist.destroy_process_group()
+
+
+def test_an_unmapped_flat_partition_is_refused_not_stepped_with_another_rule():
+    weight = torch.nn.Parameter(torch.randn(4, 6))
+    opt = RotationalOptimizer([{"params": [weight], "rotational": True}], lr=0.01, weight_decay=0.1)
+    flat = torch.nn.Parameter(weight.detach().flatten().clone())
+    opt.param_groups[0]["params"] = [flat]  # what ZeRO does, without the segment map
+    flat.grad = torch.randn_like(flat)
+    with pytest.raises(RuntimeError, match="no neuron axis and no segment map"):
+        opt.step()

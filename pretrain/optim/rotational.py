@@ -173,6 +173,11 @@ class RotationalOptimizer(Optimizer):
         for p, rot in zip(live, rotational, strict=True):
             if "step" not in self.state[p]:
                 self._init_moments(p, rule)
+            if rot and id(p) not in self._segment_maps and group["per_neuron"] and p.dim() < 2:
+                # e.g. a ZeRO flat partition nobody mapped: its neurons are unknown, and treating each
+                # element as one would silently turn the RV into another rule
+                raise RuntimeError(f"a rotational parameter of shape {tuple(p.shape)} has no neuron axis and no "
+                                   "segment map; flat (ZeRO) partitions need adopt_flat_partition()")
             if rot and "neuron_norm" not in self.state[p]:  # e.g. the group was switched to rotational
                 if id(p) in self._segment_maps:
                     raise RuntimeError("a flat partition has no per-neuron norms; adopt it before switching "

@@ -88,10 +88,13 @@ class DeepSpeedEngine(Engine):
                                                 config=deepspeed_config(cfg, world, dtype))
         self.model = self.ds
         self.stage = cfg.parallel.zero_stage
-        self.maps = segment_maps(self.ds.optimizer, table, names, self.stage)
-        if isinstance(optimizer, RotationalOptimizer):
-            for flat, (segment_map, originals, group_index) in self.maps.items():
-                optimizer.adopt_flat_partition(flat, segment_map, originals, group_index)
+        try:
+            self.maps = segment_maps(self.ds.optimizer, table, names, self.stage)
+            if isinstance(optimizer, RotationalOptimizer):
+                for flat, (segment_map, originals, group_index) in self.maps.items():
+                    optimizer.adopt_flat_partition(flat, segment_map, originals, group_index)
+        except ValueError as exc:  # an RV configuration the flat partitions cannot honour
+            raise UserError(f"{exc} (parallel.strategy=deepspeed, zero_stage={self.stage})") from None
         self._last = True
 
     def tracker_source(self, specs: list[ParamSpec]) -> OptimizerSource:
