@@ -120,10 +120,6 @@ class FSDPEngine(Engine):
 
     strategy = "fsdp2"
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, world: World,
-                 scaler: torch.amp.GradScaler) -> None:
-        super().__init__(model, optimizer, world, scaler)
-
     @staticmethod
     def shard(model: nn.Module, param_dtype: torch.dtype) -> nn.Module:
         """fully_shard each transformer block, then the root (embeddings, final norm, tied head)."""

@@ -34,10 +34,6 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.size > 1 or dist.is_initialized()
-
 
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)

@@ -1,0 +1,87 @@
+"""The launch check and the DeepSpeed config derived from the run config (no processes started)."""
+
+import json
+
+import pytest
+import torch
+
+from pretrain.config import load_config
+from pretrain.errors import UserError
+from pretrain.parallel.world import World, check_world
+from pretrain.parallel.zero import deepspeed_config
+from tests.train_utils import REPO
+
+
+def config(*overrides: str):
+    return load_config(REPO / "configs" / "tiny-cpu.yaml", list(overrides))
+
+
+@pytest.fixture(autouse=True)
+def clean_launch_env(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_world_comes_from_the_launcher_environment(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert check_world(config("parallel.strategy=ddp", "parallel.world_size=4")) == World(3, 4, 1)
+
+
+def test_without_a_launcher_the_world_is_one_process():
+    assert check_world(config()) == World(0, 1, 0)
+
+
+@pytest.mark.parametrize(("env", "overrides", "message"), [
+    ({"WORLD_SIZE": "1"}, ["parallel.strategy=ddp", "parallel.world_size=2"],
+     "parallel.world_size=2 but the launcher started 1 process(es)"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, ["parallel.strategy=single"], "parallel.strategy=single"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, ["parallel.strategy=ddp"], "RANK=2"),
+    ({"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"}, ["parallel.strategy=ddp"], "enables its fsdp2 plugin"),
+    ({"WORLD_SIZE": "two"}, ["parallel.strategy=ddp"], "WORLD_SIZE='two' is not an integer"),
+    ({}, ["parallel.strategy=deepspeed", "parallel.zero_stage=0", "train.precision=bf16"], "zero_stage to 1, 2 or 3"),
+])
+def test_a_launch_that_differs_from_the_config_is_refused(monkeypatch, env, overrides, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_world(config(*overrides))
+
+
+def test_deepspeed_skip_policy_is_refused_at_load():
+    with pytest.raises(UserError, match="nan_policy=skip is not available under DeepSpeed"):
+        config("parallel.strategy=deepspeed", "train.nan_policy=skip")
+
+
+def test_deepspeed_config_follows_the_run_config_and_merges_the_json(tmp_path):
+    extra = tmp_path / "ds.json"
+    extra.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 123, "stage": 2},
+                                 "train_micro_batch_size_per_gpu": "auto", "steps_per_print": 7}))
+    cfg = config("parallel.strategy=deepspeed", "parallel.zero_stage=2", f"parallel.deepspeed_config={extra}",
+                 "train.micro_batch_size=4", "train.grad_accum=3", "train.grad_clip=0.5")
+    ds = deepspeed_config(cfg, World(0, 2, 0), torch.bfloat16)
+    assert ds["train_batch_size"] == 4 * 3 * 2
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
+    assert ds["zero_optimization"] == {"reduce_bucket_size": 123, "stage": 2}
+    assert ds["steps_per_print"] == 7
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ({"gradient_clipping": 2.0}, "gradient_clipping=2.0 but the run config gives 1.0"),
+    ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage=3 but parallel.zero_stage=1"),
+    ({"optimizer": {"type": "Adam"}}, "sets 'optimizer', which the run config owns"),
+])
+def test_a_deepspeed_json_that_contradicts_the_run_config_is_refused(tmp_path, content, message):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(content))
+    cfg = config("parallel.strategy=deepspeed", "parallel.zero_stage=1", f"parallel.deepspeed_config={path}")
+    with pytest.raises(UserError, match=message):
+        deepspeed_config(cfg, World(0, 2, 0), torch.float32)
+
+
+def test_the_shipped_deepspeed_json_is_accepted():
+    cfg = config("parallel.strategy=deepspeed", "parallel.zero_stage=3",
+                 f"parallel.deepspeed_config={REPO / 'launch' / 'deepspeed' / 'zero.json'}")
+    assert deepspeed_config(cfg, World(0, 2, 0), torch.float32)["zero_optimization"]["stage"] == 3
