@@ -3,8 +3,9 @@
 Layout of `<run>/checkpoints/step_NNNNNN/`:
   model/        plain `transformers` model (save_pretrained, safetensors, gains folded)
   tokenizer/    the data's tokenizer
-  state/        trainer.pt (step, tokens seen, RNG, rotation-metrics history; tensors only,
-                loaded with `weights_only=True`) and the strategy's training state:
+  state/        trainer.pt (step, tokens seen, rank 0's RNG, rotation-metrics history; tensors
+                only, loaded with `weights_only=True`), rng_rank<R>.pt (each rank's RNG, in
+                distributed runs) and the strategy's training state:
                 single/DDP: model.safetensors (raw weights, gains unfolded) + optimizer.pt;
                 FSDP2: dcp/ (torch distributed checkpoint, one shard file per rank, reshardable);
                 DeepSpeed: deepspeed/ (its own per-rank files; same world size and stage to resume)
@@ -96,13 +97,23 @@ def save_trainer_state(state_dir: Path, trainer_state: dict[str, Any]) -> None:
     torch.save({"format_version": FORMAT_VERSION, "rng": rng_state(), **trainer_state}, state_dir / "trainer.pt")
 
 
-def load_trainer_state(ckpt: Path) -> dict[str, Any]:
-    """The trainer state (step, tokens, tracker, ...) of `ckpt`; restores the RNG streams."""
+def save_rank_rng(state_dir: Path, rank: int) -> None:
+    """This rank's RNG streams (dropout masks differ per rank), beside rank 0's in trainer.pt."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), state_dir / f"rng_rank{rank}.pt")
+
+
+def load_trainer_state(ckpt: Path, rank: int = 0) -> dict[str, Any]:
+    """The trainer state (step, tokens, tracker, ...) of `ckpt`; restores this rank's RNG streams.
+
+    A rank the checkpoint has no stream for (a resume on more ranks) takes rank 0's.
+    """
     trainer = torch.load(ckpt / "state" / "trainer.pt", weights_only=True)
     if trainer.get("format_version") != FORMAT_VERSION:
         raise UserError(f"checkpoint {ckpt} has format version {trainer.get('format_version')}, "
                         f"this code reads version {FORMAT_VERSION}")
-    set_rng_state(trainer["rng"])
+    own = ckpt / "state" / f"rng_rank{rank}.pt"
+    set_rng_state(torch.load(own, weights_only=True) if own.is_file() else trainer["rng"])
     return trainer
 
 

@@ -18,6 +18,7 @@ from pretrain.checkpoint import (
     check_compatible,
     find_latest,
     load_trainer_state,
+    save_rank_rng,
     save_run_config,
     save_trainer_state,
     write_checkpoint,
@@ -163,6 +164,8 @@ def _train(cfg: Config, world: World, device: torch.device, resume: str | None, 
     table = classify_parameters(model, cfg.optim.rotational_embeddings)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     engine = build_engine(cfg, model, table, world, dtype, scaler)
+    # The same initial weights everywhere (above); from here on each rank draws its own dropout masks.
+    torch.manual_seed(tcfg.seed + world.rank)
     tracker = RotationTracker(model, table, cfg.optim, cfg.logging.rotation_every,
                               engine.tracker_source([spec for spec in table if spec.tracked]))
     if tcfg.compile:
@@ -181,7 +184,7 @@ def _train(cfg: Config, world: World, device: torch.device, resume: str | None, 
     start_step, trainer_state = 0, {}
     if ckpt_in is not None:
         engine.load_state(ckpt_in / "state")
-        trainer_state = load_trainer_state(ckpt_in)
+        trainer_state = load_trainer_state(ckpt_in, world.rank)
         tracker.load_state_dict(trainer_state["tracker"])
         start_step = int(trainer_state["step"])
         say(f"resumed from {ckpt_in} at step {start_step}")
@@ -204,6 +207,8 @@ def _train(cfg: Config, world: World, device: torch.device, resume: str | None, 
         def contents(tmp: Path) -> None:
             engine.save_state(tmp / "state")
             weights = engine.export_state_dict()  # a collective: the full weights, on rank 0
+            if world.size > 1:
+                save_rank_rng(tmp / "state", world.rank)
             if not world.is_main:
                 return
             save_hf_model(model, tmp / "model", weights)

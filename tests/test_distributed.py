@@ -132,6 +132,8 @@ class Runs:
         self.runs = {case: root / ("-".join(case[:3]) + ("-gains" if case[3] else "")) for case in CASES}
         self.runs.update({("llama", "rv-adamw", s, BF16): root / f"bf16-{s}" for s in BF16_STRATEGIES})
         self.resumed = {s: root / f"resumed-{s}" for s in STRATEGIES}
+        # Dropout draws differ per rank, so exact resume needs every rank's RNG stream back.
+        self.dropout = {name: root / f"dropout-{name}" for name in ("straight", "resumed")}
 
     def args(self, out: Path, *overrides: str) -> list[str]:
         return tiny_args(self.data_dir, out, *RUN, *overrides)
@@ -145,6 +147,10 @@ class Runs:
         for strategy, out in self.resumed.items():  # interrupted at step 10, then resumed
             args = self.args(out, "optim.name=rv-adamw", *STRATEGIES[strategy])
             plan += [[*args, "--stop-at", "10"], [*args, "--resume", "auto"]]
+        dropout = ["model.dropout=0.2", "parallel.strategy=ddp"]
+        plan.append(self.args(self.dropout["straight"], *dropout))
+        args = self.args(self.dropout["resumed"], *dropout)
+        plan += [[*args, "--stop-at", "10"], [*args, "--resume", "auto"]]
         runs_file = self.root / "runs.json"
         runs_file.write_text(json.dumps(plan))
         result = run_torchrun([str(REPO / "tests" / "distributed_driver.py"), str(runs_file)], module=False)
@@ -190,6 +196,13 @@ def test_resume_equals_uninterrupted_run(runs, strategy):
     got, ref = final_weights(out), final_weights(straight)
     assert all(torch.equal(got[k], ref[k]) for k in ref)
     assert rotation(out) == rotation(straight)
+
+
+def test_resume_with_dropout_restores_every_ranks_random_stream(runs):
+    straight, resumed = runs.dropout["straight"], runs.dropout["resumed"]
+    assert losses(resumed) == losses(straight)
+    got, ref = final_weights(resumed), final_weights(straight)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
