@@ -117,10 +117,18 @@ CASES = [(m, "rv-adamw", s, "") for m in MODELS for s in STRATEGIES]
 CASES += [("llama", "rv-lion", s, "") for s in STRATEGIES]
 CASES += [("gpt2", "rv-lion", s, "") for s in ("fsdp2", "zero2", "zero3")]
 CASES += [("llama", "rv-adamw", s, GAINS) for s in ("fsdp2", "zero3")]
+# Gradient accumulation inside each rank: 2 ranks x 2 micro-steps against 1 process x 4.
+ACCUM = "train.grad_accum=2"
+CASES += [("llama", "rv-adamw", s, ACCUM) for s in ("ddp", "fsdp2", "zero2", "zero3")]
 # bf16 under each strategy's own mixed precision (autocast for DDP, FSDP2's MixedPrecisionPolicy,
 # DeepSpeed's bf16 mode): different rounding, so compared loosely against the fp32 reference.
 BF16 = "train.precision=bf16"
 BF16_STRATEGIES = ("ddp", "fsdp2", "zero2")
+
+
+def tag(extra: str) -> str:
+    """A folder-name tag for a case's extra override."""
+    return extra.split(".")[-1].replace("=", "") if extra else "base"
 
 
 class Runs:
@@ -128,8 +136,8 @@ class Runs:
 
     def __init__(self, root: Path, data_dir: Path) -> None:
         self.root, self.data_dir = root, data_dir
-        self.references = {(m, o, x): root / f"single-{m}-{o}{'-gains' if x else ''}" for m, o, _, x in CASES}
-        self.runs = {case: root / ("-".join(case[:3]) + ("-gains" if case[3] else "")) for case in CASES}
+        self.references = {(m, o, x): root / f"single-{m}-{o}-{tag(x)}" for m, o, _, x in CASES}
+        self.runs = {case: root / f"{'-'.join(case[:3])}-{tag(case[3])}" for case in CASES}
         self.runs.update({("llama", "rv-adamw", s, BF16): root / f"bf16-{s}" for s in BF16_STRATEGIES})
         self.resumed = {s: root / f"resumed-{s}" for s in STRATEGIES}
         # Dropout draws differ per rank, so exact resume needs every rank's RNG stream back.
@@ -140,8 +148,10 @@ class Runs:
 
     def train_all(self) -> None:
         for (model, optim, extra), out in self.references.items():
-            train(tiny_config(self.data_dir, out, *RUN, *MODELS[model], f"optim.name={optim}", "train.grad_accum=2",
-                              *filter(None, [extra])))
+            # One process takes both ranks' micro-steps: twice the grad_accum of one rank.
+            accum = 4 if extra == ACCUM else 2
+            train(tiny_config(self.data_dir, out, *RUN, *MODELS[model], f"optim.name={optim}",
+                              *filter(None, [extra if extra != ACCUM else ""]), f"train.grad_accum={accum}"))
         plan = [self.args(out, *MODELS[m], f"optim.name={o}", *STRATEGIES[s], "parallel.world_size=2",
                           *filter(None, [x])) for (m, o, s, x), out in self.runs.items()]
         for strategy, out in self.resumed.items():  # interrupted at step 10, then resumed
