@@ -215,7 +215,8 @@ def _train(cfg: Config, world: World, device: torch.device, resume: str | None, 
             tokenizer.save_pretrained(tmp / "tokenizer")
             save_trainer_state(tmp / "state", {"step": step, "tokens_seen": step * tokens_per_step,
                                                "tracker": tracker.state_dict(), "val_loss": last_val,
-                                               "strategy": engine.strategy, "world_size": world.size})
+                                               "strategy": engine.strategy, "world_size": world.size,
+                                               "zero_stage": cfg.parallel.zero_stage})
             tracker.save(tmp / "rotation")
             save_run_config(cfg, tmp)
             (tmp / "README.md").write_text(model_card(cfg, step, step * tokens_per_step, last_val, tmp / "rotation"))

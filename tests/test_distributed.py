@@ -252,6 +252,17 @@ def wait_for_steps(out: Path, count: int, alive: list[subprocess.Popen]) -> None
         time.sleep(0.5)
 
 
+def test_deepspeed_refuses_to_resume_on_another_world_size(tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    zero = ["parallel.strategy=deepspeed", "parallel.zero_stage=1"]
+    first = run_torchrun(tiny_args(tiny_data_dir, out, *RUN, *zero, "--stop-at", "10"))
+    assert first.returncode == 0, first.stdout[-3000:]
+    second = run_torchrun(tiny_args(tiny_data_dir, out, *RUN, *zero, "train.grad_accum=2", "--resume", "auto"),
+                          nproc=1)
+    assert second.returncode != 0
+    assert "resumes only on the same world size and stage (now 1 rank(s), stage 1)" in second.stdout
+
+
 def test_a_killed_rank_stops_the_others(tiny_data_dir, tmp_path):
     out = tmp_path / "run"
     proc = torchrun(tiny_args(tiny_data_dir, out, "train.steps=100000", "checkpoint.every=100000",

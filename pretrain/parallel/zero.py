@@ -138,6 +138,12 @@ class DeepSpeedEngine(Engine):
         if not (state_dir / _CHECKPOINT_TAG).is_dir():
             raise UserError(f"{state_dir.parent} was not written by a DeepSpeed run; resume it with the "
                             "parallel.strategy it was trained with")
+        saved = torch.load(state_dir / "trainer.pt", weights_only=True)
+        written = (saved.get("world_size"), saved.get("zero_stage"))
+        if written != (self.world.size, self.stage):
+            raise UserError(f"{state_dir.parent} was written by DeepSpeed with {written[0]} rank(s) at ZeRO stage "
+                            f"{written[1]}; its partitioned state resumes only on the same world size and stage "
+                            f"(now {self.world.size} rank(s), stage {self.stage})")
         path, _ = self.ds.load_checkpoint(str(state_dir), tag=_CHECKPOINT_TAG, load_lr_scheduler_states=False)
         if path is None:
             raise UserError(f"DeepSpeed could not load {state_dir / _CHECKPOINT_TAG}; it resumes only on the "
