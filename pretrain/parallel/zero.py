@@ -83,13 +83,14 @@ class DeepSpeedEngine(Engine):
 
         super().__init__(model, optimizer, world, torch.amp.GradScaler(enabled=False))
         deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
-        names = {id(p): name for name, p in model.named_parameters()}
+        # Taken before DeepSpeed partitions (ZeRO-3 keeps the parameter objects, emptied).
+        self.names = {id(p): name for name, p in model.named_parameters()}
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                 config=deepspeed_config(cfg, world, dtype))
         self.model = self.ds
         self.stage = cfg.parallel.zero_stage
         try:
-            self.maps = segment_maps(self.ds.optimizer, table, names, self.stage)
+            self.maps = segment_maps(self.ds.optimizer, table, self.names, self.stage)
             if isinstance(optimizer, RotationalOptimizer):
                 for flat, (segment_map, originals, group_index) in self.maps.items():
                     optimizer.adopt_flat_partition(flat, segment_map, originals, group_index)
@@ -98,9 +99,8 @@ class DeepSpeedEngine(Engine):
         self._last = True
 
     def tracker_source(self, specs: list[ParamSpec]) -> OptimizerSource:
-        names = {id(p): name for name, p in self.raw_model.named_parameters()}
         maps = {id(flat): m for flat, (m, _, _) in self.maps.items()}
-        return OptimizerSource(self.optimizer, specs, names, maps, dist.group.WORLD if self.stage else None)
+        return OptimizerSource(self.optimizer, specs, self.names, maps, dist.group.WORLD if self.stage else None)
 
     @contextlib.contextmanager
     def accumulate(self, last: bool) -> Iterator[None]:
