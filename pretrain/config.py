@@ -79,7 +79,9 @@ class OptimConfig:
     center_init: bool = True
     rotational_eps: float = 1e-8
     rotational_embeddings: bool = False
-    # torch AdamW implementation: None picks fused on CUDA, foreach elsewhere.
+    # Fused optimizer step. torch AdamW: None picks fused on CUDA, foreach elsewhere. Our optimizers
+    # (plain and RV): None uses the Triton kernel for the CUDA tensors it supports, False never, True
+    # requires Triton.
     fused: Optional[bool] = None
 
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from pretrain.card import model_card
@@ -28,7 +27,9 @@ from pretrain.curves import plot_loss_curves
 from pretrain.data import TrainLoader, ValLoader, load_index, load_tokenizer
 from pretrain.errors import UserError
 from pretrain.logger import MetricsLogger, check_trackers_available, read_metrics
+from pretrain.loss import LossFn, build_loss, causal_lm_loss
 from pretrain.metrics import RotationTracker
+from pretrain.metrics.sources import FusedSource
 from pretrain.model import build_model, save_hf_model
 from pretrain.parallel import (
     Engine,
@@ -90,22 +91,22 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
     return ckpt
 
 
-def evaluate(model: torch.nn.Module, loader: ValLoader, device: torch.device, autocast) -> float:
+def evaluate(model: torch.nn.Module, loader: ValLoader, device: torch.device, autocast,
+             loss_fn: LossFn = causal_lm_loss) -> float:
     """Mean val loss over every rank's share of the fixed val windows."""
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for x, y in loader:
             with autocast():
-                logits = model(input_ids=x.to(device)).logits
-            total += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten()).item()
+                total += loss_fn(model, x.to(device), y.to(device)).item()
             count += 1
     model.train()
     return mean_over_ranks([total / max(count, 1)], device)[0]
 
 
 def forward_backward(engine: Engine, loader: TrainLoader, step: int, grad_accum: int, grad_clip: float,
-                     device: torch.device, autocast) -> tuple[float, float | None]:
+                     device: torch.device, autocast, loss_fn: LossFn = causal_lm_loss) -> tuple[float, float | None]:
     """Accumulate this rank's share of one optimizer step's batch; unscale and clip the gradient.
 
     Returns (mean loss over the global batch, global gradient norm before clipping, or None where
@@ -116,8 +117,7 @@ def forward_backward(engine: Engine, loader: TrainLoader, step: int, grad_accum:
         x, y = loader.get_batch(step, micro)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with engine.accumulate(last=micro == grad_accum - 1), autocast():
-            logits = engine.model(input_ids=x).logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / grad_accum
+            loss = loss_fn(engine.model, x, y) / grad_accum
             engine.backward(loss)
         loss_sum += loss.detach()
     grad_norm = engine.clip(grad_clip)
@@ -166,10 +166,10 @@ def _train(cfg: Config, world: World, device: torch.device, resume: str | None, 
     engine = build_engine(cfg, model, table, world, dtype, scaler)
     # The same initial weights everywhere (above); from here on each rank draws its own dropout masks.
     torch.manual_seed(tcfg.seed + world.rank)
+    tracked = [spec for spec in table if spec.tracked]
     tracker = RotationTracker(model, table, cfg.optim, cfg.logging.rotation_every,
-                              engine.tracker_source([spec for spec in table if spec.tracked]))
-    if tcfg.compile:
-        engine.model = torch.compile(engine.model)
+                              engine.tracker_source(tracked) or FusedSource.build(model, engine.optimizer, tracked))
+    loss_fn = build_loss(tcfg.compile)
     # FSDP2 and DeepSpeed cast parameters themselves; the others run under autocast.
     casts_itself = cfg.parallel.strategy in ("fsdp2", "deepspeed")
     autocast = ((lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 and not casts_itself
@@ -231,7 +231,7 @@ def _train(cfg: Config, world: World, device: torch.device, resume: str | None, 
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
             loss_value, grad_value = forward_backward(engine, loader, step, tcfg.grad_accum, tcfg.grad_clip, device,
-                                                      autocast)
+                                                      autocast, loss_fn)
             if not (math.isfinite(loss_value) and math.isfinite(grad_value if grad_value is not None else 0.0)):
                 skips += 1
                 if tcfg.nan_policy == "stop" or skips > tcfg.max_skips:
@@ -264,7 +264,7 @@ def _train(cfg: Config, world: World, device: torch.device, resume: str | None, 
                     record["train/grad_norm"] = grad_value
                 window_start, window_tokens = time.perf_counter(), 0
             if step % tcfg.eval_every == 0 or step == tcfg.steps:
-                last_val = evaluate(engine.model, val_loader, device, autocast)
+                last_val = evaluate(engine.model, val_loader, device, autocast, loss_fn)
                 record["val/loss"] = last_val
             if record and logger is not None:
                 logger.log(step, record)

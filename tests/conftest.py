@@ -6,11 +6,18 @@ training: the committed tokenizer is used as a pretrained one).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter (tests/test_optim_fused.py). Triton
+# decides that when it is first imported, so it is set here, before anything imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_CORPUS = FIXTURES / "corpus"

@@ -25,7 +25,7 @@ from torch import nn
 from pretrain.config import OptimConfig
 from pretrain.metrics.history import EQUILIBRIUM_TOLERANCE, LAYER_METRICS, RotationHistory
 from pretrain.metrics.neurons import LAYER_STATS, NEURON_METRICS, layer_stats, neuron_metrics
-from pretrain.metrics.sources import ModelSource, OptimizerSource
+from pretrain.metrics.sources import FusedSource, ModelSource, OptimizerSource
 from pretrain.metrics.store import write_rotation
 from pretrain.optim.equilibrium import equilibrium_rate, rule_of
 from pretrain.params import ParamSpec
@@ -55,7 +55,7 @@ class RotationTracker:
     """Measures the per-neuron angular update of every tracked tensor of `table`."""
 
     def __init__(self, model: nn.Module, table: list[ParamSpec], optim_cfg: OptimConfig, every: int,
-                 source: ModelSource | OptimizerSource | None = None) -> None:
+                 source: ModelSource | OptimizerSource | FusedSource | None = None) -> None:
         if every < 0:
             raise ValueError(f"rotation metrics interval must be >= 0 (0 turns them off), got {every}")
         self.every = every

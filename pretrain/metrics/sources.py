@@ -7,6 +7,8 @@ single-process numbers (DESIGN section 5):
 - `ModelSource` reads the model's parameters by name: whole tensors (single, DDP) or FSDP2
   DTensor shards (rows of a neuron-axis shard land at their global neuron index; a shard along
   another axis holds part of every neuron and its partial sums add up across ranks).
+- `FusedSource` has the optimizer's fused step (pretrain/optim/fused.py) write the sums from
+  the registers it already holds: no copy of the weights and no extra pass over them.
 - `OptimizerSource` watches the optimizer's own step through step hooks, for DeepSpeed, whose
   optimizer updates flat ZeRO partitions (mapped to neurons by their `SegmentMap`) while the
   model's parameters may hold nothing at all (ZeRO-3).
@@ -163,5 +165,46 @@ class OptimizerSource:
             self._sums[self.base[name]:self.base[name] + p.shape[axis], column] += values.sum(dim=dims).cpu()
 
     def end(self) -> Tensor | None:
+        sums, self._sums = self._sums, None
+        return sums
+
+
+class FusedSource:
+    """Sums written by the rotational optimizer's fused step itself; see the module docstring."""
+
+    def __init__(self, model: nn.Module, optimizer: Any, specs: list[ParamSpec]) -> None:
+        self.model, self.optimizer, self.specs = model, optimizer, specs
+        self.base = [0]
+        for spec in specs:
+            self.base.append(self.base[-1] + spec.num_neurons)
+        params = self._params()
+        self.group = next((p.device_mesh.get_group() for p in params if isinstance(p, DTensor)), None)
+        self._sums: Tensor | None = None
+
+    @classmethod
+    def build(cls, model: nn.Module, optimizer: Any, specs: list[ParamSpec]) -> FusedSource | None:
+        """A FusedSource when `optimizer`'s fused step covers every tracked tensor, else None."""
+        covers = getattr(optimizer, "fused_covers", None)
+        if covers is None or not specs:
+            return None
+        if all(covers(model.get_parameter(spec.name), spec.neuron_axis) for spec in specs):
+            return cls(model, optimizer, specs)
+        return None
+
+    def _params(self) -> list[Tensor]:
+        return [self.model.get_parameter(spec.name) for spec in self.specs]
+
+    def begin(self) -> None:
+        params = self._params()
+        self._sums = torch.zeros(self.base[-1], 4, dtype=torch.float64, device=params[0].device)
+        rows = {}
+        for i, (p, spec) in enumerate(zip(params, self.specs, strict=True)):
+            local, first, _ = _local_rows(p, spec.neuron_axis)
+            start = self.base[i] + first
+            rows[id(p)] = (spec.neuron_axis, self._sums[start:start + local.shape[spec.neuron_axis]])
+        self.optimizer.request_rotation_sums(rows)
+
+    def end(self) -> Tensor | None:
+        self.optimizer.request_rotation_sums({})  # a step that never ran (fp16 overflow) must not keep the request
         sums, self._sums = self._sums, None
         return sums

@@ -50,4 +50,4 @@ def build_optimizer(model: nn.Module, table: list[ParamSpec], cfg: OptimConfig) 
     return RotationalOptimizer(groups, rule=rule, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
                                momentum=cfg.momentum, eps=cfg.eps, update_norm_decay=cfg.update_norm_decay,
                                zero_mean=cfg.zero_mean, per_neuron=cfg.per_neuron, center_init=cfg.center_init,
-                               rotational_eps=cfg.rotational_eps)
+                               rotational_eps=cfg.rotational_eps, fused=cfg.fused)

@@ -70,11 +70,16 @@ class RotationalOptimizer(Optimizer):
     def __init__(self, params: Iterable[Any], rule: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), momentum: float = 0.9, eps: float = 1e-8,
                  update_norm_decay: float = 0.9, zero_mean: bool = True, per_neuron: bool = True,
-                 center_init: bool = True, rotational_eps: float = 1e-8) -> None:
+                 center_init: bool = True, rotational_eps: float = 1e-8, fused: bool | None = None) -> None:
         defaults = dict(rule=rule, lr=lr, weight_decay=weight_decay, betas=tuple(betas), momentum=momentum, eps=eps,
                         update_norm_decay=update_norm_decay, zero_mean=zero_mean, per_neuron=per_neuron,
                         center_init=center_init, rotational_eps=rotational_eps, rotational=None, neuron_axis=0)
         self._segment_maps: dict[int, SegmentMap] = {}
+        # The Triton step (pretrain/optim/fused.py) for the CUDA tensors it supports: None uses it
+        # when Triton imports, True requires it, False keeps every tensor on the eager path.
+        self._fused = _fused_module(required=fused is True) if fused is not False else None
+        # Rotation-tracker requests for the next step: id(param) -> (neuron axis, float64 [neurons, 4] rows).
+        self._track: dict[int, tuple[int, Tensor]] = {}
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -94,9 +99,35 @@ class RotationalOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            self._step_group(group)
+        try:
+            for group in self.param_groups:
+                self._step_group(group)
+        finally:
+            self._track = {}
         return loss
+
+    def fused_covers(self, p: Tensor, axis: int) -> bool:
+        """Whether the fused kernel steps `p` and can report its rotation sums along `axis`."""
+        if self._fused is None or id(p) in self._segment_maps:
+            return False
+        group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
+        if group is None:
+            return False
+        if _is_rotational(group, p):
+            own = _axis(group)
+            if own is None or own % p.dim() != axis % p.dim() or _partial_group(p, own) is not None:
+                return False
+        elif _partial_group(p, axis) is not None:
+            return False
+        return self._fused.supports(_local(p), None, axis)
+
+    def request_rotation_sums(self, rows: dict[int, tuple[int, Tensor]]) -> None:
+        """Have the next step write per-neuron float64 sums |w_t|^2, <w_t, dw>, |dw|^2, |g|^2 into `rows`.
+
+        `rows`: id(param) -> (neuron axis, a contiguous float64 [local neurons, 4] view); every
+        param named must satisfy `fused_covers`. The request ends with that step.
+        """
+        self._track = dict(rows)
 
     # ------------------------------------------------------------------ state
 
@@ -184,6 +215,8 @@ class RotationalOptimizer(Optimizer):
                                        "its group to rotational")
                 self._init_rotational(p, group)
         torch._foreach_add_([self.state[p]["step"] for p in live], 1.0)
+        if self._fused is not None:
+            live, rotational = self._fused_step(group, rule, live, rotational)
         flat = [p for p, rot in zip(live, rotational, strict=True) if rot and id(p) in self._segment_maps]
         dense = [p for p, rot in zip(live, rotational, strict=True) if rot and id(p) not in self._segment_maps]
         for batch in self._batches(group, rule, [p for p, rot in zip(live, rotational, strict=True) if not rot], False):
@@ -192,6 +225,47 @@ class RotationalOptimizer(Optimizer):
             self._rotational_step(batch, group, rule)
         for p in flat:
             self._flat_rotational_step(p, group, rule)
+
+    def _fused_step(self, group: dict[str, Any], rule: Rule, live: list[Tensor],
+                    rotational: list[bool]) -> tuple[list[Tensor], list[bool]]:
+        """Step every tensor the Triton kernel supports; returns the others (and their flags) for the eager path.
+
+        Launches group tensors by (shape, walk, rotational, step count), so same-shaped layers share one.
+        """
+        fused = self._fused
+        launches: dict[tuple, list[Tensor]] = {}
+        rest, rest_rot = [], []
+        for p, rot in zip(live, rotational, strict=True):
+            local = _local(p)
+            tracked = self._track.get(id(p))
+            if rot:
+                axis = _axis(group)
+                ok = axis is not None and id(p) not in self._segment_maps and _partial_group(p, axis) is None
+            else:
+                axis = tracked[0] if tracked is not None else None
+                ok = tracked is None or _partial_group(p, axis) is None
+            if ok and fused.supports(local, _local(p.grad), axis):  # (the grad: fp32 and contiguous)
+                key = (tuple(local.shape), axis % local.dim() if axis is not None else None, rot,
+                       int(self.state[p]["step"]), tracked is not None)
+                launches.setdefault(key, []).append(p)
+            elif tracked is not None:
+                raise RuntimeError("rotation sums were requested for a tensor the fused step does not cover")
+            else:
+                rest.append(p)
+                rest_rot.append(rot)
+        for (_, axis, rot, step, track), params in launches.items():
+            eta = equilibrium_rate(group["rule"], float(group["lr"]), group["weight_decay"], group["betas"],
+                                   group["momentum"]) if rot else 0.0
+            states = [self.state[p] for p in params]
+            locals_ = [_local(p) for p in params]
+            fused.launch(
+                fused.Layout.of(locals_[0], axis), locals_, [_local(p.grad) for p in params],
+                [[_local(st[name]) for st in states] for name in rule.buffers],
+                fused.Hyper.for_step(group, step, eta), rot,
+                norms=[_local(st["neuron_norm"]) for st in states] if rot else None,
+                avgs=[_local(st["update_norm_avg"]) for st in states] if rot else None,
+                sums=[self._track[id(p)][1] for p in params] if track else None)
+        return rest, rest_rot
 
     def _batches(self, group: dict[str, Any], rule: Rule, params: list[Tensor], rotational: bool) -> Iterator[_Batch]:
         """Foreach-able batches of one device, dtype and step count, tiled into row blocks on CPU.
@@ -356,6 +430,17 @@ def _neuron_sums(weights: list[Tensor], updates: list[Tensor], zero_mean: bool) 
             seg[5].fill_(w.shape[1])
     sums[:2].square_()
     return sums
+
+
+def _fused_module(required: bool) -> Any:
+    """pretrain.optim.fused, or None where Triton is not installed (and not `required`)."""
+    try:
+        from pretrain.optim import fused
+    except ImportError:
+        if required:
+            raise
+        return None
+    return fused
 
 
 def _per_neuron(values: Tensor, like: list[Tensor]) -> list[Tensor]:

@@ -1,0 +1,104 @@
+"""Optimizer step time on one GPU: our fused (Triton) and eager steps against torch's fused AdamW.
+
+    PYTHONPATH=. python benchmarks/bench_optim_gpu.py [--reps 50] [--layers 12]
+
+The llama-125m parameter set (benchmarks/bench_optim.py `llama_shapes`: 84 block matrices, the
+32000 x 768 embedding, 25 norms) as fp32 CUDA tensors with fixed random gradients. RV rows make
+the block matrices and the embedding rotational (per neuron / per token row, as the paper's
+code); plain rows decay the same tensors. Every optimizer is built once; each repetition steps
+every optimizer once, in an order that rotates, and CUDA events time each step. Reported:
+median step time and its ratio to torch's `AdamW(fused=True)`. `+sums` rows also write the
+rotation tracker's per-neuron sums for every matrix (a `logging.rotation_every=1` step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from benchmarks.bench_optim import llama_shapes
+from pretrain.optim import RotationalOptimizer
+
+
+def make_params(shapes: dict[str, list[tuple[int, ...]]], seed: int = 0) -> dict[str, list[torch.Tensor]]:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    out = {}
+    for role, role_shapes in shapes.items():
+        out[role] = []
+        for shape in role_shapes:
+            p = torch.randn(shape, device="cuda", generator=gen) * 0.02
+            p.grad = torch.randn(shape, device="cuda", generator=gen)
+            out[role].append(p)
+    return out
+
+
+def build(name: str, shapes: dict, wd: float = 0.1) -> tuple[torch.optim.Optimizer, dict]:
+    params = make_params(shapes)
+    matrices = params["matrices"] + params["embedding"]
+    if name == "torch-fused":
+        groups = [{"params": matrices, "weight_decay": wd}, {"params": params["norms"], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), fused=True), params
+    rule, _, mode = name.partition(":")
+    rv = rule.startswith("rv-")
+    groups = [{"params": matrices, "weight_decay": wd, "rotational": rv},
+              {"params": params["norms"], "weight_decay": 0.0, "rotational": False}]
+    opt = RotationalOptimizer(groups, rule=rule.removeprefix("rv-"), lr=1e-3, betas=(0.9, 0.95),
+                              fused=mode != "eager")
+    return opt, params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--names", default="torch-fused,adamw,adamw:eager,rv-adamw,rv-adamw:eager,rv-adamw+sums,"
+                                          "lion,lion:eager,rv-lion,rv-lion:eager,sgdm,rv-sgdm")
+    args = parser.parse_args()
+    shapes = llama_shapes(args.layers)
+    optimizers = {}
+    for name in args.names.split(","):
+        opt, params = build(name.removesuffix("+sums"), shapes)
+        rows = None
+        if name.endswith("+sums"):
+            tensors = params["matrices"] + params["embedding"]
+            sums = torch.zeros(sum(t.shape[0] for t in tensors), 4, dtype=torch.float64, device="cuda")
+            rows, start = {}, 0
+            for t in tensors:
+                rows[id(t)] = (0, sums[start:start + t.shape[0]])
+                start += t.shape[0]
+        optimizers[name] = (opt, rows)
+        for _ in range(3):  # compile the kernels, settle the allocator
+            if rows is not None:
+                opt.request_rotation_sums(rows)
+            opt.step()
+    times: dict[str, list[float]] = {name: [] for name in optimizers}
+    names = list(optimizers)
+    for rep in range(args.reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for name in order:
+            opt, rows = optimizers[name]
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            if rows is not None:
+                opt.request_rotation_sums(rows)
+            opt.step()
+            end.record()
+            torch.cuda.synchronize()
+            times[name].append(start.elapsed_time(end))
+    numel = sum(torch.Size(s).numel() for role in shapes.values() for s in role)
+    base = statistics.median(times["torch-fused"]) if "torch-fused" in times else None
+    print(f"optimizer step, llama-125m parameter set ({numel / 1e6:.1f}M fp32), {torch.cuda.get_device_name()}, "
+          f"torch {torch.__version__}, median of {args.reps}")
+    print("| optimizer | step ms | vs torch fused AdamW |")
+    print("|---|---|---|")
+    for name, values in times.items():
+        median = statistics.median(values)
+        ratio = f"{median / base:.2f}x" if base else "-"
+        print(f"| {name} | {median:.3f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One-call GPU check (issue 10): nanoGPT's bench.py and ours on the same GPU, the optimizer step,
+# rotation-metrics cost, peak memory and the realistic recipe, as one markdown report.
+#
+#   mkdir -p .gpu/nanogpt && cp ../shared/anchors/nanogpt/* .gpu/nanogpt/   # nanoGPT: bench.py, model.py, configurator.py
+#   bash benchmarks/gpu_check.sh [OUT_DIR]                                    # ~6 min on an H200
+#
+# Needs torch, transformers and Triton only (no installs, no network): run from the checkout.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-/tmp/gpu_check}}
+mkdir -p "$out"
+report="$out/gpu_check.md"
+export PYTHONPATH=. HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+py=${PYTHON:-python3}
+
+section() { printf '\n## %s\n\n' "$1" | tee -a "$report"; }
+run() {  # run LIMIT_S CMD...: the command's output into the report; a failure is reported, not fatal
+  local limit=$1; shift
+  echo "\`$*\`" | tee -a "$report"
+  echo | tee -a "$report"
+  timeout "$limit" "$@" 2>"$out/last_stderr.txt" | grep -v '^[0-9]*/[0-9]* loss' | tee -a "$report"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || { echo "FAILED rc=$rc: $(tail -5 "$out/last_stderr.txt" | tr '\n' ' ')" | tee -a "$report"; }
+}
+
+: >"$report"
+section "Device"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  $py -c "import torch, transformers, triton; print('torch', torch.__version__, '| transformers', transformers.__version__, '| triton', triton.__version__)"
+} | tee -a "$report"
+
+section "1. nanoGPT bench.py (GPT-2 124M, bias off, fused AdamW, compile, 16 x 1024, vocab 50304)"
+if [ -f .gpu/nanogpt/bench.py ]; then
+  (cd .gpu/nanogpt && run 240 $py bench.py --real_data=False --batch_size=16 --compile=True --profile=False)
+else
+  echo "missing .gpu/nanogpt (see the header of this script)" | tee -a "$report"
+fi
+
+section "2. Ours, configs/gpt2-124m.yaml, compile, 16 x 1024, vocab 50304"
+run 300 $py benchmarks/bench_mfu.py --config configs/gpt2-124m.yaml --device cuda --precision bf16 --compile \
+  --micro-batch 16 --seq-len 1024 --vocab 50304 --steps 20 --warmup 6 \
+  --optims adamw,rv-adamw,rv-adamw:eager,rv-lion --rotation-every 0,1,10 --profile "$out/profile_gpt2.txt"
+
+section "3. Ours, configs/llama-125m.yaml, compile, 32 x 1024: MFU and peak memory, before (plain loss) and after"
+run 300 $py benchmarks/bench_mfu.py --config configs/llama-125m.yaml --device cuda --precision bf16 --compile \
+  --micro-batch 32 --seq-len 1024 --steps 15 --warmup 6 --optims adamw,rv-adamw
+run 300 $py benchmarks/bench_mfu.py --config configs/llama-125m.yaml --device cuda --precision bf16 --compile \
+  --loss plain --micro-batch 32 --seq-len 1024 --steps 10 --warmup 5 --optims adamw,rv-adamw:eager
+
+section "4. Optimizer step alone, llama-125m parameter set"
+run 180 $py benchmarks/bench_optim_gpu.py --reps 40
+
+section "5. Rotation metrics, llama-125m 16 x 512 eager (the issue's setting)"
+run 200 $py benchmarks/bench_mfu.py --config configs/llama-125m.yaml --device cuda --precision bf16 \
+  --micro-batch 16 --seq-len 512 --steps 20 --warmup 3 --optims rv-adamw,adamw --rotation-every 0,1,10
+
+section "6. The realistic recipe: configs/gpt2-124m.yaml as shipped (16 x 1024 x 32 accumulation = 0.5M tokens/step)"
+run 300 $py benchmarks/bench_mfu.py --config configs/gpt2-124m.yaml --device cuda --precision bf16 --compile \
+  --micro-batch 16 --seq-len 1024 --grad-accum 32 --vocab 50304 --steps 3 --warmup 1 --optims adamw,rv-adamw \
+  --rotation-every 10
+
+echo "report: $report"

@@ -1,0 +1,296 @@
+"""The optimizer step as one Triton kernel per tensor shape: plain or rotational, with rotation sums.
+
+The eager step (pretrain/optim/rotational.py) makes about 15 passes over memory per tensor
+and launches a few kernels per tensor for the per-neuron sums. Here one program owns a tile
+of whole neurons (`BLOCK_N` neurons x up to `BLOCK_K` elements each) and does the whole step
+in registers: inner rule (AdamW, Lion, SGDM moments), the five per-neuron sums, the
+coefficients a, b, c (docs/design.md, the RV step) and w <- a*w + b*u + c. A neuron that fits
+the tile is read once and written once, like torch's fused AdamW; a longer one (or a column
+neuron of GPT-2's Conv1D with many rows) takes two passes over its elements.
+
+Tensors of one shape share a launch: the program reads its tensor's addresses from int64
+pointer tables, so a llama block stack costs four launches, not one per tensor.
+
+On a measured step the same kernel also writes the rotation tracker's per-neuron sums
+(|w_t|^2, <w_t, dw>, |dw|^2, |g|^2 in float64, pretrain/metrics/sources.py `FusedSource`), so
+the metrics add no pass over the weights.
+
+Only fp32 CUDA tensors with whole neurons take this path; everything else (CPU, ZeRO flat
+partitions, neurons split across ranks) takes the eager one, which tests/test_optim_fused.py
+compares it with (on CPU through Triton's interpreter).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+RULE_IDS = {"adamw": 0, "lion": 1, "sgdm": 2}
+_TINY = torch.finfo(torch.float32).tiny
+# Elements of one tile held in registers (per role); larger neurons loop over their elements.
+_TILE_ELEMENTS = 4096
+# Elements per program for flat (non-neuron) tensors: norms, biases.
+_FLAT_BLOCK = 2048
+
+
+@triton.jit
+def _direction(w, g, m, v, wd, beta1, beta2, eps, RULE: tl.constexpr, ROTATIONAL: tl.constexpr):
+    """(u, new m, new v) of the inner rule, u without lr or scale; SGDM's plain decay is coupled (L2)."""
+    if RULE == 0:  # AdamW: u = m / (sqrt(v) + eps'), scale = sqrt(bc2) / bc1 applied by the caller
+        m = m + (1.0 - beta1) * (g - m)
+        v = v * beta2 + (1.0 - beta2) * g * g
+        u = m / (tl.sqrt(v) + eps)
+    elif RULE == 1:  # Lion: the sign of the interpolation, then the momentum moves
+        mix = m + (1.0 - beta1) * (g - m)
+        u = tl.where(mix > 0, 1.0, tl.where(mix < 0, -1.0, 0.0))
+        m = m + (1.0 - beta2) * (g - m)
+    else:  # SGDM, beta1 = momentum
+        if not ROTATIONAL:
+            g = g + wd * w
+        m = m * beta1 + g
+        u = m
+    return u, m, v
+
+
+@triton.jit
+def _load_step(W, G, M, V, offs, mask, wd, beta1, beta2, eps, RULE: tl.constexpr, ROTATIONAL: tl.constexpr):
+    """Load a tile and take the inner rule's step: (w, g, u, new m, new v); masked lanes are 0."""
+    w = tl.load(W + offs, mask=mask, other=0.0)
+    g = tl.load(G + offs, mask=mask, other=0.0)
+    m = tl.load(M + offs, mask=mask, other=0.0)
+    if RULE == 0:  # noqa: SIM108 (a compile-time branch: the other rules never load v)
+        v = tl.load(V + offs, mask=mask, other=0.0)
+    else:
+        v = m
+    u, m, v = _direction(w, g, m, v, wd, beta1, beta2, eps, RULE, ROTATIONAL)
+    return w, g, tl.where(mask, u, 0.0), m, v
+
+
+@triton.jit
+def _coefficients(w_sq, u_sq, dot, w_sum, u_sum, width, norm, avg, scale, eta, decay, decay_bias, rot_eps,
+                  ZERO_MEAN: tl.constexpr):
+    """Per-neuron a, b, c and the new update-norm average: the algebra of `_rotation_coefficients`."""
+    alpha = dot / tl.maximum(w_sq, 1.1754943508222875e-38)
+    u2_sq = u_sq - alpha * dot
+    if ZERO_MEAN:
+        u1_sum = u_sum - alpha * w_sum
+        mu = u1_sum / width
+        nu = w_sum / width
+        u2_sq = u2_sq - mu * u1_sum
+    u2_sq = tl.maximum(u2_sq, 0.0)
+    avg = avg * decay + ((1.0 - decay) * scale * scale) * u2_sq
+    beta = (eta * scale) * norm / (tl.sqrt(avg / decay_bias) + rot_eps)
+    w1_sq = w_sq + beta * beta * u2_sq
+    if ZERO_MEAN:
+        w1_sq = w1_sq - w_sum * (nu - 2.0 * beta * mu)
+    r = norm / tl.sqrt(tl.maximum(w1_sq, 1.1754943508222875e-38))
+    if ZERO_MEAN:  # noqa: SIM108 (a compile-time branch)
+        c = r * (beta * mu - nu)
+    else:
+        c = tl.zeros_like(r)
+    return r + r * beta * alpha, -r * beta, c, avg
+
+
+@triton.jit
+def _apply(W, M, V, offs, mask, w, u, m, v, a, b, c, lr, wd, scale,
+           RULE: tl.constexpr, ROTATIONAL: tl.constexpr):
+    """Write the new weights and moments of a tile; returns the new weights."""
+    if ROTATIONAL:
+        new_w = a[:, None] * w + b[:, None] * u + c[:, None]
+    elif RULE == 2:
+        new_w = w - lr * u
+    else:
+        new_w = w * (1.0 - lr * wd) - (lr * scale) * u
+    tl.store(W + offs, new_w, mask=mask)
+    tl.store(M + offs, m, mask=mask)
+    if RULE == 0:
+        tl.store(V + offs, v, mask=mask)
+    return new_w
+
+
+@triton.jit
+def _step_kernel(
+    w_tab, g_tab, m_tab, v_tab, norm_tab, avg_tab, sums_tab,
+    numel, neurons, width, stride_n, stride_k, tiles_per_tensor,
+    lr, wd, beta1, beta2, eps, scale, eta, decay, decay_bias, rot_eps,
+    RULE: tl.constexpr, ROTATIONAL: tl.constexpr, ZERO_MEAN: tl.constexpr, TRACK: tl.constexpr,
+    SINGLE_PASS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = pid // tiles_per_tensor
+    n_offs = (pid % tiles_per_tensor) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n_offs < neurons
+    k_base = tl.arange(0, BLOCK_K)
+    f32 = tl.pointer_type(tl.float32)
+    W = tl.load(w_tab + t).to(f32)
+    G = tl.load(g_tab + t).to(f32)
+    M = tl.load(m_tab + t).to(f32)
+    V = tl.load(v_tab + t).to(f32)  # read by AdamW only
+    zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+    a, b, c = zero, zero, zero
+    t_w = tl.zeros([BLOCK_N], dtype=tl.float64)
+    t_dot, t_dw, t_g = t_w, t_w, t_w
+
+    if ROTATIONAL:
+        norm_ptr = tl.load(norm_tab + t).to(f32)
+        avg_ptr = tl.load(avg_tab + t).to(f32)
+        norm = tl.load(norm_ptr + n_offs, mask=n_mask, other=0.0)
+        avg = tl.load(avg_ptr + n_offs, mask=n_mask, other=0.0)
+        w_sq, u_sq, dot, w_sum, u_sum = zero, zero, zero, zero, zero
+        if SINGLE_PASS:  # the whole neuron is in registers: read once, write once
+            offs = n_offs[:, None] * stride_n + k_base[None, :] * stride_k
+            mask = n_mask[:, None] & (k_base < width)[None, :]
+            w, g, u, m, v = _load_step(W, G, M, V, offs, mask, wd, beta1, beta2, eps, RULE, ROTATIONAL)
+            w_sq, u_sq, dot = tl.sum(w * w, axis=1), tl.sum(u * u, axis=1), tl.sum(u * w, axis=1)
+            w_sum, u_sum = tl.sum(w, axis=1), tl.sum(u, axis=1)
+            a, b, c, avg = _coefficients(w_sq, u_sq, dot, w_sum, u_sum, width * 1.0, norm, avg, scale, eta, decay,
+                                         decay_bias, rot_eps, ZERO_MEAN)
+            new_w = _apply(W, M, V, offs, mask, w, u, m, v, a, b, c, lr, wd, scale, RULE, ROTATIONAL)
+            if TRACK:
+                w64 = w.to(tl.float64)
+                dw = tl.where(mask, new_w.to(tl.float64) - w64, 0.0)
+                g64 = g.to(tl.float64)
+                t_w, t_dot = tl.sum(w64 * w64, axis=1), tl.sum(w64 * dw, axis=1)
+                t_dw, t_g = tl.sum(dw * dw, axis=1), tl.sum(g64 * g64, axis=1)
+        else:  # pass 1: the sums only
+            for i in range(NUM_K):
+                k_offs = i * BLOCK_K + k_base
+                offs = n_offs[:, None] * stride_n + k_offs[None, :] * stride_k
+                mask = n_mask[:, None] & (k_offs < width)[None, :]
+                w, g, u, m, v = _load_step(W, G, M, V, offs, mask, wd, beta1, beta2, eps, RULE, ROTATIONAL)
+                w_sq += tl.sum(w * w, axis=1)
+                u_sq += tl.sum(u * u, axis=1)
+                dot += tl.sum(u * w, axis=1)
+                w_sum += tl.sum(w, axis=1)
+                u_sum += tl.sum(u, axis=1)
+            a, b, c, avg = _coefficients(w_sq, u_sq, dot, w_sum, u_sum, width * 1.0, norm, avg, scale, eta, decay,
+                                         decay_bias, rot_eps, ZERO_MEAN)
+        tl.store(avg_ptr + n_offs, avg, mask=n_mask)
+
+    if not (ROTATIONAL and SINGLE_PASS):  # the (second) pass that writes
+        for i in range(NUM_K):
+            k_offs = i * BLOCK_K + k_base
+            offs = n_offs[:, None] * stride_n + k_offs[None, :] * stride_k
+            mask = n_mask[:, None] & (k_offs < width)[None, :] & (offs < numel)
+            w, g, u, m, v = _load_step(W, G, M, V, offs, mask, wd, beta1, beta2, eps, RULE, ROTATIONAL)
+            new_w = _apply(W, M, V, offs, mask, w, u, m, v, a, b, c, lr, wd, scale, RULE, ROTATIONAL)
+            if TRACK:
+                w64 = w.to(tl.float64)
+                dw = tl.where(mask, new_w.to(tl.float64) - w64, 0.0)
+                g64 = g.to(tl.float64)
+                t_w += tl.sum(w64 * w64, axis=1)
+                t_dot += tl.sum(w64 * dw, axis=1)
+                t_dw += tl.sum(dw * dw, axis=1)
+                t_g += tl.sum(g64 * g64, axis=1)
+
+    if TRACK:
+        S = tl.load(sums_tab + t).to(tl.pointer_type(tl.float64))
+        tl.store(S + n_offs * 4 + 0, t_w, mask=n_mask)
+        tl.store(S + n_offs * 4 + 1, t_dot, mask=n_mask)
+        tl.store(S + n_offs * 4 + 2, t_dw, mask=n_mask)
+        tl.store(S + n_offs * 4 + 3, t_g, mask=n_mask)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a kernel walks one tensor: `neurons` x `width` elements at the given strides."""
+
+    neurons: int
+    width: int
+    stride_n: int
+    stride_k: int
+
+    @staticmethod
+    def of(t: Tensor, axis: int | None) -> Layout:
+        """Neuron-major along `axis` of a contiguous 2-d tensor; None: flat chunks (no neurons)."""
+        if axis is None:
+            return Layout(triton.cdiv(t.numel(), _FLAT_BLOCK), _FLAT_BLOCK, _FLAT_BLOCK, 1)
+        rows, cols = t.shape
+        return Layout(rows, cols, cols, 1) if axis % 2 == 0 else Layout(cols, rows, 1, cols)
+
+
+# Tests set this under Triton's interpreter (TRITON_INTERPRET=1) to run the kernel on CPU tensors.
+RUN_ON_CPU = False
+
+
+def supports(t: Tensor, grad: Tensor | None, axis: int | None) -> bool:
+    """Whether the kernel can update `t` (walked along `axis`, None: flat) in place from `grad` (None: unknown)."""
+    own = (t.is_cuda or RUN_ON_CPU) and t.dtype == torch.float32 and t.is_contiguous() and (
+        axis is None or t.dim() == 2)
+    return own and (grad is None or (grad.dtype == torch.float32 and grad.is_contiguous()))
+
+
+@dataclass
+class Hyper:
+    """The scalars of one step (host floats: no device sync, no recompilation)."""
+
+    rule: str
+    lr: float
+    weight_decay: float
+    beta1: float  # AdamW/Lion beta1, SGDM momentum
+    beta2: float
+    eps: float  # AdamW eps * sqrt(1 - beta2^t), as the eager rule folds the bias correction
+    scale: float  # u's scalar factor: sqrt(1 - beta2^t) / (1 - beta1^t) for AdamW, else 1
+    eta: float = 0.0  # the equilibrium rotation rate
+    decay: float = 0.9  # update-norm average decay
+    decay_bias: float = 1.0  # 1 - decay^t
+    rot_eps: float = 1e-8
+    zero_mean: bool = True
+
+    @staticmethod
+    def for_step(group: dict, step: int, eta: float = 0.0) -> Hyper:
+        rule = group["rule"]
+        if rule == "adamw":
+            beta1, beta2 = group["betas"]
+            bias2_sqrt = math.sqrt(1.0 - beta2 ** step)
+            eps, scale = group["eps"] * bias2_sqrt, bias2_sqrt / (1.0 - beta1 ** step)
+        elif rule == "lion":
+            (beta1, beta2), eps, scale = group["betas"], 0.0, 1.0
+        else:
+            beta1, beta2, eps, scale = group["momentum"], 0.0, 0.0, 1.0
+        return Hyper(rule, float(group["lr"]), float(group["weight_decay"]), beta1, beta2, eps, scale, eta,
+                     group["update_norm_decay"], 1.0 - group["update_norm_decay"] ** step, group["rotational_eps"],
+                     group["zero_mean"])
+
+
+def _pointer_table(tensors: list[Tensor | None], like: Tensor) -> Tensor:
+    return torch.tensor([0 if t is None else t.data_ptr() for t in tensors], dtype=torch.int64, device=like.device)
+
+
+def launch(layout: Layout, weights: list[Tensor], grads: list[Tensor], moments: list[list[Tensor]],
+           hyper: Hyper, rotational: bool, norms: list[Tensor] | None = None, avgs: list[Tensor] | None = None,
+           sums: list[Tensor | None] | None = None) -> None:
+    """One step of same-shaped tensors: `moments` holds m (and v for AdamW) per tensor.
+
+    `sums`: per tensor, None or a float64 [neurons, 4] view (rows contiguous) for the rotation
+    tracker's sums; all None (or no list) skips that work.
+    """
+    track = sums is not None and any(s is not None for s in sums)
+    if track and any(s is None for s in sums):  # type: ignore[union-attr]
+        raise ValueError("a launch tracks all of its tensors or none")
+    block_k = triton.next_power_of_2(layout.width) if layout.width <= _TILE_ELEMENTS else 1024
+    if layout.stride_k != 1:  # column neurons: a few adjacent columns give full 32-byte sectors
+        block_n = 8
+        block_k = min(block_k, max(16, _TILE_ELEMENTS // block_n // 2))
+    else:
+        block_n = max(1, min(16, _TILE_ELEMENTS // block_k))
+    single_pass = block_k >= layout.width
+    tiles = triton.cdiv(layout.neurons, block_n)
+    like = weights[0]
+    tables = [_pointer_table(ts, like) for ts in (weights, grads, moments[0], moments[-1])]
+    state_tables = [_pointer_table(ts, like) for ts in (norms or weights, avgs or weights)]
+    sums_table = _pointer_table(sums if track else [None] * len(weights), like)  # type: ignore[arg-type]
+    _step_kernel[(tiles * len(weights),)](
+        *tables, *state_tables, sums_table,
+        like.numel(), layout.neurons, layout.width, layout.stride_n, layout.stride_k, tiles,
+        hyper.lr, hyper.weight_decay, hyper.beta1, hyper.beta2, hyper.eps, hyper.scale, hyper.eta, hyper.decay,
+        hyper.decay_bias, hyper.rot_eps,
+        RULE=RULE_IDS[hyper.rule], ROTATIONAL=rotational, ZERO_MEAN=hyper.zero_mean, TRACK=track,
+        SINGLE_PASS=single_pass, BLOCK_N=block_n, BLOCK_K=block_k, NUM_K=triton.cdiv(layout.width, block_k),
+        num_warps=8 if block_n * block_k >= 4096 else 4,
+    )
