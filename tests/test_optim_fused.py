@@ -91,6 +91,15 @@ def test_two_pass_neurons_match_eager(interpreted, monkeypatch, axis):
     _assert_same(*pairs)
 
 
+@pytest.mark.parametrize("axis", [0, 1])
+def test_model_widths_match_eager(interpreted, axis):
+    """The tile shapes of real models: llama/GPT-2 widths 768, 2048, 3072 and a 5000-wide (two-pass) neuron."""
+    shapes = [(3, 768), (2, 2048), (2, 3072), (2, 5000)] if axis == 0 else [(768, 9), (3072, 9)]
+    pairs = _pair("adamw", True, axis, True, shapes=shapes)
+    _run(pairs, steps=2)
+    _assert_same(*pairs, rtol=1e-4)  # sums over 3072 fp32 products in another order: ~2e-5 apart
+
+
 @pytest.mark.parametrize("rotational", [True, False], ids=["rv", "plain"])
 def test_rotation_sums_equal_a_float64_reference(interpreted, rotational):
     _, (opt, params) = _pair("adamw", rotational, 1, True)

@@ -258,39 +258,50 @@ class Hyper:
                      group["zero_mean"])
 
 
-def _pointer_table(tensors: list[Tensor | None], like: Tensor) -> Tensor:
-    return torch.tensor([0 if t is None else t.data_ptr() for t in tensors], dtype=torch.int64, device=like.device)
+class Launch:
+    """Same-shaped tensors that one kernel launch steps, with their pointer tables.
 
-
-def launch(layout: Layout, weights: list[Tensor], grads: list[Tensor], moments: list[list[Tensor]],
-           hyper: Hyper, rotational: bool, norms: list[Tensor] | None = None, avgs: list[Tensor] | None = None,
-           sums: list[Tensor | None] | None = None) -> None:
-    """One step of same-shaped tensors: `moments` holds m (and v for AdamW) per tensor.
-
-    `sums`: per tensor, None or a float64 [neurons, 4] view (rows contiguous) for the rotation
-    tracker's sums; all None (or no list) skips that work.
+    A table is re-uploaded only when an address in it changes: the weights and optimizer state
+    never move, and the caching allocator usually hands backward the same gradient blocks, so
+    a steady-state step uploads nothing.
     """
-    track = sums is not None and any(s is not None for s in sums)
-    if track and any(s is None for s in sums):  # type: ignore[union-attr]
-        raise ValueError("a launch tracks all of its tensors or none")
-    block_k = triton.next_power_of_2(layout.width) if layout.width <= _TILE_ELEMENTS else 1024
-    if layout.stride_k != 1:  # column neurons: a few adjacent columns give full 32-byte sectors
-        block_n = 8
-        block_k = min(block_k, max(16, _TILE_ELEMENTS // block_n // 2))
-    else:
-        block_n = max(1, min(16, _TILE_ELEMENTS // block_k))
-    single_pass = block_k >= layout.width
-    tiles = triton.cdiv(layout.neurons, block_n)
-    like = weights[0]
-    tables = [_pointer_table(ts, like) for ts in (weights, grads, moments[0], moments[-1])]
-    state_tables = [_pointer_table(ts, like) for ts in (norms or weights, avgs or weights)]
-    sums_table = _pointer_table(sums if track else [None] * len(weights), like)  # type: ignore[arg-type]
-    _step_kernel[(tiles * len(weights),)](
-        *tables, *state_tables, sums_table,
-        like.numel(), layout.neurons, layout.width, layout.stride_n, layout.stride_k, tiles,
-        hyper.lr, hyper.weight_decay, hyper.beta1, hyper.beta2, hyper.eps, hyper.scale, hyper.eta, hyper.decay,
-        hyper.decay_bias, hyper.rot_eps,
-        RULE=RULE_IDS[hyper.rule], ROTATIONAL=rotational, ZERO_MEAN=hyper.zero_mean, TRACK=track,
-        SINGLE_PASS=single_pass, BLOCK_N=block_n, BLOCK_K=block_k, NUM_K=triton.cdiv(layout.width, block_k),
-        num_warps=8 if block_n * block_k >= 4096 else 4,
-    )
+
+    def __init__(self, layout: Layout, rotational: bool, weights: list[Tensor], moments: list[list[Tensor]],
+                 norms: list[Tensor] | None, avgs: list[Tensor] | None) -> None:
+        self.layout, self.rotational, self.count = layout, rotational, len(weights)
+        self.block_k = triton.next_power_of_2(layout.width) if layout.width <= _TILE_ELEMENTS else 1024
+        if layout.stride_k != 1:  # column neurons: 8 adjacent columns make full 32-byte sectors
+            self.block_n = 8
+            self.block_k = min(self.block_k, max(16, _TILE_ELEMENTS // self.block_n // 2))
+        else:
+            self.block_n = max(1, min(16, _TILE_ELEMENTS // self.block_k))
+        self.tiles = triton.cdiv(layout.neurons, self.block_n)
+        self.numel = weights[0].numel()
+        self.device = weights[0].device
+        self._ptrs: dict[str, tuple[int, ...]] = {}
+        self._tables: dict[str, Tensor] = {}
+        # Tables of tensors that never move (moments, per-neuron state) are built once.
+        self._fixed = [self._table("m", moments[0]), self._table("v", moments[-1]),
+                       self._table("norm", norms or weights), self._table("avg", avgs or weights)]
+        self._no_sums = torch.zeros(len(weights), dtype=torch.int64, device=self.device)
+
+    def _table(self, role: str, tensors: list[Tensor]) -> Tensor:
+        ptrs = tuple(t.data_ptr() for t in tensors)
+        if self._ptrs.get(role) != ptrs:
+            self._tables[role] = torch.tensor(ptrs, dtype=torch.int64, device=self.device)
+            self._ptrs[role] = ptrs
+        return self._tables[role]
+
+    def run(self, weights: list[Tensor], grads: list[Tensor], hyper: Hyper, sums: list[Tensor] | None = None) -> None:
+        """One step; `sums`: per tensor a float64 [neurons, 4] view (rows contiguous) for the rotation tracker."""
+        layout = self.layout
+        sums_table = self._table("sums", sums) if sums is not None else self._no_sums
+        _step_kernel[(self.tiles * self.count,)](
+            self._table("w", weights), self._table("g", grads), *self._fixed, sums_table,
+            self.numel, layout.neurons, layout.width, layout.stride_n, layout.stride_k, self.tiles,
+            hyper.lr, hyper.weight_decay, hyper.beta1, hyper.beta2, hyper.eps, hyper.scale, hyper.eta, hyper.decay,
+            hyper.decay_bias, hyper.rot_eps,
+            RULE=RULE_IDS[hyper.rule], ROTATIONAL=self.rotational, ZERO_MEAN=hyper.zero_mean, TRACK=sums is not None,
+            SINGLE_PASS=self.block_k >= layout.width, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+            NUM_K=triton.cdiv(layout.width, self.block_k), num_warps=8 if self.block_n * self.block_k >= 4096 else 4,
+        )

@@ -80,11 +80,17 @@ class RotationalOptimizer(Optimizer):
         self._fused = _fused_module(required=fused is True) if fused is not False else None
         # Rotation-tracker requests for the next step: id(param) -> (neuron axis, float64 [neurons, 4] rows).
         self._track: dict[int, tuple[int, Tensor]] = {}
+        self._plans: dict[tuple, tuple] = {}  # fused launches by (group, live tensors, tracked tensors)
         super().__init__(params, defaults)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._plans.clear()  # the state tensors the plans point at were replaced
 
     @torch.no_grad()
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
+        self._plans = {}
         group = self.param_groups[-1]
         if group["rule"] not in INNER_RULES:
             raise ValueError(f"unknown rule {group['rule']!r}; expected one of {', '.join(INNER_RULES)}")
@@ -177,6 +183,7 @@ class RotationalOptimizer(Optimizer):
         for q in originals:
             self.state.pop(q, None)
         self.state[flat].update(state)
+        self._plans.clear()
         self._segment_maps[id(flat)] = segment_map
 
     @torch.no_grad()
@@ -228,15 +235,32 @@ class RotationalOptimizer(Optimizer):
 
     def _fused_step(self, group: dict[str, Any], rule: Rule, live: list[Tensor],
                     rotational: list[bool]) -> tuple[list[Tensor], list[bool]]:
-        """Step every tensor the Triton kernel supports; returns the others (and their flags) for the eager path.
+        """Step every tensor the Triton kernel supports; returns the others (and their flags) for the eager path."""
+        key = (id(group), tuple(map(id, live)), tuple(rotational), tuple(sorted(self._track)))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._fused_plan(group, rule, live, rotational)
+        launches, rest = plan
+        step = None
+        for launch, params, tracked in launches:
+            step = int(self.state[params[0]]["step"]) if step is None else step
+            eta = equilibrium_rate(group["rule"], float(group["lr"]), group["weight_decay"], group["betas"],
+                                   group["momentum"]) if launch.rotational else 0.0
+            launch.run([_local(p) for p in params], [_local(p.grad) for p in params],
+                       self._fused.Hyper.for_step(group, step, eta),
+                       [self._track[id(p)][1] for p in params] if tracked else None)
+        return [p for p, _ in rest], [rot for _, rot in rest]
 
-        Launches group tensors by (shape, walk, rotational, step count), so same-shaped layers share one.
+    def _fused_plan(self, group: dict[str, Any], rule: Rule, live: list[Tensor], rotational: list[bool]) -> tuple:
+        """([(Launch, params, tracked)], [(param, rotational)] left to the eager path) for these live tensors.
+
+        A launch holds tensors of one shape, walk and kind; tracked tensors are walked along the
+        tracker's neuron axis. All live tensors of a group share their step count (they step together).
         """
         fused = self._fused
-        launches: dict[tuple, list[Tensor]] = {}
-        rest, rest_rot = [], []
+        members: dict[tuple, list[Tensor]] = {}
+        rest = []
         for p, rot in zip(live, rotational, strict=True):
-            local = _local(p)
             tracked = self._track.get(id(p))
             if rot:
                 axis = _axis(group)
@@ -244,28 +268,25 @@ class RotationalOptimizer(Optimizer):
             else:
                 axis = tracked[0] if tracked is not None else None
                 ok = tracked is None or _partial_group(p, axis) is None
-            if ok and fused.supports(local, _local(p.grad), axis):  # (the grad: fp32 and contiguous)
-                key = (tuple(local.shape), axis % local.dim() if axis is not None else None, rot,
-                       int(self.state[p]["step"]), tracked is not None)
-                launches.setdefault(key, []).append(p)
+            if ok and fused.supports(_local(p), _local(p.grad), axis):
+                walk = axis % p.dim() if axis is not None else None
+                members.setdefault((tuple(_local(p).shape), walk, rot, tracked is not None), []).append(p)
             elif tracked is not None:
                 raise RuntimeError("rotation sums were requested for a tensor the fused step does not cover")
             else:
-                rest.append(p)
-                rest_rot.append(rot)
-        for (_, axis, rot, step, track), params in launches.items():
-            eta = equilibrium_rate(group["rule"], float(group["lr"]), group["weight_decay"], group["betas"],
-                                   group["momentum"]) if rot else 0.0
+                rest.append((p, rot))
+        if len({int(self.state[p]["step"]) for params in members.values() for p in params}) > 1:
+            return [], [(p, rot) for p, rot in zip(live, rotational, strict=True)]  # e.g. a partial resume
+        launches = []
+        for (_, walk, rot, tracked), params in members.items():
             states = [self.state[p] for p in params]
-            locals_ = [_local(p) for p in params]
-            fused.launch(
-                fused.Layout.of(locals_[0], axis), locals_, [_local(p.grad) for p in params],
-                [[_local(st[name]) for st in states] for name in rule.buffers],
-                fused.Hyper.for_step(group, step, eta), rot,
-                norms=[_local(st["neuron_norm"]) for st in states] if rot else None,
-                avgs=[_local(st["update_norm_avg"]) for st in states] if rot else None,
-                sums=[self._track[id(p)][1] for p in params] if track else None)
-        return rest, rest_rot
+            local = [_local(p) for p in params]
+            launch = fused.Launch(fused.Layout.of(local[0], walk), rot, local,
+                                  [[_local(st[name]) for st in states] for name in rule.buffers],
+                                  [_local(st["neuron_norm"]) for st in states] if rot else None,
+                                  [_local(st["update_norm_avg"]) for st in states] if rot else None)
+            launches.append((launch, params, tracked))
+        return launches, rest
 
     def _batches(self, group: dict[str, Any], rule: Rule, params: list[Tensor], rotational: bool) -> Iterator[_Batch]:
         """Foreach-able batches of one device, dtype and step count, tiled into row blocks on CPU.
