@@ -147,7 +147,7 @@ def main() -> None:
                     times.append(time.perf_counter() - start)
             if args.profile and first is None:
                 with open(args.profile, "w") as out:
-                    out.write(profiler.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total",
+                    out.write(profiler.key_averages().table(sort_by="self_device_time_total" if cuda else "cpu_time_total",
                                                             row_limit=40))
             step_time = statistics.median(times)
             first = first or step_time

@@ -30,6 +30,9 @@ section "Device"
   $py -c "import torch, transformers, triton; print('torch', torch.__version__, '| transformers', transformers.__version__, '| triton', triton.__version__)"
 } | tee -a "$report"
 
+section "0. GPU tests (the compiled Triton kernel against the eager step)"
+run 120 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_optim_fused.py
+
 section "1. nanoGPT bench.py (GPT-2 124M, bias off, fused AdamW, compile, 16 x 1024, vocab 50304)"
 if [ -f .gpu/nanogpt/bench.py ]; then
   (cd .gpu/nanogpt && run 240 $py bench.py --real_data=False --batch_size=16 --compile=True --profile=False)
@@ -57,7 +60,7 @@ run 200 $py benchmarks/bench_mfu.py --config configs/llama-125m.yaml --device cu
 
 section "6. The realistic recipe: configs/gpt2-124m.yaml as shipped (16 x 1024 x 32 accumulation = 0.5M tokens/step)"
 run 300 $py benchmarks/bench_mfu.py --config configs/gpt2-124m.yaml --device cuda --precision bf16 --compile \
-  --micro-batch 16 --seq-len 1024 --grad-accum 32 --vocab 50304 --steps 3 --warmup 1 --optims adamw,rv-adamw \
+  --micro-batch 16 --seq-len 1024 --grad-accum 32 --vocab 50304 --steps 2 --warmup 1 --optims adamw,rv-adamw \
   --rotation-every 10
 
 echo "report: $report"
