@@ -49,7 +49,7 @@ section "3. Ours, configs/llama-125m.yaml, compile, 32 x 1024: MFU and peak memo
 run 300 $py benchmarks/bench_mfu.py --config configs/llama-125m.yaml --device cuda --precision bf16 --compile \
   --micro-batch 32 --seq-len 1024 --steps 15 --warmup 6 --optims adamw,rv-adamw
 run 300 $py benchmarks/bench_mfu.py --config configs/llama-125m.yaml --device cuda --precision bf16 --compile \
-  --loss plain --micro-batch 32 --seq-len 1024 --steps 10 --warmup 5 --optims adamw,rv-adamw:eager
+  --loss plain --micro-batch 32 --seq-len 1024 --steps 8 --warmup 4 --optims adamw,rv-adamw:eager
 
 section "4. Optimizer step alone, llama-125m parameter set"
 run 180 $py benchmarks/bench_optim_gpu.py --reps 40
