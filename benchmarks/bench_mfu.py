@@ -146,9 +146,9 @@ def main() -> None:
                 if step > args.warmup:
                     times.append(time.perf_counter() - start)
             if args.profile and first is None:
+                sort_by = "self_device_time_total" if cuda else "cpu_time_total"
                 with open(args.profile, "w") as out:
-                    out.write(profiler.key_averages().table(sort_by="self_device_time_total" if cuda else "cpu_time_total",
-                                                            row_limit=40))
+                    out.write(profiler.key_averages().table(sort_by=sort_by, row_limit=40))
             step_time = statistics.median(times)
             first = first or step_time
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")

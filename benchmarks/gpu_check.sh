@@ -2,8 +2,9 @@
 # One-call GPU check (issue 10): nanoGPT's bench.py and ours on the same GPU, the optimizer step,
 # rotation-metrics cost, peak memory and the realistic recipe, as one markdown report.
 #
-#   mkdir -p .gpu/nanogpt && cp ../shared/anchors/nanogpt/* .gpu/nanogpt/   # nanoGPT: bench.py, model.py, configurator.py
-#   bash benchmarks/gpu_check.sh [OUT_DIR]                                    # ~6 min on an H200
+#   mkdir -p .gpu/nanogpt && cp ../shared/anchors/nanogpt/* .gpu/nanogpt/   # bench.py, model.py, configurator.py
+#   bash benchmarks/gpu_check.sh [OUT_DIR]                                    # ~7 min on an H200
+#   SECTIONS="1 2" bash benchmarks/gpu_check.sh                               # some sections only
 #
 # Needs torch, transformers and Triton only (no installs, no network): run from the checkout.
 set -uo pipefail
@@ -13,7 +14,9 @@ mkdir -p "$out"
 report="$out/gpu_check.md"
 export PYTHONPATH=. HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 py=${PYTHON:-python3}
+sections=" ${SECTIONS:-0 1 2 3 4 5 6} "
 
+want() { [[ "$sections" == *" $1 "* ]]; }
 section() { printf '\n## %s\n\n' "$1" | tee -a "$report"; }
 run() {  # run LIMIT_S CMD...: the command's output into the report; a failure is reported, not fatal
   local limit=$1; shift
@@ -30,37 +33,52 @@ section "Device"
   $py -c "import torch, transformers, triton; print('torch', torch.__version__, '| transformers', transformers.__version__, '| triton', triton.__version__)"
 } | tee -a "$report"
 
-section "0. GPU tests (the compiled Triton kernel against the eager step)"
-run 120 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_optim_fused.py
-
-section "1. nanoGPT bench.py (GPT-2 124M, bias off, fused AdamW, compile, 16 x 1024, vocab 50304)"
-if [ -f .gpu/nanogpt/bench.py ]; then
-  (cd .gpu/nanogpt && run 240 $py bench.py --real_data=False --batch_size=16 --compile=True --profile=False)
-else
-  echo "missing .gpu/nanogpt (see the header of this script)" | tee -a "$report"
+if want 0; then
+  section "0. GPU tests: the compiled kernels against the eager paths (AdamW cases; CI covers every rule in the interpreter)"
+  run 150 $py -m pytest -q -p no:cacheprovider tests/test_optim_fused.py tests/test_metrics_fused_sums.py \
+    tests/test_loss.py -k "not lion and not sgdm"
 fi
 
-section "2. Ours, configs/gpt2-124m.yaml, compile, 16 x 1024, vocab 50304"
-run 300 $py benchmarks/bench_mfu.py --config configs/gpt2-124m.yaml --device cuda --precision bf16 --compile \
-  --micro-batch 16 --seq-len 1024 --vocab 50304 --steps 20 --warmup 6 \
-  --optims adamw,rv-adamw,rv-adamw:eager,rv-lion --rotation-every 0,1,10 --profile "$out/profile_gpt2.txt"
+if want 1; then
+  section "1. nanoGPT bench.py (GPT-2 124M, bias off, fused AdamW, compile, 16 x 1024, vocab 50304)"
+  if [ -f .gpu/nanogpt/bench.py ]; then
+    (cd .gpu/nanogpt && run 240 $py bench.py --real_data=False --batch_size=16 --compile=True --profile=False)
+  else
+    echo "missing .gpu/nanogpt (see the header of this script)" | tee -a "$report"
+  fi
+fi
 
-section "3. Ours, configs/llama-125m.yaml, compile, 32 x 1024: MFU and peak memory, before (plain loss) and after"
-run 300 $py benchmarks/bench_mfu.py --config configs/llama-125m.yaml --device cuda --precision bf16 --compile \
-  --micro-batch 32 --seq-len 1024 --steps 15 --warmup 6 --optims adamw,rv-adamw
-run 300 $py benchmarks/bench_mfu.py --config configs/llama-125m.yaml --device cuda --precision bf16 --compile \
-  --loss plain --micro-batch 32 --seq-len 1024 --steps 8 --warmup 4 --optims adamw,rv-adamw:eager
+if want 2; then
+  section "2. Ours, configs/gpt2-124m.yaml, compile, 16 x 1024, vocab 50304 (rows vs the first: adamw, no metrics)"
+  run 300 $py benchmarks/bench_mfu.py --config configs/gpt2-124m.yaml --device cuda --precision bf16 --compile \
+    --micro-batch 16 --seq-len 1024 --vocab 50304 --steps 20 --warmup 6 \
+    --optims adamw,rv-adamw,rv-lion --rotation-every 0,1,10 --profile "$out/profile_gpt2.txt"
+fi
 
-section "4. Optimizer step alone, llama-125m parameter set"
-run 180 $py benchmarks/bench_optim_gpu.py --reps 40
+if want 4; then
+  section "4. Optimizer step alone, llama-125m parameter set"
+  run 180 $py benchmarks/bench_optim_gpu.py --reps 40
+fi
 
-section "5. Rotation metrics, llama-125m 16 x 512 eager (the issue's setting)"
-run 200 $py benchmarks/bench_mfu.py --config configs/llama-125m.yaml --device cuda --precision bf16 \
-  --micro-batch 16 --seq-len 512 --steps 20 --warmup 3 --optims rv-adamw,adamw --rotation-every 0,1,10
+if want 3; then
+  section "3. Ours, configs/llama-125m.yaml, compile, 32 x 1024: MFU and peak memory, after and before (plain loss)"
+  run 300 $py benchmarks/bench_mfu.py --config configs/llama-125m.yaml --device cuda --precision bf16 --compile \
+    --micro-batch 32 --seq-len 1024 --steps 15 --warmup 6 --optims adamw,rv-adamw --profile "$out/profile_llama.txt"
+  run 300 $py benchmarks/bench_mfu.py --config configs/llama-125m.yaml --device cuda --precision bf16 --compile \
+    --loss plain --micro-batch 32 --seq-len 1024 --steps 8 --warmup 4 --optims adamw,rv-adamw:eager
+fi
 
-section "6. The realistic recipe: configs/gpt2-124m.yaml as shipped (16 x 1024 x 32 accumulation = 0.5M tokens/step)"
-run 300 $py benchmarks/bench_mfu.py --config configs/gpt2-124m.yaml --device cuda --precision bf16 --compile \
-  --micro-batch 16 --seq-len 1024 --grad-accum 32 --vocab 50304 --steps 2 --warmup 1 --optims adamw,rv-adamw \
-  --rotation-every 10
+if want 6; then
+  section "6. The realistic recipe: configs/gpt2-124m.yaml as shipped (16 x 1024 x 32 accumulation = 0.5M tokens/step)"
+  run 300 $py benchmarks/bench_mfu.py --config configs/gpt2-124m.yaml --device cuda --precision bf16 --compile \
+    --micro-batch 16 --seq-len 1024 --grad-accum 32 --vocab 50304 --steps 2 --warmup 1 --optims adamw,rv-adamw \
+    --rotation-every 10
+fi
+
+if want 5; then
+  section "5. Rotation metrics, llama-125m 16 x 512 eager (the issue's setting)"
+  run 200 $py benchmarks/bench_mfu.py --config configs/llama-125m.yaml --device cuda --precision bf16 \
+    --micro-batch 16 --seq-len 512 --steps 15 --warmup 3 --optims rv-adamw,adamw --rotation-every 0,1,10
+fi
 
 echo "report: $report"

@@ -13,7 +13,16 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AttentionInterface,
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.pytorch_utils import Conv1D
 
 from pretrain.config import ModelConfig
@@ -36,6 +45,29 @@ PRESETS: dict[str, dict[str, int]] = {
     "llama-1b": dict(hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192,
                      max_position_embeddings=2048),
 }
+
+# The attention implementation models train with: transformers' SDPA attention, except that a
+# plain causal self-attention (no padding mask, as many queries as keys, no cache offset) gets no
+# mask tensor, so SDPA runs its causal flash/cuDNN kernel. transformers itself skips that mask only
+# outside torch.compile (on torch < 2.14 it cannot tell compiling from exporting), and with the
+# mask SDPA takes its masked kernel: 3.5x slower attention, 22% of a GPT-2 step on an H200
+# (benchmarks/RESULTS.md). The name is runtime-only: `save_pretrained` does not write it, so
+# checkpoints load as ordinary SDPA models.
+CAUSAL_SDPA = "causal_sdpa"
+
+
+def _causal_sdpa_mask(*args, **kwargs) -> torch.Tensor | None:
+    q_length, q_offset = kwargs.get("q_length"), kwargs.get("q_offset", 0)
+    if q_length is None and kwargs.get("cache_position") is not None:  # transformers releases before q_length
+        q_length = kwargs["cache_position"].shape[0]
+    plain_causal = (kwargs.get("allow_is_causal_skip", False) and kwargs.get("attention_mask") is None
+                    and kwargs.get("local_size") is None and isinstance(q_offset, int) and q_offset == 0
+                    and q_length is not None and q_length == kwargs.get("kv_length"))
+    return None if plain_causal else sdpa_mask(*args, **kwargs)
+
+
+AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+AttentionMaskInterface.register(CAUSAL_SDPA, _causal_sdpa_mask)
 
 # Embedding rows are padded to a multiple of this for fast matmuls; extra rows are never targets.
 VOCAB_MULTIPLE = 64
@@ -96,8 +128,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_id: int) ->
     else:
         hf_config = _hf_config(cfg, vocab_size, seq_len, eos_id)
         model_cls = LlamaForCausalLM if cfg.arch == "llama" else GPT2LMHeadModel
-        hf_config._attn_implementation = "sdpa"
         model = model_cls(hf_config)
+    model.config._attn_implementation = CAUSAL_SDPA
     if cfg.linear_gains:
         add_linear_gains(model)
     return model

@@ -39,6 +39,22 @@ def _local_rows(p: Tensor, axis: int) -> tuple[Tensor, int, bool]:
     return p._local_tensor, 0, isinstance(placement, Shard)
 
 
+def _delta_sums(before: Tensor, after: Tensor, axis: int, workspace: Tensor) -> Tensor:
+    """`neuron_sums`, through the Triton kernel where it applies (pretrain/metrics/fused_sums.py)."""
+    fused = _fused_sums()
+    if fused is not None and fused.supports(before, after):
+        return fused.delta_sums(before, after, axis)
+    return neuron_sums(before, after, axis, workspace)
+
+
+def _fused_sums() -> Any:
+    try:
+        from pretrain.metrics import fused_sums
+    except ImportError:  # no Triton: the float64 Gram path alone
+        return None
+    return fused_sums
+
+
 def _grad_square_sums(grad: Tensor | None, axis: int, rows: int, device: torch.device) -> Tensor:
     if grad is None:
         return torch.zeros(rows, dtype=torch.float64, device=device)
@@ -86,7 +102,7 @@ class ModelSource:
         for i, (p, spec, before) in enumerate(zip(params, self.specs, self._before, strict=True)):
             local, first, _ = _local_rows(p, spec.neuron_axis)
             rows = slice(self.base[i] + first, self.base[i] + first + local.shape[spec.neuron_axis])
-            out[rows, :3] += neuron_sums(before, local.detach(), spec.neuron_axis, workspace)
+            out[rows, :3] += _delta_sums(before, local.detach(), spec.neuron_axis, workspace)
             out[rows, 3] += self._grads[i]
         self._before, self._grads = None, []
         return out

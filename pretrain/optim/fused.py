@@ -114,6 +114,12 @@ def _apply(W, M, V, offs, mask, w, u, m, v, a, b, c, lr, wd, scale,
 
 
 @triton.jit
+def _address(table, t):
+    """The fp32 tensor address at `table[t]`, 16-byte aligned."""
+    return tl.multiple_of(tl.load(table + t), 16).to(tl.pointer_type(tl.float32))
+
+
+@triton.jit
 def _step_kernel(
     w_tab, g_tab, m_tab, v_tab, norm_tab, avg_tab, sums_tab,
     numel, neurons, width, stride_n, stride_k, tiles_per_tensor,
@@ -126,19 +132,20 @@ def _step_kernel(
     n_offs = (pid % tiles_per_tensor) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n_offs < neurons
     k_base = tl.arange(0, BLOCK_K)
-    f32 = tl.pointer_type(tl.float32)
-    W = tl.load(w_tab + t).to(f32)
-    G = tl.load(g_tab + t).to(f32)
-    M = tl.load(m_tab + t).to(f32)
-    V = tl.load(v_tab + t).to(f32)  # read by AdamW only
+    # Addresses come from tables; saying they are 16-byte aligned (Launch checks it) lets the
+    # compiler use vector loads and stores.
+    W = _address(w_tab, t)
+    G = _address(g_tab, t)
+    M = _address(m_tab, t)
+    V = _address(v_tab, t)  # read by AdamW only
     zero = tl.zeros([BLOCK_N], dtype=tl.float32)
     a, b, c = zero, zero, zero
     t_w = tl.zeros([BLOCK_N], dtype=tl.float64)
     t_dot, t_dw, t_g = t_w, t_w, t_w
 
     if ROTATIONAL:
-        norm_ptr = tl.load(norm_tab + t).to(f32)
-        avg_ptr = tl.load(avg_tab + t).to(f32)
+        norm_ptr = _address(norm_tab, t)
+        avg_ptr = _address(avg_tab, t)
         norm = tl.load(norm_ptr + n_offs, mask=n_mask, other=0.0)
         avg = tl.load(avg_ptr + n_offs, mask=n_mask, other=0.0)
         w_sq, u_sq, dot, w_sum, u_sum = zero, zero, zero, zero, zero
@@ -157,17 +164,24 @@ def _step_kernel(
                 g64 = g.to(tl.float64)
                 t_w, t_dot = tl.sum(w64 * w64, axis=1), tl.sum(w64 * dw, axis=1)
                 t_dw, t_g = tl.sum(dw * dw, axis=1), tl.sum(g64 * g64, axis=1)
-        else:  # pass 1: the sums only
+        else:  # pass 1: the sums only, accumulated per lane and reduced once after the loop
+            acc_w_sq = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            acc_u_sq = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            acc_dot = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            acc_w = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
             for i in range(NUM_K):
                 k_offs = i * BLOCK_K + k_base
                 offs = n_offs[:, None] * stride_n + k_offs[None, :] * stride_k
                 mask = n_mask[:, None] & (k_offs < width)[None, :]
                 w, g, u, m, v = _load_step(W, G, M, V, offs, mask, wd, beta1, beta2, eps, RULE, ROTATIONAL)
-                w_sq += tl.sum(w * w, axis=1)
-                u_sq += tl.sum(u * u, axis=1)
-                dot += tl.sum(u * w, axis=1)
-                w_sum += tl.sum(w, axis=1)
-                u_sum += tl.sum(u, axis=1)
+                acc_w_sq += w * w
+                acc_u_sq += u * u
+                acc_dot += u * w
+                acc_w += w
+                acc_u += u
+            w_sq, u_sq, dot = tl.sum(acc_w_sq, axis=1), tl.sum(acc_u_sq, axis=1), tl.sum(acc_dot, axis=1)
+            w_sum, u_sum = tl.sum(acc_w, axis=1), tl.sum(acc_u, axis=1)
             a, b, c, avg = _coefficients(w_sq, u_sq, dot, w_sum, u_sum, width * 1.0, norm, avg, scale, eta, decay,
                                          decay_bias, rot_eps, ZERO_MEAN)
         tl.store(avg_ptr + n_offs, avg, mask=n_mask)
@@ -220,9 +234,13 @@ RUN_ON_CPU = False
 
 def supports(t: Tensor, grad: Tensor | None, axis: int | None) -> bool:
     """Whether the kernel can update `t` (walked along `axis`, None: flat) in place from `grad` (None: unknown)."""
-    own = (t.is_cuda or RUN_ON_CPU) and t.dtype == torch.float32 and t.is_contiguous() and (
+    own = (t.is_cuda or RUN_ON_CPU) and t.dtype == torch.float32 and t.is_contiguous() and _aligned(t) and (
         axis is None or t.dim() == 2)
-    return own and (grad is None or (grad.dtype == torch.float32 and grad.is_contiguous()))
+    return own and (grad is None or (grad.dtype == torch.float32 and grad.is_contiguous() and _aligned(grad)))
+
+
+def _aligned(t: Tensor) -> bool:
+    return t.data_ptr() % 16 == 0
 
 
 @dataclass
@@ -292,9 +310,15 @@ class Launch:
             self._ptrs[role] = ptrs
         return self._tables[role]
 
-    def run(self, weights: list[Tensor], grads: list[Tensor], hyper: Hyper, sums: list[Tensor] | None = None) -> None:
-        """One step; `sums`: per tensor a float64 [neurons, 4] view (rows contiguous) for the rotation tracker."""
+    def run(self, weights: list[Tensor], grads: list[Tensor], hyper: Hyper, sums: list[Tensor] | None = None) -> bool:
+        """One step; `sums`: per tensor a float64 [neurons, 4] view (rows contiguous) for the rotation tracker.
+
+        Returns False, having done nothing, if a gradient is not 16-byte aligned (a view into a
+        flat buffer, say): the caller then takes the eager step for these tensors.
+        """
         layout = self.layout
+        if tuple(g.data_ptr() for g in grads) != self._ptrs.get("g") and not all(map(_aligned, grads)):
+            return False
         sums_table = self._table("sums", sums) if sums is not None else self._no_sums
         _step_kernel[(self.tiles * self.count,)](
             self._table("w", weights), self._table("g", grads), *self._fixed, sums_table,
@@ -305,3 +329,4 @@ class Launch:
             SINGLE_PASS=self.block_k >= layout.width, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
             NUM_K=triton.cdiv(layout.width, self.block_k), num_warps=8 if self.block_n * self.block_k >= 4096 else 4,
         )
+        return True

@@ -241,14 +241,18 @@ class RotationalOptimizer(Optimizer):
         if plan is None:
             plan = self._plans[key] = self._fused_plan(group, rule, live, rotational)
         launches, rest = plan
+        rest = list(rest)
         step = None
         for launch, params, tracked in launches:
             step = int(self.state[params[0]]["step"]) if step is None else step
             eta = equilibrium_rate(group["rule"], float(group["lr"]), group["weight_decay"], group["betas"],
                                    group["momentum"]) if launch.rotational else 0.0
-            launch.run([_local(p) for p in params], [_local(p.grad) for p in params],
-                       self._fused.Hyper.for_step(group, step, eta),
-                       [self._track[id(p)][1] for p in params] if tracked else None)
+            if not launch.run([_local(p) for p in params], [_local(p.grad) for p in params],
+                              self._fused.Hyper.for_step(group, step, eta),
+                              [self._track[id(p)][1] for p in params] if tracked else None):
+                if tracked:
+                    raise RuntimeError("rotation sums were requested for tensors whose gradients are not aligned")
+                rest += [(p, launch.rotational) for p in params]
         return [p for p, _ in rest], [rot for _, rot in rest]
 
     def _fused_plan(self, group: dict[str, Any], rule: Rule, live: list[Tensor], rotational: list[bool]) -> tuple:
