@@ -7,7 +7,8 @@ The llama-125m parameter set (benchmarks/bench_optim.py `llama_shapes`: 84 block
 the block matrices and the embedding rotational (per neuron / per token row, as the paper's
 code); plain rows decay the same tensors. Every optimizer is built once; each repetition steps
 every optimizer once, in an order that rotates, and CUDA events time each step. Reported:
-median step time and its ratio to torch's `AdamW(fused=True)`. `+sums` rows also write the
+median step time (CUDA events) and its ratio to torch's `AdamW(fused=True)`, and the host time of
+the `step()` call (when it nears the step time, Python and launches bound the step, not the GPU). `+sums` rows also write the
 rotation tracker's per-neuron sums for every matrix (a `logging.rotation_every=1` step).
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 
@@ -74,6 +76,7 @@ def main() -> None:
                 opt.request_rotation_sums(rows)
             opt.step()
     times: dict[str, list[float]] = {name: [] for name in optimizers}
+    host: dict[str, list[float]] = {name: [] for name in optimizers}
     names = list(optimizers)
     for rep in range(args.reps):
         order = names[rep % len(names):] + names[:rep % len(names)]
@@ -82,9 +85,11 @@ def main() -> None:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
             start.record()
+            began = time.perf_counter()
             if rows is not None:
                 opt.request_rotation_sums(rows)
             opt.step()
+            host[name].append(1e3 * (time.perf_counter() - began))
             end.record()
             torch.cuda.synchronize()
             times[name].append(start.elapsed_time(end))
@@ -92,12 +97,12 @@ def main() -> None:
     base = statistics.median(times["torch-fused"]) if "torch-fused" in times else None
     print(f"optimizer step, llama-125m parameter set ({numel / 1e6:.1f}M fp32), {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}, median of {args.reps}")
-    print("| optimizer | step ms | vs torch fused AdamW |")
-    print("|---|---|---|")
+    print("| optimizer | step ms | vs torch fused AdamW | host ms |")
+    print("|---|---|---|---|")
     for name, values in times.items():
         median = statistics.median(values)
         ratio = f"{median / base:.2f}x" if base else "-"
-        print(f"| {name} | {median:.3f} | {ratio} |")
+        print(f"| {name} | {median:.3f} | {ratio} | {statistics.median(host[name]):.3f} |")
 
 
 if __name__ == "__main__":
