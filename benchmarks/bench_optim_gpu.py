@@ -8,8 +8,9 @@ the block matrices and the embedding rotational (per neuron / per token row, as 
 code); plain rows decay the same tensors. Every optimizer is built once; each repetition steps
 every optimizer once, in an order that rotates, and CUDA events time each step. Reported:
 median step time (CUDA events) and its ratio to torch's `AdamW(fused=True)`, and the host time of
-the `step()` call (when it nears the step time, Python and launches bound the step, not the GPU). `+sums` rows also write the
-rotation tracker's per-neuron sums for every matrix (a `logging.rotation_every=1` step).
+the `step()` call (when it nears the step time, Python and launches bound the step, not the GPU).
+`+sums` rows also write the rotation tracker's per-neuron sums for every matrix (a
+`logging.rotation_every=1` step).
 """
 
 from __future__ import annotations
