@@ -14,7 +14,7 @@ mkdir -p "$out"
 report="$out/gpu_check.md"
 export PYTHONPATH=. HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 py=${PYTHON:-python3}
-sections=" ${SECTIONS:-0 1 2 3 4 5 6} "
+sections=" ${SECTIONS:-0 1 2 3 4 5 6 7} "
 
 want() { [[ "$sections" == *" $1 "* ]]; }
 section() { printf '\n## %s\n\n' "$1" | tee -a "$report"; }
@@ -61,9 +61,13 @@ if want 4; then
 fi
 
 if want 3; then
-  section "3. Ours, configs/llama-125m.yaml, compile, 32 x 1024: MFU and peak memory, after and before (plain loss)"
+  section "3. Ours, configs/llama-125m.yaml, compile, 32 x 1024: MFU and peak memory"
   run 300 $py benchmarks/bench_mfu.py --config configs/llama-125m.yaml --device cuda --precision bf16 --compile \
     --micro-batch 32 --seq-len 1024 --steps 15 --warmup 6 --optims adamw,rv-adamw --profile "$out/profile_llama.txt"
+fi
+
+if want 7; then
+  section "7. Before: section 3 with the pre-issue-10 loss (compiled model, fp32 logits, eager loss) and eager RV step"
   run 300 $py benchmarks/bench_mfu.py --config configs/llama-125m.yaml --device cuda --precision bf16 --compile \
     --loss plain --micro-batch 32 --seq-len 1024 --steps 8 --warmup 4 --optims adamw,rv-adamw:eager
 fi
