@@ -72,6 +72,7 @@ def test_deepspeed_config_follows_the_run_config_and_merges_the_json(tmp_path):
     ({"gradient_clipping": 2.0}, "gradient_clipping=2.0 but the run config gives 1.0"),
     ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage=3 but parallel.zero_stage=1"),
     ({"optimizer": {"type": "Adam"}}, "sets 'optimizer', which the run config owns"),
+    ({"zero_optimization": {"compute_grad_norm": False}}, "compute_grad_norm=false"),
 ])
 def test_a_deepspeed_json_that_contradicts_the_run_config_is_refused(tmp_path, content, message):
     path = tmp_path / "ds.json"
