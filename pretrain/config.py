@@ -72,7 +72,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     momentum: float = 0.9
     eps: float = 1e-8
-    # Rotational-variant options (DESIGN section 4); ignored by the plain optimizers.
+    # Rotational-variant options (docs/design.md §4); ignored by the plain optimizers.
     update_norm_decay: float = 0.9
     zero_mean: bool = True
     per_neuron: bool = True

@@ -1,4 +1,4 @@
-"""Optimizer from the parameter table and the optim config (DESIGN sections 3 and 4).
+"""Optimizer from the parameter table and the optim config (docs/design.md §3 and §4).
 
 Groups come from the table, never from tensor shapes: tensors without weight decay (norms,
 biases, gains) get weight_decay 0 and are never rotational; for the rv-* optimizers the

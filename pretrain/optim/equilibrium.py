@@ -1,4 +1,4 @@
-"""Expected equilibrium angular update per step, eta_r (DESIGN section 4, step 5).
+"""Expected equilibrium angular update per step, eta_r (docs/design.md §4, step 5).
 
 The same formula serves two purposes: the rotational optimizers use it as their per-step
 rotation target, and the rotation metrics compare a plain optimizer's measured angles to it.

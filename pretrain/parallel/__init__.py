@@ -1,4 +1,4 @@
-"""Distributed training: the launch check, the process group and one engine per strategy (docs/design.md).
+"""Distributed training: the launch check, the process group and one engine per strategy (docs/design.md §9).
 
 `ENGINES` is the one place that maps `parallel.strategy` to code; the training loop sees only
 the `Engine` protocol.

@@ -1,4 +1,4 @@
-"""The engine interface the training loop depends on, and the torch engines (docs/design.md, "Strategies").
+"""The engine interface the training loop depends on, and the torch engines (docs/design.md §9).
 
 An engine owns the wrapped model and the optimizer of one strategy and gives the loop one vocabulary:
 

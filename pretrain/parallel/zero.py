@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO 0-3 with the RV math intact (docs/design.md, "Sharding rules").
+"""DeepSpeed ZeRO 0-3 with the RV math intact (docs/design.md §9).
 
 The run config is the one source of truth: `deepspeed_config` derives batch sizes, ZeRO stage,
 clipping and precision from it and merges the optional `parallel.deepspeed_config` JSON (bucket
