@@ -86,3 +86,12 @@ def test_the_shipped_deepspeed_json_is_accepted():
     cfg = config("parallel.strategy=deepspeed", "parallel.zero_stage=3",
                  f"parallel.deepspeed_config={REPO / 'launch' / 'deepspeed' / 'zero.json'}")
     assert deepspeed_config(cfg, World(0, 2, 0), torch.float32)["zero_optimization"]["stage"] == 3
+
+
+def test_every_strategy_the_config_accepts_has_exactly_one_engine_builder():
+    import typing
+
+    from pretrain.config import ParallelConfig
+    from pretrain.parallel import ENGINES
+
+    assert set(ENGINES) == set(typing.get_args(typing.get_type_hints(ParallelConfig)["strategy"]))
