@@ -437,17 +437,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     bad = UserError(f"{key} must be {_type_name(hint)}, got {type(value).__name__} {value!r}")
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except UserError:
-                continue
-        raise bad
+        return _coerce_union(value, typing.get_args(hint), key, bad)
     if origin is Literal:
         if value in typing.get_args(hint):
             return value
@@ -458,24 +448,33 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise bad
         return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
     if hint is float:
-        if isinstance(value, str):  # PyYAML reads exponents without a dot ("3e-4") as strings
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if hint is str:
-        if not isinstance(value, str):
+        return _coerce_float(value, bad)
+    if hint in (int, bool, str):
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):  # bool is an int subclass
             raise bad
         return value
     raise TypeError(f"unsupported config type {hint!r} for {key}")
+
+
+def _coerce_union(value: Any, args: tuple[Any, ...], key: str, bad: UserError) -> Any:
+    if value is None and type(None) in args:
+        return None
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, key)
+        except UserError:
+            continue
+    raise bad
+
+
+def _coerce_float(value: Any, bad: UserError) -> float:
+    if isinstance(value, str):  # PyYAML reads exponents without a dot ("3e-4") as strings
+        try:
+            return float(value)
+        except ValueError:
+            raise bad from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad
+    return float(value)

@@ -1,12 +1,14 @@
 """The launch check and the DeepSpeed config derived from the run config (no processes started)."""
 
 import json
+import typing
 
 import pytest
 import torch
 
-from pretrain.config import load_config
+from pretrain.config import ParallelConfig, load_config
 from pretrain.errors import UserError
+from pretrain.parallel import ENGINES
 from pretrain.parallel.world import World, check_world
 from pretrain.parallel.zero import deepspeed_config
 from tests.train_utils import REPO
@@ -89,9 +91,4 @@ def test_the_shipped_deepspeed_json_is_accepted():
 
 
 def test_every_strategy_the_config_accepts_has_exactly_one_engine_builder():
-    import typing
-
-    from pretrain.config import ParallelConfig
-    from pretrain.parallel import ENGINES
-
     assert set(ENGINES) == set(typing.get_args(typing.get_type_hints(ParallelConfig)["strategy"]))
