@@ -186,15 +186,11 @@ def train_step(run: Run, step: int) -> StepOutcome:
         engine.skip()
         return StepOutcome(step, lr, loss, math.nan)
     measuring = run.tracker.should_measure(step)
-    grad_norm = engine.step(run.tracker.capture if measuring else _nothing)
+    grad_norm = engine.step(run.tracker.capture if measuring else None)
     outcome = StepOutcome(step, lr, loss, grad_norm)
     if measuring and outcome.applied:
         outcome.rotation = run.tracker.measure(step, lr)
     return outcome
-
-
-def _nothing() -> None:
-    pass
 
 
 def evaluate(engine: Engine, loader: ValLoader, device: torch.device) -> float:

@@ -6,7 +6,7 @@ An engine owns the wrapped model and the optimizer of one strategy and gives the
         with engine.accumulate(last=micro == grad_accum - 1), engine.autocast():
             loss = loss_of(engine.model(x))           # this rank's micro-batch mean
             engine.backward(loss / grad_accum)
-    grad_norm = engine.step(before_update)             # clip, update; global norm before clipping
+    grad_norm = engine.step()                          # clip, update; global norm before clipping
 
 Gradient accumulation and clipping mean the same in every strategy: the gradient is the mean
 over the global batch (all ranks x micro-steps, each micro-batch equally weighted) and it is
@@ -69,12 +69,12 @@ class Engine(Protocol):
     def backward(self, loss: torch.Tensor) -> None:
         """Add d(loss)/d(parameters) to the accumulated gradient."""
 
-    def step(self, before_update: Callable[[], None]) -> float:
+    def step(self, before_update: Callable[[], None] | None = None) -> float:
         """Clip the accumulated gradient and apply the update; return the global norm before clipping.
 
-        `before_update` runs after clipping, right before the parameters change (the rotation
-        tracker's capture). A non-finite norm means no update was applied (DeepSpeed in bf16 mode,
-        which applies it anyway, is the exception; the loop stops such a run).
+        `before_update`, if given, runs after clipping, right before the parameters change (the
+        rotation tracker's capture). A non-finite norm means no update was applied, except under
+        DeepSpeed ZeRO 0 and ZeRO 1/2 in bf16 mode, which apply it; the loop stops such a run.
         """
 
     def skip(self) -> None:
@@ -118,7 +118,7 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self, before_update: Callable[[], None]) -> float:
+    def step(self, before_update: Callable[[], None] | None = None) -> float:
         self.scaler.unscale_(self.optimizer)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm if self.max_norm > 0 else math.inf)
@@ -127,7 +127,8 @@ class TorchEngine:
             self.scaler.update()  # an fp16 overflow lowers the loss scale; otherwise nothing
             self.skip()
             return norm
-        before_update()
+        if before_update is not None:
+            before_update()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

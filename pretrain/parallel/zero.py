@@ -118,12 +118,13 @@ class DeepSpeedEngine:
         if not self._last:
             self.ds.step()  # a micro-step: DeepSpeed only counts it
 
-    def step(self, before_update: Callable[[], None]) -> float:
+    def step(self, before_update: Callable[[], None] | None = None) -> float:
         # ZeRO 1-3 measure the norm inside their step; stage 0 (fp32, whole averaged gradients on
         # every rank) clips without recording it, so it is taken here, before DeepSpeed clips.
         norm = (torch.nn.utils.get_total_norm([p.grad for p in self.raw_model.parameters() if p.grad is not None])
                 if self.stage == 0 else None)
-        before_update()
+        if before_update is not None:
+            before_update()
         self.ds.step()
         return float(norm if norm is not None else self.ds.get_global_grad_norm())
 
