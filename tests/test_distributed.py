@@ -27,11 +27,11 @@ from tests.train_utils import REPO, tiny_args, tiny_config
 
 # fp32 on CPU. Ranks reduce gradients in another order than one process accumulates them, so
 # results agree to rounding, not bit for bit: observed <= 5e-7 on losses, <= 3e-6 on weights
-# and <= 2e-6 on angles after 20 steps.
+# and <= 2e-6 on angles after 20 steps; <= 5e-7 on gradient norms.
 LOSS_RTOL = 1e-5
 WEIGHT_RTOL = 1e-5  # ||w - w_ref|| / ||w_ref|| per tensor
 ANGLE_RTOL = 1e-4
-GRAD_NORM_RTOL = 1e-4
+GRAD_NORM_RTOL = 1e-5
 STEPS = 20
 RUN = ["train.steps=20", "checkpoint.every=10", "train.eval_every=10"]
 STRATEGIES = {
