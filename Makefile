@@ -1,4 +1,4 @@
-# The README's two commands: `make run` (main job) and `make test` (whole test suite).
+# The README's two commands: `make run` (main job) and `make test` (linter, then the whole test suite).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -19,6 +19,7 @@ run: setup
 	$(BIN)/pretrain train configs/tiny-cpu.yaml --resume auto
 
 test: setup
+	$(BIN)/ruff check pretrain tests benchmarks
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
 
 lint: setup

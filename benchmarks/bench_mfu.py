@@ -97,8 +97,6 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(cfg.model, args.vocab, args.seq_len, eos_id=0).to(device)
     loss_fn = build_loss(args.compile) if args.loss == "chunked" else plain_loss(args.compile)
-    autocast = ((lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32
-                else contextlib.nullcontext)
     loader = RandomTokens(args.vocab, args.micro_batch, args.seq_len, device)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -118,8 +116,7 @@ def main() -> None:
         run_cfg = load_config(args.config, [*base, f"optim.name={optim_name}",
                                             *(["optim.fused=false"] if mode == "eager" else [])])
         table = classify_parameters(model, run_cfg.optim.rotational_embeddings)
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        engine = build_engine(run_cfg, model, table, World(0, 1, 0), dtype, scaler)
+        engine = build_engine(run_cfg, model, table, World(0, 1, 0), dtype)
         tracked = [s for s in table if s.tracked]
         for every in (int(e) for e in args.rotation_every.split(",")):
             tracker = RotationTracker(model, table, run_cfg.optim, every,
@@ -134,12 +131,9 @@ def main() -> None:
                 sync()
                 start = time.perf_counter()
                 with profiler if step == args.warmup + args.steps else contextlib.nullcontext():
-                    forward_backward(engine, loader, step, args.grad_accum, cfg.train.grad_clip, device, autocast,
-                                     loss_fn)
+                    forward_backward(engine, loader, step, args.grad_accum, device, loss_fn)
                     measuring = tracker.should_measure(step)
-                    if measuring:
-                        tracker.capture()
-                    engine.step()
+                    engine.step(tracker.capture if measuring else None)
                     if measuring:
                         tracker.measure(step, run_cfg.optim.lr)
                     sync()

@@ -142,7 +142,7 @@ def build(args: argparse.Namespace, optim_name: str) -> tuple[Engine, Any]:
     torch.manual_seed(cfg.train.seed)  # the same initial weights for every optimizer
     model = build_model(cfg.model, args.vocab, cfg.data.seq_len, eos_id=0)
     table = classify_parameters(model, cfg.optim.rotational_embeddings)
-    engine = build_engine(cfg, model, table, launched_world(), torch.float32, torch.amp.GradScaler(enabled=False))
+    engine = build_engine(cfg, model, table, launched_world(), torch.float32)
     wrap_client_step(engine.optimizer)
     return engine, cfg
 
@@ -181,7 +181,7 @@ def measure_pair(args: argparse.Namespace, plain: str, rv: str, rank: int) -> di
         dist.barrier()
         PROBE.reset()
         start = time.perf_counter()
-        forward_backward(engine, loader, step, 1, cfg.train.grad_clip, torch.device("cpu"), contextlib.nullcontext)
+        forward_backward(engine, loader, step, 1, torch.device("cpu"))
         engine.step()
         samples[f"{name} train"].append(time.perf_counter() - start)
         samples[f"{name} train/client"].append(PROBE.seconds["client_step"])

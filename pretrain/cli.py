@@ -1,4 +1,4 @@
-"""`pretrain` command line: prepare, train, generate, metrics, study, export, push."""
+"""`pretrain` command line: prepare, train, config, generate, metrics, study, export, push."""
 
 from __future__ import annotations
 
@@ -32,11 +32,17 @@ def _cmd_train(args: argparse.Namespace) -> None:
         return
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
     print(f"finished at step {result.step}; val loss {val}; run dir {result.run_dir}")
-    if result.checkpoint is not None and result.step == cfg.train.steps and cfg.logging.sample_tokens > 0:
-        sample = generate_text(result.checkpoint, cfg.logging.sample_prompt, cfg.logging.sample_tokens,
-                               seed=cfg.train.seed)
+    if result.checkpoint is not None and result.step == cfg.train.steps and cfg.sample.tokens > 0:
+        sample = generate_text(result.checkpoint, cfg.sample.prompt, cfg.sample.tokens, seed=cfg.train.seed)
         (result.run_dir / "sample.txt").write_text(sample + "\n")
         print(f"--- sample ({result.checkpoint.name}) ---\n{sample}\n---")
+
+
+def _cmd_config(args: argparse.Namespace) -> None:
+    from pretrain.config import load_config
+    from pretrain.config_doc import commented_yaml
+
+    print(commented_yaml(load_config(args.config, args.overrides), args.config), end="")
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -78,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-at", type=int, metavar="STEP",
                    help="stop after this optimizer step with a checkpoint (the schedule still spans train.steps)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("config", help="print the resolved config with every key's description",
+                       description="Resolve a recipe (defaults, extends:, overrides) and print it as YAML with "
+                                   "each key's meaning, unit and default as a comment; the output is a valid recipe.")
+    p.add_argument("config", help="YAML recipe, e.g. configs/tiny-cpu.yaml")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint",
                        description="Sample a continuation of PROMPT from a checkpoint's model/ and tokenizer/.")

@@ -23,11 +23,10 @@ from transformers import (
 )
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.pytorch_utils import Conv1D
 
 from pretrain.config import ModelConfig
 from pretrain.errors import UserError
-from pretrain.params import LinearGain
+from pretrain.params import LinearGain, neuron_axis_of
 
 # Sizes: hidden, layers, heads, kv heads, MLP width, context. MLP widths of the llama presets
 # follow the SwiGLU rule (~8/3 hidden, rounded to 256); gpt2 uses 4x hidden.
@@ -155,12 +154,9 @@ def _gain_targets(model: nn.Module) -> list[tuple[nn.Module, int]]:
     head = model.get_output_embeddings()
     targets = []
     for module in model.modules():
-        if module is head:
-            continue
-        if isinstance(module, nn.Linear):
-            targets.append((module, 0))
-        elif isinstance(module, Conv1D):
-            targets.append((module, 1))
+        axis = neuron_axis_of(module)
+        if axis is not None and module is not head:
+            targets.append((module, axis))
     return targets
 
 

@@ -1,4 +1,4 @@
-"""The parameter classification table (DESIGN section 3).
+"""The parameter classification table (docs/design.md §3).
 
 Every parameter is classified once, from the type of the module that owns it, into a
 `ParamSpec`. The optimizer builder, the rotation metrics and the start-up summary all read
@@ -47,11 +47,22 @@ class LinearGain(nn.Module):
         return weight * (self.gain[:, None] if self.neuron_axis == 0 else self.gain[None, :])
 
 
-def _matrix_axis(module: nn.Module) -> tuple[str, int] | None:
+def neuron_axis_of(module: nn.Module) -> int | None:
+    """The neuron (output) axis of a linear layer's weight; None for any other module.
+
+    `nn.Linear` stores [out, in] (axis 0); transformers' GPT-2 `Conv1D` stores [in, out] (axis 1).
+    """
     if isinstance(module, nn.Linear):
-        return "linear", 0  # weight is [out, in]
+        return 0
     if isinstance(module, Conv1D):
-        return "conv1d", 1  # transformers' GPT-2 Conv1D weight is [in, out]
+        return 1
+    return None
+
+
+def _matrix_axis(module: nn.Module) -> tuple[str, int] | None:
+    axis = neuron_axis_of(module)
+    if axis is not None:
+        return ("linear" if axis == 0 else "conv1d"), axis
     if isinstance(module, nn.Embedding):
         return "embedding", 0  # one row per token
     return None

@@ -1,13 +1,20 @@
-"""The training loop: config -> data + model + optimizer -> steps -> metrics and checkpoints."""
+"""The training loop: config -> data + model + optimizer -> steps -> metrics and checkpoints.
+
+`setup` builds a `Run` once (engine, loaders, tracker, logger, tokenizer, world), `train_step`
+performs one optimizer step and says what happened, `save_checkpoint` writes one checkpoint,
+and `_loop` strings them together. The loop knows no strategy: it talks to an `Engine`
+(pretrain/parallel/engine.py). Design notes: docs/design.md.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import math
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -29,7 +36,7 @@ from pretrain.errors import UserError
 from pretrain.logger import MetricsLogger, check_trackers_available, read_metrics
 from pretrain.loss import LossFn, build_loss, causal_lm_loss
 from pretrain.metrics import RotationTracker
-from pretrain.metrics.sources import FusedSource
+from pretrain.metrics.sources import FusedSource, OptimizerSource
 from pretrain.model import build_model, save_hf_model
 from pretrain.parallel import (
     Engine,
@@ -41,7 +48,7 @@ from pretrain.parallel import (
     init_world,
     mean_over_ranks,
 )
-from pretrain.params import classify_parameters, summarize_table
+from pretrain.params import ParamSpec, classify_parameters, summarize_table
 from pretrain.schedule import lr_at
 
 
@@ -57,6 +64,61 @@ class TrainResult:
     val_loss: float | None = None
     checkpoint: Path | None = None
     is_main: bool = True  # rank 0 (the one that writes the run directory)
+
+
+@dataclass
+class Run:
+    """Everything a training run builds once, before its first step.
+
+    Used as a context manager: leaving it closes the logger, and a run that fails before its first
+    checkpoint leaves no folder behind (a divergence keeps it: its log says what happened).
+    """
+
+    cfg: Config  # resolved: parallel.world_size is the launched world size
+    world: World
+    device: torch.device
+    run_dir: Path
+    engine: Engine
+    loader: TrainLoader
+    val_loader: ValLoader
+    tokenizer: Any
+    tracker: RotationTracker
+    logger: MetricsLogger | None  # rank 0 only
+    start_step: int
+    end_step: int  # train.steps, or --stop-at
+    created_dir: bool  # whether this run created run_dir
+    val_loss: float | None = None  # the latest evaluation
+    loss_fn: LossFn = causal_lm_loss  # model forward + loss; compiled as one region under train.compile
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.global_batch_size * self.cfg.data.seq_len
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if self.logger is not None:
+            self.logger.close()
+        nothing_saved = self.created_dir and find_latest(self.run_dir) is None
+        if exc is not None and self.world.is_main and nothing_saved and not isinstance(exc, TrainingDiverged):
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+@dataclass
+class StepOutcome:
+    """What one call of `train_step` did."""
+
+    step: int
+    lr: float
+    loss: float  # mean over the global batch
+    grad_norm: float  # global, before clipping; NaN when the loss was already non-finite
+    rotation: dict[str, float] = field(default_factory=dict)  # `rotation/...` scalars of a measured step
+
+    @property
+    def applied(self) -> bool:
+        """Whether the update was applied (a non-finite loss or gradient drops it)."""
+        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -91,37 +153,172 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
     return ckpt
 
 
-def evaluate(model: torch.nn.Module, loader: ValLoader, device: torch.device, autocast,
-             loss_fn: LossFn = causal_lm_loss) -> float:
-    """Mean val loss over every rank's share of the fixed val windows."""
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for x, y in loader:
-            with autocast():
-                total += loss_fn(model, x.to(device), y.to(device)).item()
-            count += 1
-    model.train()
-    return mean_over_ranks([total / max(count, 1)], device)[0]
+# ----------------------------------------------------------------------------- one step
 
 
-def forward_backward(engine: Engine, loader: TrainLoader, step: int, grad_accum: int, grad_clip: float,
-                     device: torch.device, autocast, loss_fn: LossFn = causal_lm_loss) -> tuple[float, float | None]:
-    """Accumulate this rank's share of one optimizer step's batch; unscale and clip the gradient.
+def forward_backward(engine: Engine, loader: TrainLoader, step: int, grad_accum: int, device: torch.device,
+                     loss_fn: LossFn = causal_lm_loss) -> float:
+    """Accumulate this rank's share of one optimizer step's gradient; return the global batch's mean loss.
 
-    Returns (mean loss over the global batch, global gradient norm before clipping, or None where
-    the strategy clips inside its step) as floats: the one host sync per step.
+    The float return is the one host sync of the forward/backward.
     """
     loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum):
         x, y = loader.get_batch(step, micro)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with engine.accumulate(last=micro == grad_accum - 1), autocast():
+        with engine.accumulate(last=micro == grad_accum - 1), engine.autocast():
             loss = loss_fn(engine.model, x, y) / grad_accum
             engine.backward(loss)
         loss_sum += loss.detach()
-    grad_norm = engine.clip(grad_clip)
-    return mean_over_ranks([loss_sum.item()], device)[0], grad_norm
+    return mean_over_ranks([loss_sum.item()], device)[0]
+
+
+def train_step(run: Run, step: int) -> StepOutcome:
+    """One optimizer step: scheduled lr, forward/backward, update, and the rotation metrics when due.
+
+    A non-finite loss or gradient drops the step's gradients and changes nothing.
+    """
+    cfg, engine = run.cfg, run.engine
+    lr = lr_at(step, cfg.optim.lr, cfg.train.steps, cfg.schedule)
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    loss = forward_backward(engine, run.loader, step, cfg.train.grad_accum, run.device, run.loss_fn)
+    if not math.isfinite(loss):
+        engine.skip()
+        return StepOutcome(step, lr, loss, math.nan)
+    measuring = run.tracker.should_measure(step)
+    grad_norm = engine.step(run.tracker.capture if measuring else None)
+    outcome = StepOutcome(step, lr, loss, grad_norm)
+    if measuring and outcome.applied:
+        outcome.rotation = run.tracker.measure(step, lr)
+    return outcome
+
+
+def evaluate(engine: Engine, loader: ValLoader, device: torch.device, loss_fn: LossFn = causal_lm_loss) -> float:
+    """Mean val loss over every rank's share of the fixed val windows."""
+    engine.model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in loader:
+            with engine.autocast():
+                total += loss_fn(engine.model, x.to(device), y.to(device)).item()
+            count += 1
+    engine.model.train()
+    return mean_over_ranks([total / max(count, 1)], device)[0]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(run: Run, step: int) -> Path:
+    """Write `checkpoints/step_NNNNNN` of `run` (every rank calls it) and return its folder."""
+    return write_checkpoint(run.run_dir, step, run.cfg.checkpoint.keep_last,
+                            lambda tmp: _checkpoint_contents(run, step, tmp), run.world.is_main, barrier)
+
+
+def _checkpoint_contents(run: Run, step: int, tmp: Path) -> None:
+    """Fill a checkpoint's temp folder: each rank its training state, rank 0 everything else."""
+    engine, world, cfg = run.engine, run.world, run.cfg
+    engine.save_state(tmp / "state")
+    weights = engine.export_state_dict()  # a collective: the full weights, on rank 0
+    if world.size > 1:
+        save_rank_rng(tmp / "state", world.rank)
+    if not world.is_main:
+        return
+    tokens = step * run.tokens_per_step
+    save_hf_model(engine.raw_model, tmp / "model", weights)
+    run.tokenizer.save_pretrained(tmp / "tokenizer")
+    save_trainer_state(tmp / "state", {"step": step, "tokens_seen": tokens, "tracker": run.tracker.state_dict(),
+                                       "val_loss": run.val_loss, "strategy": engine.strategy,
+                                       "world_size": world.size, "zero_stage": cfg.parallel.zero_stage})
+    run.tracker.save(tmp / "rotation")
+    save_run_config(cfg, tmp)
+    (tmp / "README.md").write_text(model_card(cfg, step, tokens, run.val_loss, tmp / "rotation"))
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def setup(cfg: Config, world: World, device: torch.device, resume: str | None, stop_at: int | None) -> Run:
+    """Check the inputs, then build the run; nothing is written before the inputs are known good."""
+    check_trackers_available(cfg)
+    # The saved config records the world size: the global batch depends on it.
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, world_size=world.size))
+    run_dir = Path(cfg.train.out_dir)
+    ckpt_in = resolve_resume(run_dir, resume)
+    if ckpt_in is not None:
+        check_compatible(ckpt_in, cfg)
+
+    # Data, validated first; each rank reads only its own windows.
+    data_dir, t = Path(cfg.data.dir), cfg.train
+    load_index(data_dir)
+    tokenizer = load_tokenizer(data_dir)
+    loader = TrainLoader(data_dir, cfg.data.seq_len, t.micro_batch_size, t.grad_accum, t.seed, world.rank, world.size)
+    val_loader = ValLoader(data_dir, cfg.data.seq_len, t.micro_batch_size, t.eval_batches, world.rank, world.size)
+
+    engine, tracker = _build_engine_and_tracker(cfg, world, device, tokenizer)
+    start_step, val_loss = 0, None
+    if ckpt_in is not None:
+        start_step, val_loss = _restore(ckpt_in, engine, tracker, world)
+        _say(world, f"resumed from {ckpt_in} at step {start_step}")
+    elif cfg.model.init_from:
+        _say(world, f"initialised from {cfg.model.init_from}")
+
+    created_dir = not run_dir.exists()
+    barrier()  # every rank has seen whether the run dir existed before rank 0 creates it
+    logger = None
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        logger = MetricsLogger(run_dir, cfg, resume_step=start_step)
+    end_step = min(t.steps, stop_at) if stop_at is not None else t.steps
+    return Run(cfg, world, device, run_dir, engine, loader, val_loader, tokenizer, tracker, logger, start_step,
+               end_step, created_dir, val_loss, build_loss(cfg.train.compile))
+
+
+def _build_engine_and_tracker(cfg: Config, world: World, device: torch.device,
+                              tokenizer: Any) -> tuple[Engine, RotationTracker]:
+    """The model (same initial weights on every rank), its strategy's engine and the rotation tracker."""
+    dtype = pick_precision(cfg.train.precision, device)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, len(tokenizer), cfg.data.seq_len, tokenizer.eos_token_id).to(device)
+    table = classify_parameters(model, cfg.optim.rotational_embeddings)
+    engine = build_engine(cfg, model, table, world, dtype)
+    # From here on each rank draws its own dropout masks.
+    torch.manual_seed(cfg.train.seed + world.rank)
+    tracker = RotationTracker(model, table, cfg.optim, cfg.logging.rotation_every, _tracker_source(engine, table))
+    zero = f" ZeRO-{cfg.parallel.zero_stage}" if engine.strategy == "deepspeed" else ""
+    _say(world, f"model: {cfg.model.arch}/{cfg.model.preset}, {sum(math.prod(s.shape) for s in table):,} "
+                f"parameters, device {device}, {str(dtype).removeprefix('torch.')}, optimizer {cfg.optim.name}, "
+                f"strategy {engine.strategy}{zero} x{world.size}")
+    _say(world, summarize_table(table))
+    return engine, tracker
+
+
+def _tracker_source(engine: Engine, table: list[ParamSpec]) -> OptimizerSource | FusedSource | None:
+    """Read updates inside the optimizer where the engine says the parameters do not show them, or where
+    the optimizer's fused step writes the sums itself; None: from the model's parameters."""
+    specs = [spec for spec in table if spec.tracked]
+    view = engine.optimizer_view()
+    if view is None:
+        return FusedSource.build(engine.raw_model, engine.optimizer, specs)
+    return OptimizerSource(view.optimizer, specs, view.names, view.maps, view.group)
+
+
+def _restore(ckpt: Path, engine: Engine, tracker: RotationTracker, world: World) -> tuple[int, float | None]:
+    """Load a checkpoint into the engine and tracker (and this rank's RNG); return (step, val loss)."""
+    engine.load_state(ckpt / "state")
+    state = load_trainer_state(ckpt, world.rank)
+    tracker.load_state_dict(state["tracker"])
+    return int(state["step"]), state.get("val_loss")
+
+
+def _say(world: World, text: str) -> None:
+    if world.is_main:
+        print(text)
+
+
+# ----------------------------------------------------------------------------- the loop
 
 
 def train(cfg: Config, resume: str | None = None, stop_at: int | None = None) -> TrainResult:
@@ -133,155 +330,81 @@ def train(cfg: Config, resume: str | None = None, stop_at: int | None = None) ->
     device = pick_device(cfg.train.device, world.local_rank)
     created_group = init_world(cfg, device)
     try:
-        return _train(cfg, world, device, resume, stop_at)
+        with setup(cfg, world, device, resume, stop_at) as run:
+            result = _loop(run)
+        if world.is_main:
+            plot_loss_curves(read_metrics(run.run_dir), run.run_dir / "loss.png")
+        return result
     finally:
         if created_group:
             close_world()
 
 
-def _train(cfg: Config, world: World, device: torch.device, resume: str | None, stop_at: int | None) -> TrainResult:
-    check_trackers_available(cfg)
-    cfg.parallel.world_size = world.size  # recorded in the saved config: the global batch depends on it
-    dtype = pick_precision(cfg.train.precision, device)
-    run_dir = Path(cfg.train.out_dir)
-    ckpt_in = resolve_resume(run_dir, resume)
-    if ckpt_in is not None:
-        check_compatible(ckpt_in, cfg)
-
-    # --- data: validated before anything is written; each rank reads only its own windows
-    data_dir = Path(cfg.data.dir)
-    load_index(data_dir)
-    tokenizer = load_tokenizer(data_dir)
-    tcfg = cfg.train
-    loader = TrainLoader(data_dir, cfg.data.seq_len, tcfg.micro_batch_size, tcfg.grad_accum, tcfg.seed,
-                         world.rank, world.size)
-    val_loader = ValLoader(data_dir, cfg.data.seq_len, tcfg.micro_batch_size, tcfg.eval_batches,
-                           world.rank, world.size)
-
-    # --- model, optimizer (inside the strategy's engine), metrics
-    torch.manual_seed(tcfg.seed)
-    model = build_model(cfg.model, len(tokenizer), cfg.data.seq_len, tokenizer.eos_token_id).to(device)
-    table = classify_parameters(model, cfg.optim.rotational_embeddings)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    engine = build_engine(cfg, model, table, world, dtype, scaler)
-    # The same initial weights everywhere (above); from here on each rank draws its own dropout masks.
-    torch.manual_seed(tcfg.seed + world.rank)
-    tracked = [spec for spec in table if spec.tracked]
-    tracker = RotationTracker(model, table, cfg.optim, cfg.logging.rotation_every,
-                              engine.tracker_source(tracked) or FusedSource.build(model, engine.optimizer, tracked))
-    loss_fn = build_loss(tcfg.compile)
-    # FSDP2 and DeepSpeed cast parameters themselves; the others run under autocast.
-    casts_itself = cfg.parallel.strategy in ("fsdp2", "deepspeed")
-    autocast = ((lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 and not casts_itself
-                else contextlib.nullcontext)
-    say = print if world.is_main else (lambda *_: None)
-    zero = f" ZeRO-{cfg.parallel.zero_stage}" if engine.strategy == "deepspeed" else ""
-    say(f"model: {cfg.model.arch}/{cfg.model.preset}, {sum(math.prod(s.shape) for s in table):,} parameters, "
-        f"device {device}, {str(dtype).removeprefix('torch.')}, optimizer {cfg.optim.name}, "
-        f"strategy {engine.strategy}{zero} x{world.size}")
-    say(summarize_table(table))
-
-    start_step, trainer_state = 0, {}
-    if ckpt_in is not None:
-        engine.load_state(ckpt_in / "state")
-        trainer_state = load_trainer_state(ckpt_in, world.rank)
-        tracker.load_state_dict(trainer_state["tracker"])
-        start_step = int(trainer_state["step"])
-        say(f"resumed from {ckpt_in} at step {start_step}")
-    elif cfg.model.init_from:
-        say(f"initialised from {cfg.model.init_from}")
-
-    created = not run_dir.exists()
-    barrier()  # every rank has seen whether the run dir existed before rank 0 creates it
-    logger = None
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        logger = MetricsLogger(run_dir, cfg, resume_step=start_step)
-    tokens_per_step = cfg.global_batch_size * cfg.data.seq_len
-    result = TrainResult(run_dir, start_step, is_main=world.is_main)
-    last_val: float | None = trainer_state.get("val_loss")
-    end_step = min(tcfg.steps, stop_at) if stop_at is not None else tcfg.steps
-
-    def save(step: int) -> Path:
-        def contents(tmp: Path) -> None:
-            engine.save_state(tmp / "state")
-            weights = engine.export_state_dict()  # a collective: the full weights, on rank 0
-            if world.size > 1:
-                save_rank_rng(tmp / "state", world.rank)
-            if not world.is_main:
-                return
-            save_hf_model(model, tmp / "model", weights)
-            tokenizer.save_pretrained(tmp / "tokenizer")
-            save_trainer_state(tmp / "state", {"step": step, "tokens_seen": step * tokens_per_step,
-                                               "tracker": tracker.state_dict(), "val_loss": last_val,
-                                               "strategy": engine.strategy, "world_size": world.size,
-                                               "zero_stage": cfg.parallel.zero_stage})
-            tracker.save(tmp / "rotation")
-            save_run_config(cfg, tmp)
-            (tmp / "README.md").write_text(model_card(cfg, step, step * tokens_per_step, last_val, tmp / "rotation"))
-        return write_checkpoint(run_dir, step, cfg.checkpoint.keep_last, contents, world.is_main, barrier)
-
-    progress = tqdm(total=tcfg.steps, initial=start_step, disable=not (cfg.logging.progress and world.is_main),
-                    dynamic_ncols=True)
-    skips, window_start, window_tokens = 0, time.perf_counter(), 0
-    try:
-        for step in range(start_step + 1, end_step + 1):
-            lr = lr_at(step, cfg.optim.lr, tcfg.steps, cfg.schedule)
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr
-            loss_value, grad_value = forward_backward(engine, loader, step, tcfg.grad_accum, tcfg.grad_clip, device,
-                                                      autocast, loss_fn)
-            if not (math.isfinite(loss_value) and math.isfinite(grad_value if grad_value is not None else 0.0)):
-                skips += 1
-                if tcfg.nan_policy == "stop" or skips > tcfg.max_skips:
-                    last = find_latest(run_dir)
-                    raise TrainingDiverged(
-                        f"loss became {loss_value} (grad norm {grad_value}) at step {step}; stopped by "
-                        f"train.nan_policy={tcfg.nan_policy}; the last good checkpoint is "
-                        f"{last if last else 'none (lower optim.lr or add schedule.warmup_steps)'}")
-                engine.skip()
-                progress.write(f"step {step}: non-finite loss, update skipped ({skips} in a row)")
+def _loop(run: Run) -> TrainResult:
+    """Steps start_step+1 .. end_step; eval, logging and checkpoints are all due at end_step too."""
+    cfg, end = run.cfg, run.end_step
+    result = TrainResult(run.run_dir, run.start_step, is_main=run.world.is_main)
+    throughput, skips = Throughput(), 0
+    with tqdm(total=cfg.train.steps, initial=run.start_step, dynamic_ncols=True,
+              disable=not (cfg.logging.progress and run.world.is_main)) as progress:
+        for step in range(run.start_step + 1, end + 1):
+            outcome = train_step(run, step)
+            if not outcome.applied:
+                skips = _count_skip(run, outcome, skips)
+                progress.write(f"step {step}: non-finite loss or gradient, update skipped ({skips} in a row)")
                 continue
-            skips = 0
-            measuring = tracker.should_measure(step)
-            if measuring:
-                tracker.capture()
-            norm_in_step = engine.step()
-            grad_value = grad_value if grad_value is not None else norm_in_step
-            result.losses[step] = loss_value
-            result.step = step
-            window_tokens += tokens_per_step
-
-            record: dict[str, float] = {}
-            if measuring:
-                record.update(tracker.measure(step, lr))
-            if step % cfg.logging.log_every == 0 or step == end_step:
-                elapsed = time.perf_counter() - window_start
-                record.update({"train/loss": loss_value, "train/lr": lr, "train/tokens": step * tokens_per_step,
-                               "perf/tokens_per_s": window_tokens / elapsed})
-                if grad_value is not None:
-                    record["train/grad_norm"] = grad_value
-                window_start, window_tokens = time.perf_counter(), 0
-            if step % tcfg.eval_every == 0 or step == tcfg.steps:
-                last_val = evaluate(engine.model, val_loader, device, autocast, loss_fn)
-                record["val/loss"] = last_val
-            if record and logger is not None:
-                logger.log(step, record)
-            progress.set_postfix_str(f"loss {loss_value:.3f} lr {lr:.2e} {tracker.summary_line()}", refresh=False)
+            skips, result.step, result.losses[step] = 0, step, outcome.loss
+            throughput.add(run.tokens_per_step)
+            record = dict(outcome.rotation)
+            if _due(step, cfg.logging.log_every, end):
+                record.update(_train_scalars(outcome, run.tokens_per_step, throughput.take()))
+            if _due(step, cfg.train.eval_every, end):
+                run.val_loss = record["val/loss"] = evaluate(run.engine, run.val_loader, run.device, run.loss_fn)
+            if record and run.logger is not None:
+                run.logger.log(step, record)
+            progress.set_postfix_str(f"loss {outcome.loss:.3f} lr {outcome.lr:.2e} {run.tracker.summary_line()}",
+                                     refresh=False)
             progress.update(1)
-            if step % cfg.checkpoint.every == 0 or (step == end_step and cfg.checkpoint.save_final):
-                result.checkpoint = save(step)
-    except BaseException as exc:
-        progress.close()
-        if logger is not None:
-            logger.close()
-        if world.is_main and created and find_latest(run_dir) is None and not isinstance(exc, TrainingDiverged):
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping from a run that never got going
-        raise
-    progress.close()
-    result.val_loss = last_val
-    if logger is not None:
-        logger.close()
-        plot_loss_curves(read_metrics(run_dir), run_dir / "loss.png")
+            if _due(step, cfg.checkpoint.every, end if cfg.checkpoint.save_final else None):
+                result.checkpoint = save_checkpoint(run, step)
+    result.val_loss = run.val_loss
     return result
+
+
+def _due(step: int, every: int, end: int | None) -> bool:
+    """Every `every` steps and at the run's last step."""
+    return step % every == 0 or step == end
+
+
+def _train_scalars(outcome: StepOutcome, tokens_per_step: int, tokens_per_s: float) -> dict[str, float]:
+    return {"train/loss": outcome.loss, "train/lr": outcome.lr, "train/tokens": outcome.step * tokens_per_step,
+            "perf/tokens_per_s": tokens_per_s, "train/grad_norm": outcome.grad_norm}
+
+
+def _count_skip(run: Run, outcome: StepOutcome, skips: int) -> int:
+    """One more skipped step in a row; stop the run where `train.nan_policy` says so."""
+    skips += 1
+    t = run.cfg.train
+    if t.nan_policy == "stop" or skips > t.max_skips:
+        last = find_latest(run.run_dir)
+        raise TrainingDiverged(
+            f"loss became {outcome.loss} (grad norm {outcome.grad_norm}) at step {outcome.step}; stopped by "
+            f"train.nan_policy={t.nan_policy}; the last good checkpoint is "
+            f"{last if last else 'none (lower optim.lr or add schedule.warmup_steps)'}")
+    return skips
+
+
+class Throughput:
+    """Tokens per second since the last reading."""
+
+    def __init__(self) -> None:
+        self.start, self.tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def take(self) -> float:
+        now = time.perf_counter()
+        rate = self.tokens / (now - self.start)
+        self.start, self.tokens = now, 0
+        return rate

@@ -1,4 +1,4 @@
-"""An independent float64 numpy re-derivation of the optimizers, written from DESIGN section 4.
+"""An independent float64 numpy re-derivation of the optimizers, written from docs/design.md §4.
 
 It follows the math step by step (centre, direction, radial removal, zero mean, update-norm
 average, rotation, zero mean, rescale), one neuron matrix at a time, and shares no code with
@@ -14,7 +14,7 @@ import numpy as np
 
 
 def eta_r(rule: str, lr: float, wd: float, betas: tuple[float, float], momentum: float) -> float:
-    """DESIGN section 4, step 5."""
+    """docs/design.md §4, step 5."""
     b1, b2 = betas
     if rule == "adamw":
         return math.sqrt(2 * lr * wd * (1 - b1) / (1 + b1))

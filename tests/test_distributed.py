@@ -27,10 +27,11 @@ from tests.train_utils import REPO, tiny_args, tiny_config
 
 # fp32 on CPU. Ranks reduce gradients in another order than one process accumulates them, so
 # results agree to rounding, not bit for bit: observed <= 5e-7 on losses, <= 3e-6 on weights
-# and <= 2e-6 on angles after 20 steps.
+# and <= 2e-6 on angles after 20 steps; <= 5e-7 on gradient norms.
 LOSS_RTOL = 1e-5
 WEIGHT_RTOL = 1e-5  # ||w - w_ref|| / ||w_ref|| per tensor
 ANGLE_RTOL = 1e-4
+GRAD_NORM_RTOL = 1e-5
 STEPS = 20
 RUN = ["train.steps=20", "checkpoint.every=10", "train.eval_every=10"]
 STRATEGIES = {
@@ -82,6 +83,10 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The exported `transformers` weights of the newest checkpoint (gathered by rank 0)."""
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     return load_file(run_dir / "checkpoints" / latest / "model" / "model.safetensors")
+
+
+def grad_norms(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["train/grad_norm"] for r in records(run_dir) if "train/grad_norm" in r}
 
 
 def rotation(run_dir: Path) -> dict[tuple[int, str], float]:
@@ -142,6 +147,8 @@ class Runs:
         self.resumed = {s: root / f"resumed-{s}" for s in STRATEGIES}
         # Dropout draws differ per rank, so exact resume needs every rank's RNG stream back.
         self.dropout = {name: root / f"dropout-{name}" for name in ("straight", "resumed")}
+        # DeepSpeed without ZeRO (fp32): it does not report the gradient norm, our engine measures it.
+        self.zero0 = root / "zero0-llama-rv-adamw"
 
     def args(self, out: Path, *overrides: str) -> list[str]:
         return tiny_args(self.data_dir, out, *RUN, *overrides)
@@ -161,6 +168,8 @@ class Runs:
         plan.append(self.args(self.dropout["straight"], *dropout))
         args = self.args(self.dropout["resumed"], *dropout)
         plan += [[*args, "--stop-at", "10"], [*args, "--resume", "auto"]]
+        plan.append(self.args(self.zero0, "optim.name=rv-adamw", "parallel.strategy=deepspeed", "parallel.zero_stage=0",
+                              "parallel.world_size=2"))
         runs_file = self.root / "runs.json"
         runs_file.write_text(json.dumps(plan))
         result = run_torchrun([str(REPO / "tests" / "distributed_driver.py"), str(runs_file)], module=False)
@@ -186,6 +195,22 @@ def test_strategy_equals_single_process(runs, model, optim, strategy, extra):
     assert_rotation_match(rotation(got), rotation(ref))
     saved = (got / "config.yaml").read_text()
     assert "world_size: 2" in saved  # the run really had two ranks
+
+
+@pytest.mark.parametrize("strategy", [*STRATEGIES, "zero0"])
+def test_every_strategy_logs_the_single_process_gradient_norm(runs, strategy):
+    """The global norm before clipping, whoever computes it (torch, DeepSpeed ZeRO 1-3, our ZeRO-0 engine)."""
+    ref = runs.references["llama", "rv-adamw", ""]
+    got = runs.zero0 if strategy == "zero0" else runs.runs["llama", "rv-adamw", strategy, ""]
+    ref_norms, got_norms = grad_norms(ref), grad_norms(got)
+    assert sorted(got_norms) == list(range(1, STEPS + 1))
+    assert max(ref_norms.values()) > 1.0  # some steps are clipped (train.grad_clip=1): the norm is taken before
+    for step, value in ref_norms.items():
+        assert got_norms[step] == pytest.approx(value, rel=GRAD_NORM_RTOL), step
+    if strategy == "zero0":  # not among CASES: the run itself is checked here
+        for step, value in losses(ref).items():
+            assert losses(got)[step] == pytest.approx(value, rel=LOSS_RTOL), step
+        assert_weights_match(final_weights(got), final_weights(ref))
 
 
 @pytest.mark.parametrize("strategy", BF16_STRATEGIES)

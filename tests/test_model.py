@@ -54,9 +54,36 @@ def test_presets_and_overrides():
         resolve_size(ModelConfig(preset="huge"), seq_len=16)
 
 
-def test_sdpa_attention_is_used():
-    model = build_model(ModelConfig(preset="tiny"), VOCAB, SEQ, EOS)
-    assert model.config._attn_implementation == "sdpa"
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_causal_sdpa_passes_no_mask_even_when_compiled_and_saves_as_plain_sdpa(arch, tmp_path, monkeypatch):
+    """Training attention is SDPA's causal kernel (no mask tensor), also under torch.compile, with the
+    stock SDPA logits; the saved checkpoint names no custom attention and loads as SDPA."""
+    import transformers.integrations.sdpa_attention as sdpa_module
+
+    from pretrain.model import CAUSAL_SDPA
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask") is None, kwargs.get("is_causal")))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(sdpa_module.torch.nn.functional, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch, preset="tiny"), VOCAB, SEQ, EOS).eval()
+    assert model.config._attn_implementation == CAUSAL_SDPA
+    x = torch.randint(0, VOCAB, (2, SEQ))
+    with torch.no_grad():
+        compiled = torch.compile(lambda ids: model(input_ids=ids).logits)(x)
+        assert set(calls) == {(True, True)}
+        model.config._attn_implementation = "sdpa"
+        stock = model(input_ids=x).logits
+        model.config._attn_implementation = CAUSAL_SDPA
+    torch.testing.assert_close(compiled, stock, rtol=1e-4, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    assert CAUSAL_SDPA not in (tmp_path / "config.json").read_text()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -1,12 +1,14 @@
 """The launch check and the DeepSpeed config derived from the run config (no processes started)."""
 
 import json
+import typing
 
 import pytest
 import torch
 
-from pretrain.config import load_config
+from pretrain.config import ParallelConfig, load_config
 from pretrain.errors import UserError
+from pretrain.parallel import ENGINES
 from pretrain.parallel.world import World, check_world
 from pretrain.parallel.zero import deepspeed_config
 from tests.train_utils import REPO
@@ -72,6 +74,7 @@ def test_deepspeed_config_follows_the_run_config_and_merges_the_json(tmp_path):
     ({"gradient_clipping": 2.0}, "gradient_clipping=2.0 but the run config gives 1.0"),
     ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage=3 but parallel.zero_stage=1"),
     ({"optimizer": {"type": "Adam"}}, "sets 'optimizer', which the run config owns"),
+    ({"zero_optimization": {"compute_grad_norm": False}}, "compute_grad_norm=false"),
 ])
 def test_a_deepspeed_json_that_contradicts_the_run_config_is_refused(tmp_path, content, message):
     path = tmp_path / "ds.json"
@@ -85,3 +88,7 @@ def test_the_shipped_deepspeed_json_is_accepted():
     cfg = config("parallel.strategy=deepspeed", "parallel.zero_stage=3",
                  f"parallel.deepspeed_config={REPO / 'launch' / 'deepspeed' / 'zero.json'}")
     assert deepspeed_config(cfg, World(0, 2, 0), torch.float32)["zero_optimization"]["stage"] == 3
+
+
+def test_every_strategy_the_config_accepts_has_exactly_one_engine_builder():
+    assert set(ENGINES) == set(typing.get_args(typing.get_type_hints(ParallelConfig)["strategy"]))

@@ -10,7 +10,7 @@ TINY_OVERRIDES = [
     "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=64",
     "data.seq_len=32", "train.micro_batch_size=4", "train.steps=8", "train.eval_every=4", "train.eval_batches=2",
     "checkpoint.every=4", "checkpoint.keep_last=5", "logging.log_every=1", "logging.rotation_every=1",
-    "logging.progress=false", "logging.tensorboard=false", "logging.sample_tokens=0", "train.device=cpu",
+    "logging.progress=false", "logging.tensorboard=false", "sample.tokens=0", "train.device=cpu",
     "train.precision=fp32",
 ]
 

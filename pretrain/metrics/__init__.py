@@ -1,4 +1,4 @@
-"""Rotation metrics: per-layer and per-neuron angular updates vs. the rotational equilibrium (DESIGN section 5).
+"""Rotation metrics: per-layer and per-neuron angular updates vs. the rotational equilibrium (docs/design.md §5).
 
 `RotationTracker` measures during training and writes a checkpoint's `rotation/` folder;
 `load_rotation` reads one back; `metrics_command` and `model_card_section` report on it.

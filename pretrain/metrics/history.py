@@ -1,4 +1,4 @@
-"""Per-layer rotation history and the model-level numbers derived from it (DESIGN section 5).
+"""Per-layer rotation history and the model-level numbers derived from it (docs/design.md §5).
 
 The history is a dense [measurements, layers, metrics] float64 array plus per-measurement
 step, lr and eta_r. Everything model-level (mean ratio, balance, time to equilibrium) is

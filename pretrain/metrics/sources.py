@@ -3,7 +3,7 @@
 A source turns one optimizer step into per-neuron float64 sums [neurons, 4] of the tracked
 tensors (|w_t|^2, <w_t, dw>, |dw|^2, |g|^2, in the tracker's neuron order) over the elements this
 rank holds. Sums of a sharded run are then all-reduced over `group`, which gives exactly the
-single-process numbers (DESIGN section 5):
+single-process numbers (docs/design.md §5):
 - `ModelSource` reads the model's parameters by name: whole tensors (single, DDP) or FSDP2
   DTensor shards (rows of a neuron-axis shard land at their global neuron index; a shard along
   another axis holds part of every neuron and its partial sums add up across ranks).

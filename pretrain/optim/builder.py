@@ -1,4 +1,4 @@
-"""Optimizer from the parameter table and the optim config (DESIGN sections 3 and 4).
+"""Optimizer from the parameter table and the optim config (docs/design.md §3 and §4).
 
 Groups come from the table, never from tensor shapes: tensors without weight decay (norms,
 biases, gains) get weight_decay 0 and are never rotational; for the rv-* optimizers the
@@ -13,8 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain.config import OptimConfig
-from pretrain.optim.equilibrium import rule_of
+from pretrain.config import OPTIMIZERS, OptimConfig
 from pretrain.optim.rotational import RotationalOptimizer
 from pretrain.params import ParamSpec
 
@@ -38,16 +37,16 @@ def param_groups(model: nn.Module, table: list[ParamSpec], weight_decay: float,
 
 
 def build_optimizer(model: nn.Module, table: list[ParamSpec], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """`adamw`: torch's AdamW; `adamw-plain`, `lion`, `sgdm`: the plain rules; `rv-*`: the rotational variants."""
-    rule = rule_of(cfg.name)
-    groups = param_groups(model, table, cfg.weight_decay, rotational=cfg.name.startswith("rv-"))
-    if cfg.name == "adamw":
+    """The optimizer `cfg.name` names in `config.OPTIMIZERS`: torch's AdamW, or ours with a rule, plain or RV."""
+    kind = OPTIMIZERS[cfg.name]
+    groups = param_groups(model, table, cfg.weight_decay, rotational=kind.rotational)
+    if kind.torch_adamw:
         for group in groups:
             del group["rotational"]  # torch's AdamW has no use for it
         fused = cfg.fused if cfg.fused is not None else all(p.is_cuda for p in model.parameters())
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                  weight_decay=cfg.weight_decay, fused=fused, foreach=not fused)
-    return RotationalOptimizer(groups, rule=rule, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
+    return RotationalOptimizer(groups, rule=kind.rule, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
                                momentum=cfg.momentum, eps=cfg.eps, update_norm_decay=cfg.update_norm_decay,
                                zero_mean=cfg.zero_mean, per_neuron=cfg.per_neuron, center_init=cfg.center_init,
                                rotational_eps=cfg.rotational_eps, fused=cfg.fused)

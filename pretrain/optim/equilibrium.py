@@ -1,4 +1,4 @@
-"""Expected equilibrium angular update per step, eta_r (DESIGN section 4, step 5).
+"""Expected equilibrium angular update per step, eta_r (docs/design.md §4, step 5).
 
 The same formula serves two purposes: the rotational optimizers use it as their per-step
 rotation target, and the rotation metrics compare a plain optimizer's measured angles to it.
@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import math
 
-RULES = ("adamw", "lion", "sgdm")
+from pretrain.config import OPTIMIZERS
+
+RULES = tuple(dict.fromkeys(kind.rule for kind in OPTIMIZERS.values()))  # adamw, lion, sgdm
 
 
 def rule_of(optimizer_name: str) -> str:
     """Inner update rule of a config optimizer name: 'rv-adamw' -> 'adamw', 'adamw-plain' -> 'adamw'."""
-    base = optimizer_name.removeprefix("rv-").removesuffix("-plain")
-    if base not in RULES:
-        raise ValueError(f"unknown optimizer {optimizer_name!r}; the rules are {', '.join(RULES)}")
-    return base
+    if optimizer_name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer_name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[optimizer_name].rule
 
 
 def equilibrium_rate(rule: str, lr: float, weight_decay: float,

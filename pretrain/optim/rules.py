@@ -1,4 +1,4 @@
-"""Inner update rules of the rotational optimizer (DESIGN section 4, step 2).
+"""Inner update rules of the rotational optimizer (docs/design.md §4, step 2).
 
 Each rule advances its moment buffers for a list of tensors with foreach ops and returns
 the step direction u *without* learning rate and weight decay. The direction is returned

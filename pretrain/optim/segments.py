@@ -1,4 +1,4 @@
-"""Which element of a flat parameter partition belongs to which neuron (DESIGN section 4, ZeRO).
+"""Which element of a flat parameter partition belongs to which neuron (docs/design.md §9, ZeRO).
 
 DeepSpeed ZeRO hands the optimizer flat 1-D fp32 partitions: a slice of the concatenation of a
 parameter group's tensors, cut at arbitrary element boundaries. A `SegmentMap` records, for one

@@ -1,26 +1,30 @@
-"""Strategies: how one optimizer step is computed and saved under single, DDP, FSDP2 (DESIGN 4).
+"""The engine interface the training loop depends on, and the torch engines (docs/design.md §9).
 
-An `Engine` owns the wrapped model and the optimizer and gives the loop one vocabulary:
+An engine owns the wrapped model and the optimizer of one strategy and gives the loop one vocabulary:
 
     for micro in range(grad_accum):
-        with engine.accumulate(last=micro == grad_accum - 1):
+        with engine.accumulate(last=micro == grad_accum - 1), engine.autocast():
             loss = loss_of(engine.model(x))           # this rank's micro-batch mean
             engine.backward(loss / grad_accum)
-    grad_norm = engine.clip(max_norm)                  # global norm, before clipping
-    engine.step()
+    grad_norm = engine.step()                          # clip, update; global norm before clipping
 
 Gradient accumulation and clipping mean the same in every strategy: the gradient is the mean
 over the global batch (all ranks x micro-steps, each micro-batch equally weighted) and it is
 clipped by its global L2 norm, exactly as a single process with `world * grad_accum` micro-steps.
-DeepSpeed (pretrain/parallel/zero.py) implements the same interface with its own engine.
+Mixed precision (autocast, a loss scaler, a sharding policy) and clipping are each engine's own
+business, so the loop never names a strategy. The torch engines live here; DeepSpeed's is in
+pretrain/parallel/zero.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -28,20 +32,84 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from pretrain.errors import UserError
-from pretrain.metrics.sources import OptimizerSource
 from pretrain.model import fold_gains, unwrap
+from pretrain.optim.segments import SegmentMap
 from pretrain.parallel.world import World
-from pretrain.params import ParamSpec
 
 
-class Engine:
-    """Single process and DDP: every rank holds the whole model and optimizer state."""
+@dataclass(frozen=True)
+class OptimizerView:
+    """Where an update is visible when the model's parameters do not show it (DeepSpeed ZeRO).
 
-    strategy = "single"
+    The optimizer updates its own tensors (flat fp32 partitions, mapped to neurons by `maps`,
+    keyed by `id(flat)`); `names` maps `id(model parameter)` to its name; per-neuron sums of a
+    partitioned state are all-reduced over `group` (None: every rank holds whole tensors).
+    """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, world: World,
-                 scaler: torch.amp.GradScaler) -> None:
-        self.raw_model, self.model, self.optimizer, self.world, self.scaler = model, model, optimizer, world, scaler
+    optimizer: torch.optim.Optimizer
+    names: dict[int, str]
+    maps: dict[int, SegmentMap]
+    group: Any
+
+
+class Engine(Protocol):
+    """What the training loop asks of a strategy; see the module docstring."""
+
+    strategy: str
+    raw_model: nn.Module  # the plain `transformers` model (parameters may be sharded)
+    model: nn.Module  # what the forward pass runs through (wrapped for the strategy)
+    optimizer: torch.optim.Optimizer
+
+    def autocast(self) -> AbstractContextManager[None]:
+        """The forward pass's mixed precision (nothing where the engine casts parameters itself)."""
+
+    def accumulate(self, last: bool) -> AbstractContextManager[None]:
+        """One micro-step; gradients are reduced over ranks on the `last` one."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Add d(loss)/d(parameters) to the accumulated gradient."""
+
+    def step(self, before_update: Callable[[], None] | None = None) -> float:
+        """Clip the accumulated gradient and apply the update; return the global norm before clipping.
+
+        `before_update`, if given, runs after clipping, right before the parameters change (the
+        rotation tracker's capture). A non-finite norm means no update was applied, except under
+        DeepSpeed ZeRO 0 and ZeRO 1/2 in bf16 mode, which apply it; the loop stops such a run.
+        """
+
+    def skip(self) -> None:
+        """Drop this step's gradients without an update (a non-finite loss)."""
+
+    def optimizer_view(self) -> OptimizerView | None:
+        """Where the rotation tracker reads updates; None: the model's own parameters."""
+
+    def export_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The plain `transformers` weights (gains folded) on rank 0, None elsewhere; collective."""
+
+    def save_state(self, state_dir: Path) -> None:
+        """Training weights and optimizer state into `state_dir` (every rank calls it)."""
+
+    def load_state(self, state_dir: Path) -> None:
+        """The inverse of `save_state`; refuses a state another strategy wrote."""
+
+
+class TorchEngine:
+    """Shared by the engines that drive a torch optimizer themselves: loss scaling, clipping, the update."""
+
+    strategy = ""
+    casts_parameters = False  # True where the wrapper runs the forward in low precision itself
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, world: World, dtype: torch.dtype,
+                 max_norm: float) -> None:
+        self.raw_model, self.model, self.optimizer, self.world = model, model, optimizer, world
+        self.device = next(model.parameters()).device
+        self.dtype, self.max_norm = dtype, max_norm
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
+
+    def autocast(self) -> AbstractContextManager[None]:
+        if self.dtype == torch.float32 or self.casts_parameters:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
     @contextlib.contextmanager
     def accumulate(self, last: bool) -> Iterator[None]:
@@ -50,36 +118,32 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def tracker_source(self, specs: list[ParamSpec]) -> OptimizerSource | None:
-        """Where the rotation tracker reads from; None: the model's parameters (ModelSource)."""
-        return None
-
-    def clip(self, max_norm: float) -> float | None:
-        """Unscale, clip to `max_norm` (0: no clipping) and return the global norm before clipping."""
+    def step(self, before_update: Callable[[], None] | None = None) -> float:
         self.scaler.unscale_(self.optimizer)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
-        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-
-    def step(self) -> float | None:
-        """Apply the optimizer step; returns the gradient norm where the strategy computes it in here."""
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm if self.max_norm > 0 else math.inf)
+        norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # the one host sync of a step
+        if not math.isfinite(norm):
+            self.scaler.update()  # an fp16 overflow lowers the loss scale; otherwise nothing
+            self.skip()
+            return norm
+        if before_update is not None:
+            before_update()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return None
+        return norm
 
     def skip(self) -> None:
-        """Drop this step's gradients (a non-finite loss under nan_policy=skip)."""
         self.optimizer.zero_grad(set_to_none=True)
 
-    # ------------------------------------------------------------------ state
+    def optimizer_view(self) -> OptimizerView | None:
+        return None
 
     def export_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The plain `transformers` weights (gains folded) on rank 0, None elsewhere; collective."""
         return fold_gains(unwrap(self.raw_model).state_dict(), self.raw_model) if self.world.is_main else None
 
     def save_state(self, state_dir: Path) -> None:
-        """Training weights and optimizer state into `state_dir` (all ranks call it)."""
         if self.world.is_main:
             state_dir.mkdir(parents=True, exist_ok=True)
             save_model(unwrap(self.raw_model), str(state_dir / "model.safetensors"))
@@ -93,15 +157,21 @@ class Engine:
         self.optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))
 
 
-class DDPEngine(Engine):
-    """torch DDP: gradients are averaged over ranks in backward, on the last micro-step only."""
+class SingleEngine(TorchEngine):
+    """One process: the model and its optimizer, under autocast when the precision is not fp32."""
+
+    strategy = "single"
+
+
+class DDPEngine(TorchEngine):
+    """torch DDP: every rank holds the whole model; gradients are averaged on the last micro-step only."""
 
     strategy = "ddp"
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, world: World,
-                 scaler: torch.amp.GradScaler) -> None:
-        super().__init__(model, optimizer, world, scaler)
-        device_ids = [model.device.index] if model.device.type == "cuda" else None
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, world: World, dtype: torch.dtype,
+                 max_norm: float) -> None:
+        super().__init__(model, optimizer, world, dtype, max_norm)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
         self.model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     @contextlib.contextmanager
@@ -110,15 +180,17 @@ class DDPEngine(Engine):
             yield
 
 
-class FSDPEngine(Engine):
+class FSDPEngine(TorchEngine):
     """FSDP2 (`fully_shard`): every parameter a DTensor sharded on dim 0, gradients reduce-scattered.
 
-    The optimizer is built on the sharded parameters, so it sees DTensors and handles neurons
-    split across ranks itself (pretrain/optim/rotational.py). Checkpoints use torch distributed
-    checkpoint (DCP): each rank writes its shards, and a run resumes on any world size.
+    The optimizer is built on the sharded parameters (see `shard`), so it sees DTensors and handles
+    neurons split across ranks itself (pretrain/optim/rotational.py). The forward runs in `dtype`
+    through FSDP's MixedPrecisionPolicy, not autocast. Checkpoints use torch distributed checkpoint
+    (DCP): each rank writes its shards, and a run resumes on any world size.
     """
 
     strategy = "fsdp2"
+    casts_parameters = True
 
     @staticmethod
     def shard(model: nn.Module, param_dtype: torch.dtype) -> nn.Module:
@@ -126,8 +198,7 @@ class FSDPEngine(Engine):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-        blocks = _transformer_blocks(model)
-        for block in blocks:
+        for block in _transformer_blocks(model):
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
         return model

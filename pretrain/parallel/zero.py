@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO 0-3 with the RV math intact (DESIGN section 4).
+"""DeepSpeed ZeRO 0-3 with the RV math intact (docs/design.md §9).
 
 The run config is the one source of truth: `deepspeed_config` derives batch sizes, ZeRO stage,
 clipping and precision from it and merges the optional `parallel.deepspeed_config` JSON (bucket
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,10 @@ from torch import nn
 
 from pretrain.config import Config
 from pretrain.errors import UserError
-from pretrain.metrics.sources import OptimizerSource
 from pretrain.model import fold_gains
 from pretrain.optim.rotational import RotationalOptimizer
 from pretrain.optim.segments import Segment, SegmentMap, TensorInfo
-from pretrain.parallel.engine import Engine
+from pretrain.parallel.engine import OptimizerView
 from pretrain.parallel.world import World
 from pretrain.params import ParamSpec
 
@@ -68,12 +68,19 @@ def deepspeed_config(cfg: Config, world: World, dtype: torch.dtype) -> dict[str,
     if zero.get("stage", cfg.parallel.zero_stage) != cfg.parallel.zero_stage:
         raise UserError(f"parallel.deepspeed_config sets zero_optimization.stage={zero['stage']} but "
                         f"parallel.zero_stage={cfg.parallel.zero_stage}; set the stage in the run config only")
+    if zero.get("compute_grad_norm", True) is not True:
+        raise UserError("parallel.deepspeed_config sets zero_optimization.compute_grad_norm=false, but the run "
+                        "logs and checks the gradient norm every step; remove it from the JSON")
     zero["stage"] = cfg.parallel.zero_stage
     return {**user, **ours, "zero_optimization": zero}
 
 
-class DeepSpeedEngine(Engine):
-    """`deepspeed.initialize` around the model and our optimizer; the loop's vocabulary on top."""
+class DeepSpeedEngine:
+    """`deepspeed.initialize` around the model and our optimizer; the loop's vocabulary on top.
+
+    DeepSpeed casts the model itself (its bf16 / fp16 modes) and clips inside its step with
+    `gradient_clipping` from the run config, so `autocast` is empty and `step` only reads the norm.
+    """
 
     strategy = "deepspeed"
 
@@ -81,13 +88,13 @@ class DeepSpeedEngine(Engine):
                  table: list[ParamSpec], dtype: torch.dtype) -> None:
         import deepspeed
 
-        super().__init__(model, optimizer, world, torch.amp.GradScaler(enabled=False))
+        self.raw_model, self.optimizer, self.world = model, optimizer, world
         deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
         # Taken before DeepSpeed partitions (ZeRO-3 keeps the parameter objects, emptied).
         self.names = {id(p): name for name, p in model.named_parameters()}
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                 config=deepspeed_config(cfg, world, dtype))
-        self.model = self.ds
+        self.model: nn.Module = self.ds
         self.stage = cfg.parallel.zero_stage
         try:
             self.maps = segment_maps(self.ds.optimizer, table, self.names, self.stage)
@@ -98,9 +105,8 @@ class DeepSpeedEngine(Engine):
             raise UserError(f"{exc} (parallel.strategy=deepspeed, zero_stage={self.stage})") from None
         self._last = True
 
-    def tracker_source(self, specs: list[ParamSpec]) -> OptimizerSource:
-        maps = {id(flat): m for flat, (m, _, _) in self.maps.items()}
-        return OptimizerSource(self.optimizer, specs, self.names, maps, dist.group.WORLD if self.stage else None)
+    def autocast(self) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
     @contextlib.contextmanager
     def accumulate(self, last: bool) -> Iterator[None]:
@@ -112,13 +118,24 @@ class DeepSpeedEngine(Engine):
         if not self._last:
             self.ds.step()  # a micro-step: DeepSpeed only counts it
 
-    def clip(self, max_norm: float) -> float | None:
-        return None  # DeepSpeed clips inside step(), with gradient_clipping from the run config
-
-    def step(self) -> float | None:
+    def step(self, before_update: Callable[[], None] | None = None) -> float:
+        # ZeRO 1-3 measure the norm inside their step; stage 0 (fp32, whole averaged gradients on
+        # every rank) clips without recording it, so it is taken here, before DeepSpeed clips.
+        norm = (torch.nn.utils.get_total_norm([p.grad for p in self.raw_model.parameters() if p.grad is not None])
+                if self.stage == 0 else None)
+        if before_update is not None:
+            before_update()
         self.ds.step()
-        norm = self.ds.get_global_grad_norm()
-        return float(norm) if norm is not None else None
+        return float(norm if norm is not None else self.ds.get_global_grad_norm())
+
+    def skip(self) -> None:
+        # Unreachable: config.validate refuses train.nan_policy=skip under DeepSpeed, whose
+        # gradients already sit in its own reduced buffers and whose micro-step count would drift.
+        raise RuntimeError("DeepSpeed cannot drop an accumulated step; train.nan_policy=skip is refused for it")
+
+    def optimizer_view(self) -> OptimizerView:
+        maps = {id(flat): m for flat, (m, _, _) in self.maps.items()}
+        return OptimizerView(self.optimizer, self.names, maps, dist.group.WORLD if self.stage else None)
 
     def export_state_dict(self) -> dict[str, torch.Tensor] | None:
         if self.stage == 3:
