@@ -59,6 +59,20 @@ def neuron_axis_of(module: nn.Module) -> int | None:
     return None
 
 
+def sharded_along_neurons(p: torch.Tensor, axis: int) -> bool:
+    """Whether `p` is a DTensor sharded along its neuron `axis`: each rank then holds whole neurons.
+
+    The one test the optimizer (per-neuron state and sums stay local) and the rotation metrics
+    (a shard's rows land at their global neuron index) both rely on.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(p, DTensor):
+        return False
+    placement = p.placements[0]
+    return isinstance(placement, Shard) and placement.dim % p.dim() == axis % p.dim()
+
+
 def _matrix_axis(module: nn.Module) -> tuple[str, int] | None:
     axis = neuron_axis_of(module)
     if axis is not None:

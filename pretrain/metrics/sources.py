@@ -25,18 +25,18 @@ from torch.distributed.tensor import DTensor, Shard
 
 from pretrain.metrics.neurons import neuron_sums, workspace_elements
 from pretrain.optim.segments import SegmentMap
-from pretrain.params import ParamSpec
+from pretrain.params import ParamSpec, sharded_along_neurons
 
 
 def _local_rows(p: Tensor, axis: int) -> tuple[Tensor, int, bool]:
     """(local tensor, global index of its first neuron, whether its neurons are split across ranks)."""
     if not isinstance(p, DTensor):
         return p, 0, False
-    placement, mesh = p.placements[0], p.device_mesh
-    if isinstance(placement, Shard) and placement.dim % p.dim() == axis % p.dim():
+    mesh = p.device_mesh
+    if sharded_along_neurons(p, axis):
         n = p.shape[axis]
         return p._local_tensor, min(mesh.get_local_rank() * math.ceil(n / mesh.size()), n), False
-    return p._local_tensor, 0, isinstance(placement, Shard)
+    return p._local_tensor, 0, isinstance(p.placements[0], Shard)
 
 
 def _delta_sums(before: Tensor, after: Tensor, axis: int, workspace: Tensor) -> Tensor:

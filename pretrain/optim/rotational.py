@@ -1,4 +1,4 @@
-"""The rotational optimizer: AdamW, Lion or SGDM, plain or as rotational variants (DESIGN section 4).
+"""The rotational optimizer: AdamW, Lion or SGDM, plain or as rotational variants (docs/design.md §4).
 
 A parameter group is rotational or plain. Plain tensors take the inner rule's step with its
 usual weight decay. A rotational tensor W, per neuron w (a slice along the neuron axis, or
@@ -14,7 +14,7 @@ few vectorised operations on [neurons]-long vectors give per-neuron a, b, c with
 w_new = a*w + b*u + c, applied by three foreach ops. The sums are taken from the current
 weights every step, so the norm and mean never drift over a long run.
 
-Sharded parameters keep that math exact (DESIGN section 4):
+Sharded parameters keep that math exact (docs/design.md §4):
 - FSDP2 (DTensor parameters). The step works on local shards. A shard along the neuron axis
   holds whole neurons: per-neuron work stays local and the per-neuron state is a DTensor
   sharded the same way. A shard along another axis (GPT-2's Conv1D, [in, out] sharded on `in`)
@@ -40,6 +40,7 @@ from torch.optim import Optimizer
 from pretrain.optim.equilibrium import equilibrium_rate
 from pretrain.optim.rules import INNER_RULES, Rule
 from pretrain.optim.segments import SegmentMap
+from pretrain.params import sharded_along_neurons
 
 _TINY = torch.finfo(torch.float32).tiny
 # A neuron whose |mean| is below this fraction of its RMS counts as centred already. Centring
@@ -523,10 +524,7 @@ def _partial_group(p: Tensor, axis: int | None) -> Any:
     if p.device_mesh.ndim != 1:
         raise ValueError(f"rotational tensors on a {p.device_mesh.ndim}-d device mesh are not supported; "
                          "use a 1-d (data-parallel) mesh")
-    placement = p.placements[0]
-    if isinstance(placement, Replicate):
-        return None
-    if isinstance(placement, Shard) and axis is not None and placement.dim % p.dim() == axis % p.dim():
+    if isinstance(p.placements[0], Replicate) or (axis is not None and sharded_along_neurons(p, axis)):
         return None
     return p.device_mesh.get_group()
 
