@@ -134,7 +134,7 @@ class OptimConfig:
     rotational_embeddings: bool = False
     """Rotate the token embedding too under rv-* (tracked by the metrics either way); default false."""
     fused: Optional[bool] = None
-    """Fused step (torch AdamW: fused or foreach; ours: Triton on CUDA, false eager; null auto); default null."""
+    """Fused step (torch AdamW: fused or foreach; ours: Triton on CUDA, false eager, null auto); default null."""
 
 
 @dataclass

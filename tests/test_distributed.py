@@ -128,6 +128,11 @@ CASES += [("llama", "rv-adamw", s, ACCUM) for s in ("ddp", "fsdp2", "zero2", "ze
 # bf16 under each strategy's own mixed precision (autocast for DDP, FSDP2's MixedPrecisionPolicy,
 # DeepSpeed's bf16 mode): different rounding, so compared loosely against the fp32 reference.
 BF16 = "train.precision=bf16"
+# The fused (Triton) optimizer step on FSDP2's local shards, in Triton's interpreter on CPU
+# (tests/conftest.py): against the single-process fused run here, and against the eager
+# single-process run in test_fused_step_under_fsdp2_equals_the_eager_single_process_run.
+FUSED = "optim.fused=true"
+CASES += [("llama", "rv-adamw", "fsdp2", FUSED)]
 BF16_STRATEGIES = ("ddp", "fsdp2", "zero2")
 
 
@@ -195,6 +200,14 @@ def test_strategy_equals_single_process(runs, model, optim, strategy, extra):
     assert_rotation_match(rotation(got), rotation(ref))
     saved = (got / "config.yaml").read_text()
     assert "world_size: 2" in saved  # the run really had two ranks
+
+
+def test_fused_step_under_fsdp2_equals_the_eager_single_process_run(runs):
+    ref, got = runs.references["llama", "rv-adamw", ""], runs.runs["llama", "rv-adamw", "fsdp2", FUSED]
+    for step, value in losses(ref).items():
+        assert losses(got)[step] == pytest.approx(value, rel=LOSS_RTOL), step
+    assert_weights_match(final_weights(got), final_weights(ref))
+    assert_rotation_match(rotation(got), rotation(ref))
 
 
 @pytest.mark.parametrize("strategy", [*STRATEGIES, "zero0"])

@@ -228,15 +228,21 @@ class Layout:
         return Layout(rows, cols, cols, 1) if axis % 2 == 0 else Layout(cols, rows, 1, cols)
 
 
-# Tests set this under Triton's interpreter (TRITON_INTERPRET=1) to run the kernel on CPU tensors.
-RUN_ON_CPU = False
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1 when Triton was imported)."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def supports(t: Tensor, grad: Tensor | None, axis: int | None) -> bool:
-    """Whether the kernel can update `t` (walked along `axis`, None: flat) in place from `grad` (None: unknown)."""
-    own = (t.is_cuda or RUN_ON_CPU) and t.dtype == torch.float32 and t.is_contiguous() and _aligned(t) and (
+def supports(t: Tensor, grad: Tensor | None, axis: int | None, cpu: bool = False) -> bool:
+    """Whether the kernel can update `t` (walked along `axis`, None: flat) in place from `grad` (None: unknown).
+
+    `cpu`: CPU tensors count too (only meaningful under Triton's interpreter, as in tests).
+    """
+    own = (t.is_cuda or cpu) and t.dtype == torch.float32 and t.is_contiguous() and _aligned(t) and (
         axis is None or t.dim() == 2)
-    return own and (grad is None or (grad.dtype == torch.float32 and grad.is_contiguous() and _aligned(grad)))
+    return own and (grad is None or (grad.dtype == torch.float32 and grad.is_contiguous()))
 
 
 def _aligned(t: Tensor) -> bool:
@@ -310,15 +316,13 @@ class Launch:
             self._ptrs[role] = ptrs
         return self._tables[role]
 
-    def run(self, weights: list[Tensor], grads: list[Tensor], hyper: Hyper, sums: list[Tensor] | None = None) -> bool:
-        """One step; `sums`: per tensor a float64 [neurons, 4] view (rows contiguous) for the rotation tracker.
-
-        Returns False, having done nothing, if a gradient is not 16-byte aligned (a view into a
-        flat buffer, say): the caller then takes the eager step for these tensors.
-        """
+    def run(self, weights: list[Tensor], grads: list[Tensor], hyper: Hyper, sums: list[Tensor] | None = None) -> None:
+        """One step; `sums`: per tensor a float64 [neurons, 4] view (rows contiguous) for the rotation tracker."""
         layout = self.layout
-        if tuple(g.data_ptr() for g in grads) != self._ptrs.get("g") and not all(map(_aligned, grads)):
-            return False
+        if tuple(g.data_ptr() for g in grads) != self._ptrs.get("g"):
+            # A gradient that is a view into a flat buffer (FSDP2's reduce-scatter output, say) may
+            # not be 16-byte aligned; the kernel only reads gradients, so an aligned copy will do.
+            grads = [g if _aligned(g) else g.clone() for g in grads]
         sums_table = self._table("sums", sums) if sums is not None else self._no_sums
         _step_kernel[(self.tiles * self.count,)](
             self._table("w", weights), self._table("g", grads), *self._fixed, sums_table,
@@ -329,4 +333,3 @@ class Launch:
             SINGLE_PASS=self.block_k >= layout.width, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
             NUM_K=triton.cdiv(layout.width, self.block_k), num_warps=8 if self.block_n * self.block_k >= 4096 else 4,
         )
-        return True

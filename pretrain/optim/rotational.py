@@ -77,8 +77,10 @@ class RotationalOptimizer(Optimizer):
                         center_init=center_init, rotational_eps=rotational_eps, rotational=None, neuron_axis=0)
         self._segment_maps: dict[int, SegmentMap] = {}
         # The Triton step (pretrain/optim/fused.py) for the CUDA tensors it supports: None uses it
-        # when Triton imports, True requires it, False keeps every tensor on the eager path.
+        # when Triton imports, True requires it, False keeps every tensor on the eager path. Under
+        # Triton's interpreter (TRITON_INTERPRET=1, as in tests) True also takes CPU tensors.
         self._fused = _fused_module(required=fused is True) if fused is not False else None
+        self._fused_cpu = fused is True and self._fused is not None and self._fused.interpreting()
         # Rotation-tracker requests for the next step: id(param) -> (neuron axis, float64 [neurons, 4] rows).
         self._track: dict[int, tuple[int, Tensor]] = {}
         self._plans: dict[tuple, tuple] = {}  # fused launches by (group, live tensors, tracked tensors)
@@ -126,7 +128,7 @@ class RotationalOptimizer(Optimizer):
                 return False
         elif _partial_group(p, axis) is not None:
             return False
-        return self._fused.supports(_local(p), None, axis)
+        return self._fused.supports(_local(p), None, axis, self._fused_cpu)
 
     def request_rotation_sums(self, rows: dict[int, tuple[int, Tensor]]) -> None:
         """Have the next step write per-neuron float64 sums |w_t|^2, <w_t, dw>, |dw|^2, |g|^2 into `rows`.
@@ -242,18 +244,14 @@ class RotationalOptimizer(Optimizer):
         if plan is None:
             plan = self._plans[key] = self._fused_plan(group, rule, live, rotational)
         launches, rest = plan
-        rest = list(rest)
         step = None
         for launch, params, tracked in launches:
             step = int(self.state[params[0]]["step"]) if step is None else step
             eta = equilibrium_rate(group["rule"], float(group["lr"]), group["weight_decay"], group["betas"],
                                    group["momentum"]) if launch.rotational else 0.0
-            if not launch.run([_local(p) for p in params], [_local(p.grad) for p in params],
-                              self._fused.Hyper.for_step(group, step, eta),
-                              [self._track[id(p)][1] for p in params] if tracked else None):
-                if tracked:
-                    raise RuntimeError("rotation sums were requested for tensors whose gradients are not aligned")
-                rest += [(p, launch.rotational) for p in params]
+            launch.run([_local(p) for p in params], [_local(p.grad) for p in params],
+                       self._fused.Hyper.for_step(group, step, eta),
+                       [self._track[id(p)][1] for p in params] if tracked else None)
         return [p for p, _ in rest], [rot for _, rot in rest]
 
     def _fused_plan(self, group: dict[str, Any], rule: Rule, live: list[Tensor], rotational: list[bool]) -> tuple:
@@ -273,7 +271,7 @@ class RotationalOptimizer(Optimizer):
             else:
                 axis = tracked[0] if tracked is not None else None
                 ok = tracked is None or _partial_group(p, axis) is None
-            if ok and fused.supports(_local(p), _local(p.grad), axis):
+            if ok and fused.supports(_local(p), _local(p.grad), axis, self._fused_cpu):
                 walk = axis % p.dim() if axis is not None else None
                 members.setdefault((tuple(_local(p).shape), walk, rot, tracked is not None), []).append(p)
             elif tracked is not None:
