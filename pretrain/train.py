@@ -15,8 +15,9 @@ from tqdm import tqdm
 
 from pretrain.card import model_card
 from pretrain.checkpoint import (
-    check_compatible,
+    choose_resume,
     find_latest,
+    holds_run,
     load_trainer_state,
     save_rank_rng,
     save_run_config,
@@ -25,7 +26,7 @@ from pretrain.checkpoint import (
 )
 from pretrain.config import Config, save_config
 from pretrain.curves import plot_loss_curves
-from pretrain.data import TrainLoader, ValLoader, load_index, load_tokenizer
+from pretrain.data import TrainLoader, ValLoader, open_prepared
 from pretrain.errors import UserError
 from pretrain.logger import MetricsLogger, check_trackers_available, read_metrics
 from pretrain.metrics import RotationTracker
@@ -37,6 +38,7 @@ from pretrain.parallel import (
     build_engine,
     check_world,
     close_world,
+    decided_by_main,
     init_world,
     mean_over_ranks,
 )
@@ -75,19 +77,9 @@ def pick_precision(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
-    """`auto` -> newest complete checkpoint (or None), a path -> that checkpoint, None -> fresh run."""
-    if resume is None:
-        if find_latest(run_dir) is not None:
-            raise UserError(f"{run_dir} already holds checkpoints; pass --resume auto to continue it "
-                            "or set train.out_dir to a new folder")
-        return None
-    if resume == "auto":
-        return find_latest(run_dir)
-    ckpt = Path(resume)
-    if not (ckpt / "state" / "trainer.pt").is_file():
-        raise UserError(f"--resume {resume} is not a complete checkpoint folder (no state/trainer.pt)")
-    return ckpt
+def resolve_resume(run_dir: Path, resume: str | None, cfg: Config) -> Path | None:
+    """The checkpoint to continue (rules in checkpoint.choose_resume), decided and announced by rank 0."""
+    return decided_by_main(lambda: choose_resume(run_dir, resume, cfg, print))
 
 
 def evaluate(model: torch.nn.Module, loader: ValLoader, device: torch.device, autocast) -> float:
@@ -144,14 +136,11 @@ def _train(cfg: Config, world: World, device: torch.device, resume: str | None, 
     cfg.parallel.world_size = world.size  # recorded in the saved config: the global batch depends on it
     dtype = pick_precision(cfg.train.precision, device)
     run_dir = Path(cfg.train.out_dir)
-    ckpt_in = resolve_resume(run_dir, resume)
-    if ckpt_in is not None:
-        check_compatible(ckpt_in, cfg)
+    ckpt_in = resolve_resume(run_dir, resume, cfg)
 
     # --- data: validated before anything is written; each rank reads only its own windows
     data_dir = Path(cfg.data.dir)
-    load_index(data_dir)
-    tokenizer = load_tokenizer(data_dir)
+    _, tokenizer = open_prepared(cfg.data)
     tcfg = cfg.train
     loader = TrainLoader(data_dir, cfg.data.seq_len, tcfg.micro_batch_size, tcfg.grad_accum, tcfg.seed,
                          world.rank, world.size)
@@ -272,12 +261,14 @@ def _train(cfg: Config, world: World, device: torch.device, resume: str | None, 
             progress.update(1)
             if step % cfg.checkpoint.every == 0 or (step == end_step and cfg.checkpoint.save_final):
                 result.checkpoint = save(step)
-    except BaseException as exc:
+    except BaseException:
         progress.close()
         if logger is not None:
             logger.close()
-        if world.is_main and created and find_latest(run_dir) is None and not isinstance(exc, TrainingDiverged):
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping from a run that never got going
+        if world.is_main and holds_run(run_dir):
+            say(f"run kept in {run_dir}; continue it with --resume auto")
+        elif world.is_main and created:
+            shutil.rmtree(run_dir, ignore_errors=True)  # it logged nothing: no trace of a run that never got going
         raise
     progress.close()
     result.val_loss = last_val

@@ -17,7 +17,6 @@ revision), since hashing it would mean downloading it.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.config import DataConfig
+from pretrain.durable import sha256_file
 from pretrain.errors import UserError
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -91,14 +91,6 @@ def embedded_files() -> list[tuple[str, Path]]:
     for package in STDLIB_PACKAGES:
         modules += sorted(p for p in (stdlib / package).rglob("*.py") if not _is_test(p.relative_to(stdlib)))
     return plays + [(f"stdlib/{p.relative_to(stdlib)}", p) for p in modules]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- local files

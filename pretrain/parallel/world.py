@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from pretrain.config import Config
 from pretrain.errors import UserError
+
+T = TypeVar("T")
 
 # Environment variables accelerate sets when its own FSDP / DeepSpeed plugin is chosen; the
 # strategy must come from the run config, so a launch config that asks for another one is refused.
@@ -112,6 +116,23 @@ def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return (t / dist.get_world_size()).tolist()
+
+
+def decided_by_main(decide: Callable[[], T]) -> T:
+    """Run `decide` on rank 0 alone (file checks, notices) and give every rank its result or its UserError."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return decide()
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", decide())]
+        except UserError as exc:
+            box = [("error", str(exc))]
+    dist.broadcast_object_list(box, src=0)  # in memory, from our own rank 0
+    kind, value = box[0]
+    if kind == "error":
+        raise UserError(value)
+    return value
 
 
 def barrier() -> None:
