@@ -153,7 +153,7 @@ def _tokenize(corpus: Corpus, tokenizer: PreTrainedTokenizerBase, dtype: str, nu
     batches = encode_documents(corpus.documents(), tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id,
                                DTYPES[dtype].str, num_proc)
     with path.open("wb") as f, tqdm(desc=f"tokenize ({num_proc} proc)", unit="tok", unit_scale=True,
-                                    disable=not progress) as bar:
+                                    disable=None if progress else True) as bar:  # None: no bar off a terminal
         for tokens, doc_lengths in batches:
             f.write(memoryview(tokens).cast("B"))
             lengths.append(doc_lengths)

@@ -8,6 +8,7 @@ training, sampling and export all use exactly the tokenizer the data was made wi
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, progress: bool = False) -> 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size + 1, special_tokens=[EOS_TOKEN], show_progress=progress,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size + 1, special_tokens=[EOS_TOKEN],
+                                  show_progress=progress and sys.stderr.isatty(),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(_prefix(texts, BPE_TRAIN_MAX_CHARS), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN)
