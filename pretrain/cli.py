@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from pretrain.errors import UserError, disk_error
+from pretrain.errors import USER_ERROR, UserError, disk_error
 from pretrain.hub import add_export_parser, add_push_parser
 from pretrain.study import add_study_parser
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if os.environ.get("RANK", "0") == "0":  # every rank of a launch meets the same error: say it once
             print(f"error: {error}", file=sys.stderr)
-        return 2
+        return USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

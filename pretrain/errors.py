@@ -6,6 +6,7 @@ import errno
 import shutil
 from pathlib import Path
 
+USER_ERROR = 2  # the exit code of every rank that stops on a UserError
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 # How libraries that write through their own I/O layer (safetensors, torch's zip writer) word the same errors.

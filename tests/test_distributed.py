@@ -327,3 +327,18 @@ def test_a_world_size_mismatch_fails_fast(tiny_data_dir, tmp_path):
     assert result.returncode != 0
     assert "parallel.world_size=3 but the launcher started 2 process(es)" in result.stdout
     assert not out.exists()
+
+
+@pytest.mark.parametrize("bad", [["optim.weight_decay=0"], ["--resume", "no-such-checkpoint"]],
+                         ids=["config", "after-the-group-is-up"])
+def test_a_user_error_in_a_multi_rank_launch_is_one_line(tiny_data_dir, tmp_path, bad):
+    """`python -m pretrain.launch` (torchrun's arguments): rank 0 says it once, no launcher report, exit 2."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pretrain.launch", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "pretrain", "train",
+           *tiny_args(tiny_data_dir, out, "parallel.strategy=deepspeed", "parallel.zero_stage=1", *bad)]
+    result = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and bad[-1].split("=")[0] in lines[0], lines
+    assert not out.exists()
