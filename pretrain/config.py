@@ -138,8 +138,10 @@ class ParallelConfig:
     world_size: Optional[int] = None
     # Extra DeepSpeed settings (buckets, offload, ...) merged under the ones derived from this config.
     deepspeed_config: Optional[str] = None
-    # Seconds a collective may wait for a peer before the run fails (a dead or hung rank).
+    # Seconds a collective may wait for a peer before the run fails (setup, evaluation, checkpoints).
     timeout_s: int = 600
+    # Seconds a training step may stall (or 10x the slowest step, if longer) before the rank stops.
+    step_timeout_s: float = 60.0
 
 
 @dataclass
@@ -224,6 +226,8 @@ def validate(cfg: Config) -> None:
     if cfg.parallel.strategy == "deepspeed" and cfg.train.nan_policy == "skip":
         raise UserError("train.nan_policy=skip is not available under DeepSpeed (its gradients are reduced into its "
                         "own buffers before the loss is checked); use train.nan_policy=stop")
+    if cfg.parallel.step_timeout_s <= 0 or cfg.parallel.timeout_s <= 0:
+        raise UserError("parallel.timeout_s and parallel.step_timeout_s must be positive")
     if cfg.parallel.world_size is not None and cfg.parallel.world_size < 1:
         raise UserError(f"parallel.world_size must be positive, got {cfg.parallel.world_size}")
     if cfg.optim.lr <= 0:

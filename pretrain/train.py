@@ -33,6 +33,7 @@ from pretrain.metrics import RotationTracker
 from pretrain.model import build_model, save_hf_model
 from pretrain.parallel import (
     Engine,
+    StepWatchdog,
     World,
     barrier,
     build_engine,
@@ -209,13 +210,19 @@ def _train(cfg: Config, world: World, device: torch.device, resume: str | None, 
             tracker.save(tmp / "rotation")
             save_run_config(cfg, tmp)
             (tmp / "README.md").write_text(model_card(cfg, step, step * tokens_per_step, last_val, tmp / "rotation"))
-        return write_checkpoint(run_dir, step, cfg.checkpoint.keep_last, contents, world.is_main, barrier)
+        with watchdog.paused():
+            return write_checkpoint(run_dir, step, cfg.checkpoint.keep_last, contents, world.is_main, barrier)
 
+    def checkpoint_due(step: int) -> bool:
+        return step % cfg.checkpoint.every == 0 or (step == end_step and cfg.checkpoint.save_final)
+
+    watchdog = StepWatchdog(cfg.parallel.step_timeout_s, world.rank, enabled=world.size > 1)
     progress = tqdm(total=tcfg.steps, initial=start_step, disable=not (cfg.logging.progress and world.is_main),
                     dynamic_ncols=True)
     skips, window_start, window_tokens = 0, time.perf_counter(), 0
     try:
         for step in range(start_step + 1, end_step + 1):
+            watchdog.beat(step)
             lr = lr_at(step, cfg.optim.lr, tcfg.steps, cfg.schedule)
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
@@ -231,6 +238,9 @@ def _train(cfg: Config, world: World, device: torch.device, resume: str | None, 
                         f"{last if last else 'none (lower optim.lr or add schedule.warmup_steps)'}")
                 engine.skip()
                 progress.write(f"step {step}: non-finite loss, update skipped ({skips} in a row)")
+                result.step = step
+                if checkpoint_due(step):  # the last good weights, under this step's number
+                    result.checkpoint = save(step)
                 continue
             skips = 0
             measuring = tracker.should_measure(step)
@@ -253,15 +263,17 @@ def _train(cfg: Config, world: World, device: torch.device, resume: str | None, 
                     record["train/grad_norm"] = grad_value
                 window_start, window_tokens = time.perf_counter(), 0
             if step % tcfg.eval_every == 0 or step == tcfg.steps:
-                last_val = evaluate(engine.model, val_loader, device, autocast)
+                with watchdog.paused():
+                    last_val = evaluate(engine.model, val_loader, device, autocast)
                 record["val/loss"] = last_val
             if record and logger is not None:
                 logger.log(step, record)
             progress.set_postfix_str(f"loss {loss_value:.3f} lr {lr:.2e} {tracker.summary_line()}", refresh=False)
             progress.update(1)
-            if step % cfg.checkpoint.every == 0 or (step == end_step and cfg.checkpoint.save_final):
+            if checkpoint_due(step):
                 result.checkpoint = save(step)
     except BaseException:
+        watchdog.stop()
         progress.close()
         if logger is not None:
             logger.close()
@@ -270,6 +282,7 @@ def _train(cfg: Config, world: World, device: torch.device, resume: str | None, 
         elif world.is_main and created:
             shutil.rmtree(run_dir, ignore_errors=True)  # it logged nothing: no trace of a run that never got going
         raise
+    watchdog.stop()
     progress.close()
     result.val_loss = last_val
     if logger is not None:

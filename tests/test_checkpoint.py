@@ -166,3 +166,22 @@ def test_rerun_over_a_finished_run_without_checkpoints_is_refused(tiny_data_dir,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already holds a run" in err[0] and "--resume auto" in err[0]
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+
+def test_nan_skip_still_writes_due_checkpoints_from_the_last_good_weights(tiny_data_dir, tmp_path, monkeypatch):
+    reference = train(tiny_config(tiny_data_dir, tmp_path / "ref"), stop_at=3)  # weights after step 3
+    forward_backward = pretrain.train.forward_backward
+
+    def non_finite_at_4_and_8(engine, loader, step, *args):
+        loss, norm = forward_backward(engine, loader, step, *args)
+        return (float("nan"), norm) if step in (4, 8) else (loss, norm)
+
+    monkeypatch.setattr(pretrain.train, "forward_backward", non_finite_at_4_and_8)
+    result = train(tiny_config(tiny_data_dir, tmp_path / "run", "train.nan_policy=skip", "checkpoint.every=4"))
+    root = tmp_path / "run" / "checkpoints"
+    assert (root / "step_000004").is_dir() and (root / "step_000008").is_dir()  # both fall on skipped steps
+    assert result.step == 8 and result.checkpoint == root / "step_000008"
+    got = load_file(root / "step_000004" / "state" / "model.safetensors")
+    want = load_file(reference.checkpoint / "state" / "model.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert sorted(result.losses) == [1, 2, 3, 5, 6, 7]

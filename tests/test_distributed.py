@@ -342,3 +342,30 @@ def test_a_user_error_in_a_multi_rank_launch_is_one_line(tiny_data_dir, tmp_path
     assert result.returncode == 2, result.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: ") and bad[-1].split("=")[0] in lines[0], lines
     assert not out.exists()
+
+
+def test_a_hung_rank_stops_the_job_through_the_step_watchdog(tiny_data_dir, tmp_path):
+    """A stopped (SIGSTOP) peer never fails a collective; the step watchdog ends the survivor long before
+    the collective timeout (600 s here)."""
+    out, port = tmp_path / "run", free_port()
+    args = tiny_args(tiny_data_dir, out, "train.steps=100000", "checkpoint.every=100000", "parallel.strategy=ddp",
+                     "parallel.timeout_s=600", "parallel.step_timeout_s=3")
+    procs = []
+    for rank in (0, 1):
+        env = {**launch_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "pretrain", "train", *args], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        wait_for_steps(out, 3, procs)
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        _, err = procs[0].communicate(timeout=120)
+        assert procs[0].returncode != 0
+        assert "made no progress" in err and "parallel.step_timeout_s" in err, err[-2000:]
+    finally:
+        os.kill(procs[1].pid, signal.SIGKILL)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+    assert (out / "metrics.jsonl").is_file()  # the run is kept

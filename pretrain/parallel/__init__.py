@@ -9,6 +9,7 @@ from pretrain.config import Config
 from pretrain.optim import build_optimizer
 from pretrain.parallel.engine import DDPEngine, Engine, FSDPEngine
 from pretrain.parallel.world import (
+    StepWatchdog,
     World,
     barrier,
     check_world,
@@ -19,8 +20,8 @@ from pretrain.parallel.world import (
 )
 from pretrain.params import ParamSpec
 
-__all__ = ["Engine", "World", "barrier", "build_engine", "check_world", "close_world", "decided_by_main",
-           "init_world", "mean_over_ranks"]
+__all__ = ["Engine", "StepWatchdog", "World", "barrier", "build_engine", "check_world", "close_world",
+           "decided_by_main", "init_world", "mean_over_ranks"]
 
 
 def build_engine(cfg: Config, model: nn.Module, table: list[ParamSpec], world: World, dtype: torch.dtype,

@@ -9,9 +9,13 @@ fall back to one process without a word, which would otherwise train a different
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from collections.abc import Callable
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -133,6 +137,64 @@ def decided_by_main(decide: Callable[[], T]) -> T:
     if kind == "error":
         raise UserError(value)
     return value
+
+
+class StepWatchdog:
+    """Ends this process when a training step stalls: a hung or dead peer blocks every collective.
+
+    The collective timeout (`parallel.timeout_s`) must cover slow setup, evaluation and checkpoint
+    writes, so it is long; a training step is short and regular. From the second step on (the first
+    includes warm-up and compilation) a step may take `parallel.step_timeout_s` or 10x the slowest
+    step so far, whichever is longer; evaluation and checkpoints run `paused()`. A stalled rank
+    prints one line and exits, and the launcher stops the rest. Off in a single process.
+    """
+
+    def __init__(self, limit_s: float, rank: int, enabled: bool) -> None:
+        self.limit_s, self.rank = limit_s, rank
+        self._lock = threading.Lock()
+        self._started: float | None = None  # when the running step (or its rest after a pause) began
+        self._armed = False
+        self._longest = 0.0
+        self._step = 0
+        self._running = enabled
+        if enabled:
+            threading.Thread(target=self._watch, name="step-watchdog", daemon=True).start()
+
+    def beat(self, step: int) -> None:
+        """A new step begins."""
+        now = time.monotonic()
+        with self._lock:
+            if self._started is not None:
+                self._longest = max(self._longest, now - self._started)
+                self._armed = True
+            self._started, self._step = now, step
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        with self._lock:
+            self._started = None
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._started = time.monotonic()
+
+    def stop(self) -> None:
+        self._running = False
+
+    def _watch(self) -> None:
+        while self._running:
+            time.sleep(min(1.0, self.limit_s / 10))
+            with self._lock:
+                if not (self._running and self._armed and self._started is not None):
+                    continue
+                limit = max(self.limit_s, 10 * self._longest)
+                stalled = time.monotonic() - self._started
+            if stalled > limit:
+                print(f"error: rank {self.rank}: step {self._step} made no progress for {stalled:.0f} s (a hung or "
+                      "dead rank; raise parallel.step_timeout_s if steps are really this slow); stopping, the run is "
+                      "kept: continue it with --resume auto", file=sys.stderr, flush=True)
+                os._exit(1)
 
 
 def barrier() -> None:
