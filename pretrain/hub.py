@@ -126,11 +126,13 @@ def format_listing(files: list[tuple[str, int]]) -> str:
 
 def push_checkpoint(checkpoint: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
                     dry_run: bool = False) -> list[tuple[str, int]]:
-    """Export to a temp folder and upload it to `repo_id` (token: $HF_TOKEN); return the files sent.
+    """Export to a temp folder and upload it to `repo_id`; return the files sent.
+
+    The token is huggingface_hub's own: $HF_TOKEN, else the one `hf auth login` stored.
 
     `dry_run` only exports and lists; it needs no token and makes no network call.
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -140,10 +142,10 @@ def push_checkpoint(checkpoint: str | Path, repo_id: str, private: bool = False,
         validate_repo_id(repo_id)
     except HFValidationError as exc:
         raise UserError(f"--repo-id {repo_id!r} is not a valid hub repo id ({exc}); use ORG/NAME") from None
-    token = os.environ.get("HF_TOKEN")
+    token = get_token()
     if not dry_run and not token:
-        raise UserError("HF_TOKEN is not set; export a token with write access (huggingface.co/settings/tokens) "
-                        "or use --dry-run")
+        raise UserError("no hub token: run `hf auth login` or set HF_TOKEN to a token with write access "
+                        "(huggingface.co/settings/tokens), or use --dry-run")
     ckpt = resolve_checkpoint(checkpoint)
     with tempfile.TemporaryDirectory(prefix="pretrain-push-") as tmp:
         folder = export_checkpoint(ckpt, Path(tmp) / "export")
@@ -199,7 +201,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
 def add_push_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("push", help="export a checkpoint and upload it to the Hugging Face hub",
                        description="Export CHECKPOINT to a temp folder and upload it with huggingface_hub. The "
-                                   "token comes from the HF_TOKEN environment variable.",
+                                   "token is the one `hf auth login` stored, or HF_TOKEN when set.",
                        epilog="Example: HF_TOKEN=hf_... pretrain push runs/tiny-cpu --repo-id me/tiny --private")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help=CHECKPOINT_HELP)
     p.add_argument("--repo-id", required=True, metavar="ORG/NAME", help="hub model repo (created if missing)")

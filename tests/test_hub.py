@@ -124,11 +124,29 @@ def test_push_dry_run_lists_exactly_the_exported_files(checkpoint, exported, mon
     assert parse_listing(capsys.readouterr().out) == walk(exported)
 
 
-def test_push_without_a_token_is_a_user_error(checkpoint, monkeypatch):
+def test_push_without_a_token_is_a_user_error(checkpoint, monkeypatch, tmp_path):
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no-token"))
     monkeypatch.setattr("huggingface_hub.HfApi", RefusingApi)
-    with pytest.raises(UserError, match="HF_TOKEN"):
+    with pytest.raises(UserError, match="hf auth login"):
         cli("push", str(checkpoint), "--repo-id", "me/tiny")
+
+
+def test_push_uses_the_token_of_hf_auth_login(checkpoint, monkeypatch, tmp_path):
+    calls = []
+
+    class TokenApi(RefusingApi):
+        def __init__(self, token):
+            calls.append(token)
+            raise RuntimeError("stop here")
+
+    (tmp_path / "token").write_text("hf_stored\n")  # where `hf auth login` keeps it
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "token"))
+    monkeypatch.setattr("huggingface_hub.HfApi", TokenApi)
+    with pytest.raises(RuntimeError, match="stop here"):
+        cli("push", str(checkpoint), "--repo-id", "me/tiny")
+    assert calls == ["hf_stored"]
 
 
 def test_push_creates_the_repo_and_uploads_the_export(checkpoint, exported, monkeypatch):

@@ -28,7 +28,8 @@ from pretrain.errors import UserError
 T = TypeVar("T")
 
 # Environment variables accelerate sets when its own FSDP / DeepSpeed plugin is chosen; the
-# strategy must come from the run config, so a launch config that asks for another one is refused.
+# strategy and its settings come from the run config, so a launch config with a plugin is refused
+# (as is an accelerate mixed precision other than train.precision).
 _ACCELERATE_STRATEGY_ENV = {"ACCELERATE_USE_FSDP": "fsdp2", "ACCELERATE_USE_DEEPSPEED": "deepspeed"}
 
 
@@ -72,10 +73,14 @@ def check_world(cfg: Config, world: World | None = None) -> World:
         raise UserError(f"the launcher gave RANK={world.rank} LOCAL_RANK={world.local_rank} for WORLD_SIZE="
                         f"{world.size}; fix the launch script")
     for env, plugin in _ACCELERATE_STRATEGY_ENV.items():
-        if os.environ.get(env, "").lower() in ("1", "true") and strategy != plugin:
-            raise UserError(f"the accelerate launch config enables its {plugin} plugin but parallel.strategy="
-                            f"{strategy}; use a plain multi-process accelerate config from launch/accelerate/ "
-                            "and set the strategy in the run config")
+        if os.environ.get(env, "").lower() in ("1", "true"):
+            raise UserError(f"the accelerate launch config enables its {plugin} plugin, whose settings pretrain does "
+                            "not read; use a plain multi-process accelerate config from launch/accelerate/ and set "
+                            f"parallel.strategy (now {strategy}) in the run config")
+    mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if mixed not in ("no", "", cfg.train.precision):
+        raise UserError(f"accelerate launch asks for --mixed_precision {mixed}, which pretrain does not apply; launch "
+                        f"with mixed_precision 'no' and set train.precision (now {cfg.train.precision}) instead")
     if strategy == "deepspeed" and cfg.parallel.zero_stage == 0 and cfg.train.precision in ("bf16", "fp16"):
         raise UserError("DeepSpeed with half precision wraps the optimizer in its own flat-partition optimizer; "
                         "set parallel.zero_stage to 1, 2 or 3 (or train.precision=fp32)")

@@ -132,7 +132,8 @@ class DeepSpeedEngine(Engine):
         return fold_gains(state, self.raw_model) if state is not None else None
 
     def save_state(self, state_dir: Path) -> None:
-        self.ds.save_checkpoint(str(state_dir), tag=_CHECKPOINT_TAG, save_latest=False)
+        # save_latest: DeepSpeed's own tools (zero_to_fp32.py, ds_to_universal) find the tag without -t.
+        self.ds.save_checkpoint(str(state_dir), tag=_CHECKPOINT_TAG, save_latest=True)
 
     def load_state(self, state_dir: Path) -> None:
         if not (state_dir / _CHECKPOINT_TAG).is_dir():
