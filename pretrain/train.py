@@ -28,7 +28,7 @@ from pretrain.config import Config, save_config
 from pretrain.curves import plot_loss_curves
 from pretrain.data import TrainLoader, ValLoader, open_prepared
 from pretrain.errors import UserError
-from pretrain.logger import MetricsLogger, check_trackers_available, read_metrics
+from pretrain.logger import MetricsLogger, check_trackers_available, log_line, read_metrics
 from pretrain.metrics import RotationTracker
 from pretrain.model import build_model, save_hf_model
 from pretrain.parallel import (
@@ -219,7 +219,7 @@ def _train(cfg: Config, world: World, device: torch.device, resume: str | None, 
     watchdog = StepWatchdog(cfg.parallel.step_timeout_s, world.rank, enabled=world.size > 1)
     progress = tqdm(total=tcfg.steps, initial=start_step, disable=not (cfg.logging.progress and world.is_main),
                     dynamic_ncols=True)
-    skips, window_start, window_tokens = 0, time.perf_counter(), 0
+    skips, window_start, window_tokens, window_losses = 0, time.perf_counter(), 0, []
     try:
         for step in range(start_step + 1, end_step + 1):
             watchdog.beat(step)
@@ -251,23 +251,27 @@ def _train(cfg: Config, world: World, device: torch.device, resume: str | None, 
             result.losses[step] = loss_value
             result.step = step
             window_tokens += tokens_per_step
+            window_losses.append(loss_value)
 
             record: dict[str, float] = {}
             if measuring:
                 record.update(tracker.measure(step, lr))
             if step % cfg.logging.log_every == 0 or step == end_step:
                 elapsed = time.perf_counter() - window_start
-                record.update({"train/loss": loss_value, "train/lr": lr, "train/tokens": step * tokens_per_step,
+                record.update({"train/loss": sum(window_losses) / len(window_losses),  # the window's mean
+                               "train/lr": lr, "train/tokens": step * tokens_per_step,
                                "perf/tokens_per_s": window_tokens / elapsed})
                 if grad_value is not None:
                     record["train/grad_norm"] = grad_value
-                window_start, window_tokens = time.perf_counter(), 0
+                window_start, window_tokens, window_losses = time.perf_counter(), 0, []
             if step % tcfg.eval_every == 0 or step == tcfg.steps:
                 with watchdog.paused():
                     last_val = evaluate(engine.model, val_loader, device, autocast)
                 record["val/loss"] = last_val
             if record and logger is not None:
                 logger.log(step, record)
+                if not cfg.logging.progress and ("train/loss" in record or "val/loss" in record):
+                    print(log_line(step, tcfg.steps, record), flush=True)
             progress.set_postfix_str(f"loss {loss_value:.3f} lr {lr:.2e} {tracker.summary_line()}", refresh=False)
             progress.update(1)
             if checkpoint_due(step):

@@ -185,3 +185,14 @@ def test_nan_skip_still_writes_due_checkpoints_from_the_last_good_weights(tiny_d
     want = load_file(reference.checkpoint / "state" / "model.safetensors")
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert sorted(result.losses) == [1, 2, 3, 5, 6, 7]
+
+
+def test_without_the_bar_each_log_step_prints_a_line_with_the_window_mean_loss(tiny_data_dir, tmp_path, capsys):
+    result = train(tiny_config(tiny_data_dir, tmp_path / "run", "logging.log_every=4"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in lines] == ["step 4/8", "step 8/8"]
+    logged = {r["step"]: r["train/loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open())
+              if "train/loss" in r}
+    for step in (4, 8):
+        assert logged[step] == pytest.approx(sum(result.losses[s] for s in range(step - 3, step + 1)) / 4, rel=1e-12)
+        assert f"loss {logged[step]:.4f}" in lines[step // 4 - 1]
