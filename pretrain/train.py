@@ -27,6 +27,7 @@ from pretrain.checkpoint import (
 from pretrain.config import Config, save_config
 from pretrain.curves import plot_loss_curves
 from pretrain.data import TrainLoader, ValLoader, open_prepared
+from pretrain.data.tokenizer import match_model
 from pretrain.errors import UserError
 from pretrain.logger import MetricsLogger, check_trackers_available, log_line, read_metrics
 from pretrain.metrics import RotationTracker
@@ -151,6 +152,7 @@ def _train(cfg: Config, world: World, device: torch.device, resume: str | None, 
     # --- model, optimizer (inside the strategy's engine), metrics
     torch.manual_seed(tcfg.seed)
     model = build_model(cfg.model, len(tokenizer), cfg.data.seq_len, tokenizer.eos_token_id).to(device)
+    match_model(tokenizer, model)  # config.json's special ids and the tokenizer's max length agree
     table = classify_parameters(model, cfg.optim.rotational_embeddings)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     engine = build_engine(cfg, model, table, world, dtype, scaler)

@@ -82,6 +82,7 @@ def prepare_data(cfg: DataConfig, progress: bool = True) -> Path:
     with _staging_dir(out) as tmp:
         tick = time.perf_counter()
         tokenizer = train_bpe(corpus.documents(), cfg.vocab_size, progress) if pretrained is None else pretrained
+        tokenizer.model_max_length = cfg.seq_len  # the context the data is cut for; a model sets its own
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         timings["tokenizer_s"] = time.perf_counter() - tick
 
@@ -143,7 +144,8 @@ def _tokenizer_identity(cfg: DataConfig, pretrained: PreTrainedTokenizerBase | N
     if pretrained is None:
         return {"kind": "bpe", "vocab_size": cfg.vocab_size, "tokenizers": tokenizers.__version__,
                 "max_train_chars": BPE_TRAIN_MAX_CHARS}
-    return {"kind": "pretrained", "name": cfg.tokenizer, "sha256": tokenizer_hash(pretrained)}
+    return {"kind": "pretrained", "name": cfg.tokenizer, "sha256": tokenizer_hash(pretrained),
+            "special_tokens": "template"}  # documents carry the tokenizer's own template (BOS, ...)
 
 
 def _tokenize(corpus: Corpus, tokenizer: PreTrainedTokenizerBase, dtype: str, num_proc: int, path: Path,
