@@ -33,7 +33,7 @@ SAMPLING = {"do_sample": True, "temperature": 0.8, "top_k": 50, "max_new_tokens"
 # ----------------------------------------------------------------------------- export
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+def export_checkpoint(checkpoint: str | Path, out: str | Path, license: str | None = None) -> Path:
     """Write the hub folder of a checkpoint (or a run's latest) to `out`, atomically; return `out`."""
     from pretrain.generate import resolve_checkpoint
 
@@ -44,7 +44,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
-        _write_export(ckpt, tmp)
+        _write_export(ckpt, tmp, license)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -54,7 +54,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     return out
 
 
-def _write_export(ckpt: Path, out: Path) -> None:
+def _write_export(ckpt: Path, out: Path, license: str | None) -> None:
     import torch
     from transformers import AutoConfig, GenerationConfig
 
@@ -76,7 +76,7 @@ def _write_export(ckpt: Path, out: Path) -> None:
         (out / DATA_MANIFEST).write_text(json.dumps(index["source"], indent=1) + "\n")
     trainer = torch.load(ckpt / "state" / "trainer.pt", weights_only=True)
     card = model_card(cfg, int(trainer["step"]), int(trainer["tokens_seen"]), trainer.get("val_loss"),
-                      ckpt / "rotation")
+                      ckpt / "rotation", license)
     card += "\n" + data_section(cfg, index)
     (out / "README.md").write_text(card + "\n" + figures_section(out / "rotation", card))
 
@@ -125,7 +125,7 @@ def format_listing(files: list[tuple[str, int]]) -> str:
 
 
 def push_checkpoint(checkpoint: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
-                    dry_run: bool = False) -> list[tuple[str, int]]:
+                    dry_run: bool = False, license: str | None = None) -> list[tuple[str, int]]:
     """Export to a temp folder and upload it to `repo_id`; return the files sent.
 
     The token is huggingface_hub's own: $HF_TOKEN, else the one `hf auth login` stored.
@@ -148,7 +148,7 @@ def push_checkpoint(checkpoint: str | Path, repo_id: str, private: bool = False,
                         "(huggingface.co/settings/tokens), or use --dry-run")
     ckpt = resolve_checkpoint(checkpoint)
     with tempfile.TemporaryDirectory(prefix="pretrain-push-") as tmp:
-        folder = export_checkpoint(ckpt, Path(tmp) / "export")
+        folder = export_checkpoint(ckpt, Path(tmp) / "export", license)
         files = list_files(folder)
         if dry_run:
             return files
@@ -169,13 +169,13 @@ def push_checkpoint(checkpoint: str | Path, repo_id: str, private: bool = False,
 
 
 def export_command(args: argparse.Namespace) -> None:
-    out = export_checkpoint(args.checkpoint, args.out)
+    out = export_checkpoint(args.checkpoint, args.out, args.license)
     print(format_listing(list_files(out)))
     print(f"exported to {out}; load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
 def push_command(args: argparse.Namespace) -> None:
-    files = push_checkpoint(args.checkpoint, args.repo_id, args.private, args.revision, args.dry_run)
+    files = push_checkpoint(args.checkpoint, args.repo_id, args.private, args.revision, args.dry_run, args.license)
     target = f"{args.repo_id}" + (f"@{args.revision}" if args.revision else "")
     if args.dry_run:
         print(f"dry run: would upload to {target} ({'private' if args.private else 'public'}):")
@@ -185,6 +185,7 @@ def push_command(args: argparse.Namespace) -> None:
               + (f"/tree/{args.revision}" if args.revision else ""))
 
 
+LICENSE_HELP = "license id for the model card metadata (e.g. apache-2.0, mit); omitted when not given"
 CHECKPOINT_HELP = "checkpoint folder (runs/X/checkpoints/step_N), or a run folder (its latest checkpoint)"
 
 
@@ -195,6 +196,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
                                    "metrics and the training config. Loads with AutoModelForCausalLM offline.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help=CHECKPOINT_HELP)
     p.add_argument("out", metavar="OUT", help="new (or empty) folder to write")
+    p.add_argument("--license", metavar="ID", help=LICENSE_HELP)
     p.set_defaults(func=export_command)
 
 
@@ -206,6 +208,7 @@ def add_push_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help=CHECKPOINT_HELP)
     p.add_argument("--repo-id", required=True, metavar="ORG/NAME", help="hub model repo (created if missing)")
     p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--license", metavar="ID", help=LICENSE_HELP)
     p.add_argument("--revision", metavar="BRANCH", help="branch to upload to (created if missing; default main)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the files and sizes that would be uploaded; no token, no network")

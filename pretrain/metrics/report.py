@@ -57,8 +57,8 @@ def model_card_section(rotation_dir: str | Path, heatmap_ref: str = f"rotation/{
     lines = ["## Rotation metrics", "",
              "Angular update θ per optimizer step of every neuron's weight vector, against the rotational-"
              "equilibrium value η_r expected for the scheduled learning rate (Kosson, Messmer, Jaggi, "
-             f"\"Rotational Equilibrium\", ICML 2024); measured every {s['every']} steps, "
-             "format in docs/rotation-metrics.md.", "",
+             f"\"Rotational Equilibrium\", ICML 2024); measured every {s['every']} steps; the series and "
+             "per-neuron snapshots are in `rotation/` beside this card.", "",
              "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in _model_facts(data)]
     lines += ["", "<details><summary>Per-layer table (latest measurement)</summary>", "",
