@@ -8,7 +8,9 @@ Layout of `<run>/checkpoints/step_NNNNNN/`:
                 distributed runs) and the strategy's training state:
                 single/DDP: model.safetensors (raw weights, gains unfolded) + optimizer.pt;
                 FSDP2: dcp/ (torch distributed checkpoint, one shard file per rank, reshardable);
-                DeepSpeed: deepspeed/ (its own per-rank files; same world size and stage to resume)
+                DeepSpeed: deepspeed/ (its own per-rank files, with DeepSpeed's `latest`) and, under
+                ZeRO 1-3, portable/ (per-tensor runs of master weights and optimizer state plus
+                the RV per-neuron state, safetensors: resumes on another world size or stage)
   rotation/     rotation metrics (see docs/rotation-metrics.md)
   config.yaml   the resolved run config
   README.md     model card

@@ -215,22 +215,35 @@ def test_resume_with_dropout_restores_every_ranks_random_stream(runs):
     assert all(torch.equal(got[k], ref[k]) for k in ref)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+# (strategy of the 2-rank first half, overrides of the 1-rank second half)
+RESHARDED = {"ddp": ["parallel.strategy=single"], "fsdp2": ["parallel.strategy=fsdp2"],
+             "zero2": ["parallel.strategy=deepspeed", "parallel.zero_stage=3"]}
+
+
+@pytest.mark.parametrize("strategy", list(RESHARDED))
 def test_resume_on_another_world_size_keeps_the_sample_order(runs, tmp_path, strategy):
-    """2 ranks x 1 micro-step, resumed as 1 rank x 2 micro-steps: the same global batches."""
+    """2 ranks x 1 micro-step, resumed as 1 rank x 2 micro-steps: the same global batches. ZeRO-2 resumes
+    as ZeRO-3 through the portable state, RV per-neuron state included."""
     straight = runs.references["llama", "rv-adamw", ""]
     out = tmp_path / "run"
     first = run_torchrun(tiny_args(runs.data_dir, out, *RUN, "optim.name=rv-adamw", *STRATEGIES[strategy],
                                    "--stop-at", "10"))
     assert first.returncode == 0, first.stdout[-3000:]
-    one_rank = "parallel.strategy=single" if strategy == "ddp" else "parallel.strategy=fsdp2"
-    second = run_torchrun(tiny_args(runs.data_dir, out, *RUN, "optim.name=rv-adamw", one_rank, "train.grad_accum=2",
-                                    "--resume", "auto"), nproc=1)
+    second = run_torchrun(tiny_args(runs.data_dir, out, *RUN, "optim.name=rv-adamw", *RESHARDED[strategy],
+                                    "train.grad_accum=2", "--resume", "auto"), nproc=1)
     assert second.returncode == 0, second.stdout[-3000:]
     got = losses(out)
     for step, value in losses(straight).items():
         assert got[step] == pytest.approx(value, rel=LOSS_RTOL), step
     assert_weights_match(final_weights(out), final_weights(straight))
+    if strategy == "zero2":  # the RV state itself, against the uninterrupted 2-rank ZeRO-2 run
+        neurons = [load_file(run / "checkpoints" / "step_000020" / "state" / "portable" / "rank00000.safetensors")
+                   for run in (out, runs.runs["llama", "rv-adamw", "zero2", ""])]
+        keys = [k for k in neurons[1] if "/neurons/" in k]
+        assert any(k.endswith("update_norm_avg") for k in keys) and any(k.endswith("neuron_norm") for k in keys)
+        for key in keys:
+            rel = ((neurons[0][key] - neurons[1][key]).norm() / neurons[1][key].norm().clamp_min(1e-12)).item()
+            assert rel <= WEIGHT_RTOL, (key, rel)
 
 
 def test_resume_refuses_a_different_global_batch(tiny_data_dir, tmp_path):
@@ -252,15 +265,15 @@ def wait_for_steps(out: Path, count: int, alive: list[subprocess.Popen]) -> None
         time.sleep(0.5)
 
 
-def test_deepspeed_refuses_to_resume_on_another_world_size(tiny_data_dir, tmp_path):
+def test_deepspeed_without_zero_refuses_to_resume_on_another_world_size(tiny_data_dir, tmp_path):
     out = tmp_path / "run"
-    zero = ["parallel.strategy=deepspeed", "parallel.zero_stage=1"]
+    zero = ["parallel.strategy=deepspeed", "parallel.zero_stage=0"]
     first = run_torchrun(tiny_args(tiny_data_dir, out, *RUN, *zero, "--stop-at", "10"))
     assert first.returncode == 0, first.stdout[-3000:]
     second = run_torchrun(tiny_args(tiny_data_dir, out, *RUN, *zero, "train.grad_accum=2", "--resume", "auto"),
                           nproc=1)
     assert second.returncode != 0
-    assert "resumes only on the same world size and stage (now 1 rank(s), stage 1)" in second.stdout
+    assert "only between ZeRO stages 1-3 (now 1 rank(s), stage 0)" in second.stdout
 
 
 def test_a_killed_rank_stops_the_others(tiny_data_dir, tmp_path):
