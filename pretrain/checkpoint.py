@@ -119,9 +119,10 @@ def newest_verified(run_dir: Path, say: Callable[[str], None]) -> Path | None:
     (resuming from step 0 would silently throw them away).
     """
     named = latest_target(run_dir)
-    if named is not None and not named.is_dir():
-        say(f"checkpoints/latest names {named.name}, which does not exist; trying the other checkpoints")
     skipped = []
+    if named is not None and not named.is_dir():
+        skipped.append(f"{named.name}: named by checkpoints/latest but missing")
+        say(f"checkpoints/latest names {named.name}, which does not exist; trying the other checkpoints")
     for ckpt in candidates(run_dir):
         reason = verify_checkpoint(ckpt)
         if reason is None:
@@ -130,7 +131,7 @@ def newest_verified(run_dir: Path, say: Callable[[str], None]) -> Path | None:
         say(f"skipping checkpoint {ckpt}: {reason}")
     if skipped:
         raise UserError(f"no checkpoint in {checkpoint_root(run_dir)} verifies ({'; '.join(skipped[:3])}); "
-                        "pass --resume with a checkpoint folder you trust, or set train.out_dir to a new folder")
+                        "restore the damaged files, or set train.out_dir to a new folder")
     return None
 
 

@@ -1,6 +1,7 @@
 """Checkpoint discovery, publishing and verification, and the resume rules that keep every run."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,10 @@ def test_a_latest_pointing_at_a_missing_folder_falls_back(tmp_path):
     notices: list[str] = []
     assert newest_verified(tmp_path, notices.append).name == "step_000008"
     assert "step_000012" in notices[0] and "does not exist" in notices[0]
+    for step in (4, 8):  # and with nothing to fall back to, it refuses instead of starting from step 0
+        shutil.rmtree(tmp_path / "checkpoints" / f"step_{step:06d}")
+    with pytest.raises(UserError, match="step_000012: named by checkpoints/latest but missing"):
+        newest_verified(tmp_path, notices.append)
 
 
 # ----------------------------------------------------------------------------- through training

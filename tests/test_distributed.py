@@ -229,6 +229,12 @@ def test_resume_on_another_world_size_keeps_the_sample_order(runs, tmp_path, str
     first = run_torchrun(tiny_args(runs.data_dir, out, *RUN, "optim.name=rv-adamw", *STRATEGIES[strategy],
                                    "--stop-at", "10"))
     assert first.returncode == 0, first.stdout[-3000:]
+    if strategy == "zero2":  # DeepSpeed's own converter finds the checkpoint through its `latest` file (no -t)
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        ckpt = out / "checkpoints" / "step_000010"
+        fp32, exported = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "state")), final_weights(out)
+        assert exported.keys() <= fp32.keys() and all(torch.equal(fp32[k], exported[k]) for k in exported)
     second = run_torchrun(tiny_args(runs.data_dir, out, *RUN, "optim.name=rv-adamw", *RESHARDED[strategy],
                                     "train.grad_accum=2", "--resume", "auto"), nproc=1)
     assert second.returncode == 0, second.stdout[-3000:]
