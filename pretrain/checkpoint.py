@@ -25,11 +25,12 @@ to the newest checkpoint that verifies, naming the ones it skipped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -189,7 +190,8 @@ def write_checkpoint(run_dir: Path, step: int, keep_last: int, write_contents: C
         tmp.mkdir()
     barrier()
     try:
-        write_contents(tmp)
+        with _quiet_transformers():  # no per-file progress bars on stderr in the middle of training
+            write_contents(tmp)
         barrier()
         if is_main:
             _write_manifest(tmp)
@@ -211,6 +213,19 @@ def write_checkpoint(run_dir: Path, step: int, keep_last: int, write_contents: C
         _prune(root, keep_last, step)
     barrier()
     return final
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _write_manifest(ckpt: Path) -> None:

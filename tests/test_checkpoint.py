@@ -1,5 +1,6 @@
 """Checkpoint discovery, publishing and verification, and the resume rules that keep every run."""
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -201,3 +202,22 @@ def test_without_the_bar_each_log_step_prints_a_line_with_the_window_mean_loss(t
     for step in (4, 8):
         assert logged[step] == pytest.approx(sum(result.losses[s] for s in range(step - 3, step + 1)) / 4, rel=1e-12)
         assert f"loss {logged[step]:.4f}" in lines[step // 4 - 1]
+
+
+def test_a_disk_that_fills_during_a_checkpoint_is_one_line_and_keeps_the_run(tiny_data_dir, tmp_path, capsys,
+                                                                              monkeypatch):
+    save_trainer_state = pretrain.train.save_trainer_state
+
+    def disk_full_at_step_8(state_dir, trainer_state):
+        if trainer_state["step"] == 8:
+            raise OSError(errno.ENOSPC, "No space left on device", str(state_dir / "trainer.pt"))
+        save_trainer_state(state_dir, trainer_state)
+
+    monkeypatch.setattr(pretrain.train, "save_trainer_state", disk_full_at_step_8)
+    assert main(["train", *tiny_args(tiny_data_dir, tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no space left on the disk while writing"), err
+    assert "trainer.pt" in err[0]
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000004"]  # nothing half-written
+    assert verify_checkpoint(root / "step_000004") is None and (tmp_path / "run" / "metrics.jsonl").is_file()
