@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,16 +146,36 @@ def finished_run(tmp_path_factory, tiny_data_dir) -> Path:
     return out
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_is_one_line_and_changes_nothing(name, tmp_path, tiny_data_dir, finished_run):
-    case = CASES[name](Inputs(tmp_path, tiny_data_dir, finished_run))
-    watched = case.watched + [tiny_data_dir, finished_run]
-    before = [digest(folder) for folder in watched]
+@dataclass
+class Outcome:
+    case: Case
+    result: subprocess.CompletedProcess
+    unchanged: bool
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory, tiny_data_dir, finished_run) -> dict[str, Outcome]:
+    """Every case set up, then all run at once (a few at a time): each is a separate interpreter start."""
+    cases = {name: make(Inputs(tmp_path_factory.mktemp(name), tiny_data_dir, finished_run))
+             for name, make in CASES.items()}
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "pretrain", *case.argv], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+
+    def run(case: Case) -> Outcome:
+        watched = case.watched + [tiny_data_dir, finished_run]
+        before = [digest(folder) for folder in watched]
+        result = subprocess.run([sys.executable, "-m", "pretrain", *case.argv], cwd=case.watched[0].parent, env=env,
+                                capture_output=True, text=True, timeout=600)
+        return Outcome(case, result, [digest(folder) for folder in watched] == before)
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        return dict(zip(cases, pool.map(run, cases.values()), strict=True))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_line_and_changes_nothing(name, outcomes):
+    case, result = outcomes[name].case, outcomes[name].result
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
     assert case.named in lines[0], lines[0]
-    assert [digest(folder) for folder in watched] == before
+    assert outcomes[name].unchanged
