@@ -8,20 +8,29 @@ Layout of `<run>/checkpoints/step_NNNNNN/`:
                 distributed runs) and the strategy's training state:
                 single/DDP: model.safetensors (raw weights, gains unfolded) + optimizer.pt;
                 FSDP2: dcp/ (torch distributed checkpoint, one shard file per rank, reshardable);
-                DeepSpeed: deepspeed/ (its own per-rank files; same world size and stage to resume)
+                DeepSpeed: deepspeed/ (its own per-rank files, with DeepSpeed's `latest`) and, under
+                ZeRO 1-3, portable/ (per-tensor runs of master weights and optimizer state plus
+                the RV per-neuron state, safetensors: resumes on another world size or stage)
   rotation/     rotation metrics (see docs/rotation-metrics.md)
   config.yaml   the resolved run config
   README.md     model card
-A checkpoint is written into a temp folder and renamed into place, and only then does
-`checkpoints/latest` name it, so `latest` never points at a partial checkpoint. In a distributed
-run every rank writes its part into the same temp folder; rank 0 alone creates, renames and prunes.
+  checksums.json  size and sha256 of every file above, recorded at write time
+A checkpoint is written into a temp folder (`.tmp-*`), checksummed, fsync'ed and renamed into place,
+and only then does `checkpoints/latest` name it, so `latest` never points at a partial checkpoint.
+In a distributed run every rank writes its part into the same temp folder; rank 0 alone creates,
+checksums, renames and prunes. Resume verifies every checksum before anything is loaded (so the
+pickle-based loaders of DeepSpeed and DCP only ever see the bytes this code wrote) and falls back
+to the newest checkpoint that verifies, naming the ones it skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +38,18 @@ import torch
 import yaml
 
 from pretrain.config import Config, config_to_dict, save_config
-from pretrain.errors import UserError
+from pretrain.durable import fsync_dir, fsync_tree, sha256_file, write_text_durably
+from pretrain.errors import UserError, disk_error
 
 FORMAT_VERSION = 1
 # Config keys that define the trajectory of a run; a checkpoint resumes only under equal values.
 IDENTITY_SECTIONS = ("model", "optim", "schedule")
 IDENTITY_KEYS = {"data": ("dir", "seq_len", "tokenizer", "vocab_size"),
                  "train": ("steps", "seed")}
+
+
+MANIFEST = "checksums.json"
+_STEP_DIR = re.compile(r"step_(\d+)")
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -46,50 +60,195 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def find_latest(run_dir: Path) -> Path | None:
-    """The checkpoint `latest` names, or None when the run has no complete checkpoint."""
+def step_of(ckpt: Path) -> int:
+    return int(ckpt.name.removeprefix("step_"))
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """The published checkpoint folders of a run, newest step first (temp and torn folders excluded)."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=step_of, reverse=True)
+
+
+def latest_target(run_dir: Path) -> Path | None:
+    """The folder `checkpoints/latest` names (whether or not it still exists), or None without a pointer."""
     pointer = checkpoint_root(run_dir) / "latest"
     if not pointer.is_file():
         return None
-    ckpt = checkpoint_root(run_dir) / pointer.read_text().strip()
-    return ckpt if (ckpt / "state" / "trainer.pt").is_file() else None
+    return checkpoint_root(run_dir) / Path(pointer.read_text().strip()).name
+
+
+def candidates(run_dir: Path) -> list[Path]:
+    """Checkpoints to try, best first: the one `latest` names, then every other one by step, newest first."""
+    named = latest_target(run_dir)
+    found = list_checkpoints(run_dir)
+    return ([named] if named in found else []) + [p for p in found if p != named]
+
+
+def find_latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (the one `latest` names, else the highest step), without verifying it."""
+    return next((p for p in candidates(run_dir) if (p / MANIFEST).is_file()), None)
+
+
+def verify_checkpoint(ckpt: Path) -> str | None:
+    """Why `ckpt` cannot be trusted (a missing, truncated or changed file), or None when every checksum matches."""
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (an incomplete checkpoint, or one written before checksums were recorded)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{MANIFEST} is unreadable ({exc})"
+    for name, entry in files.items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, {entry['bytes']} were written"
+        if sha256_file(path) != entry["sha256"]:
+            return f"{name} does not match its recorded sha256"
+    return None
+
+
+def newest_verified(run_dir: Path, say: Callable[[str], None]) -> Path | None:
+    """The newest checkpoint whose checksums match, saying which ones were skipped and why.
+
+    None when the run has no checkpoint at all; UserError when it has some and none verifies
+    (resuming from step 0 would silently throw them away).
+    """
+    named = latest_target(run_dir)
+    skipped = []
+    if named is not None and not named.is_dir():
+        skipped.append(f"{named.name}: named by checkpoints/latest but missing")
+        say(f"checkpoints/latest names {named.name}, which does not exist; trying the other checkpoints")
+    for ckpt in candidates(run_dir):
+        reason = verify_checkpoint(ckpt)
+        if reason is None:
+            return ckpt
+        skipped.append(f"{ckpt.name}: {reason}")
+        say(f"skipping checkpoint {ckpt}: {reason}")
+    if skipped:
+        raise UserError(f"no checkpoint in {checkpoint_root(run_dir)} verifies ({'; '.join(skipped[:3])}); "
+                        "restore the damaged files, or set train.out_dir to a new folder")
+    return None
+
+
+def holds_run(run_dir: Path) -> str | None:
+    """What makes `run_dir` a run a fresh start would overwrite (checkpoints, logged metrics), or None."""
+    if list_checkpoints(run_dir) or latest_target(run_dir) is not None:
+        return "checkpoints"
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        return "logged metrics"
+    return None
+
+
+def choose_resume(run_dir: Path, resume: str | None, cfg: Config, say: Callable[[str], None]) -> Path | None:
+    """The checkpoint to continue: `auto` -> newest that verifies, a path -> that one (verified), None -> fresh.
+
+    Never a silent restart: a fresh start over an existing run is refused, and so is a run whose
+    checkpoints all fail verification; a resumed config must match the one that wrote the run.
+    """
+    if resume is None:
+        held = holds_run(run_dir)
+        if held:
+            raise UserError(f"{run_dir} already holds a run ({held}); pass --resume auto to continue it "
+                            "or set train.out_dir to a new folder")
+        return None
+    if resume == "auto":
+        ckpt = newest_verified(run_dir, say)
+        if ckpt is not None:
+            check_compatible(ckpt, cfg)
+        elif holds_run(run_dir):
+            check_compatible(run_dir, cfg)
+            say(f"{run_dir} has no checkpoint yet; starting it again from step 0")
+        return ckpt
+    ckpt = Path(resume)
+    if not ckpt.is_dir():
+        raise UserError(f"--resume {resume} is not a checkpoint folder; pass a checkpoints/step_* folder or 'auto'")
+    reason = verify_checkpoint(ckpt)
+    if reason is not None:
+        raise UserError(f"--resume {resume} does not verify: {reason}; pass another checkpoint folder")
+    check_compatible(ckpt, cfg)
+    return ckpt
 
 
 def write_checkpoint(run_dir: Path, step: int, keep_last: int, write_contents: Callable[[Path], None],
                      is_main: bool = True, barrier: Callable[[], None] = lambda: None) -> Path:
-    """Let `write_contents` fill a temp folder (on every rank), move it into place, point `latest` at it, prune."""
+    """Let `write_contents` fill a temp folder (on every rank), then publish it: checksums, fsync, rename,
+    `latest`, prune. A crash at any point leaves the previous checkpoints and `latest` intact."""
     root = checkpoint_root(run_dir)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}"
     if is_main:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in root.glob(".tmp-*"):  # torn by an earlier crash
+            shutil.rmtree(leftover, ignore_errors=True)
         tmp.mkdir()
     barrier()
     try:
-        write_contents(tmp)
+        with _quiet_transformers():  # no per-file progress bars on stderr in the middle of training
+            write_contents(tmp)
+        barrier()
+        if is_main:
+            _write_manifest(tmp)
+            fsync_tree(tmp)
+    except Exception as exc:
+        explained = disk_error(exc, tmp)  # judged before the temp folder frees its space
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if explained is not None:
+            raise explained from None
+        raise
     except BaseException:
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    barrier()
     if is_main:
-        if final.exists():  # re-saving the same step (e.g. a resumed run's final save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer_tmp = root / "latest.tmp"
-        pointer_tmp.write_text(final.name + "\n")
-        os.replace(pointer_tmp, root / "latest")
-        _prune(root, keep_last, keep=final.name)
+        _publish(tmp, final)
+        write_text_durably(root / "latest", final.name + "\n")
+        _prune(root, keep_last, step)
     barrier()
     return final
 
 
-def _prune(root: Path, keep_last: int, keep: str) -> None:
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in steps[:-keep_last]:
-        if old.name != keep:
-            shutil.rmtree(old, ignore_errors=True)
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _write_manifest(ckpt: Path) -> None:
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file())
+    entries = {str(p.relative_to(ckpt)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
+    (ckpt / MANIFEST).write_text(json.dumps({"format": 1, "files": entries}, indent=1) + "\n")
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`; an existing `final` (a resumed run re-saving a step) is moved aside first."""
+    old = final.with_name(f".tmp-old-{final.name}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _prune(root: Path, keep_last: int, step: int) -> None:
+    """Keep the newest `keep_last` checkpoints up to `step`; later ones (a trajectory being redone) stay."""
+    for old in [p for p in list_checkpoints(root.parent) if step_of(p) <= step][keep_last:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_trainer_state(state_dir: Path, trainer_state: dict[str, Any]) -> None:
@@ -122,8 +281,15 @@ def save_run_config(cfg: Config, ckpt_dir: Path) -> None:
 
 
 def check_compatible(ckpt: Path, cfg: Config) -> None:
-    """Refuse to resume a checkpoint whose trajectory-defining config differs from `cfg`."""
-    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+    """Refuse to continue a checkpoint (or run folder) whose trajectory-defining config differs from `cfg`."""
+    path = ckpt / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        return  # a run folder that crashed before writing its config: nothing to contradict
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"cannot read {path} ({str(exc).splitlines()[0]}); restore it or choose a new "
+                        "train.out_dir") from None
     current = config_to_dict(cfg)
     diffs = []
     for section in IDENTITY_SECTIONS + tuple(IDENTITY_KEYS):
@@ -140,7 +306,8 @@ def check_compatible(ckpt: Path, cfg: Config) -> None:
         diffs.append(f"global batch (micro_batch_size x grad_accum x world size): {old_batch} sequences in the "
                      f"checkpoint vs {cfg.global_batch_size} now")
     if diffs:
-        raise UserError(f"checkpoint {ckpt} was written by an incompatible config ({'; '.join(diffs[:3])}); "
+        what = "checkpoint" if _STEP_DIR.fullmatch(ckpt.name) else "run folder"
+        raise UserError(f"{what} {ckpt} was written by an incompatible config ({'; '.join(diffs[:3])}); "
                         "resume with the run's own config or choose a new train.out_dir")
 
 

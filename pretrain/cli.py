@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from pretrain.errors import UserError
+from pretrain.errors import USER_ERROR, UserError, disk_error
 from pretrain.hub import add_export_parser, add_push_parser
 from pretrain.study import add_study_parser
 
@@ -118,9 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (UserError, OSError) as exc:
+        error = exc if isinstance(exc, UserError) else disk_error(exc)
+        if error is None:
+            raise
+        if os.environ.get("RANK", "0") == "0":  # every rank of a launch meets the same error: say it once
+            print(f"error: {error}", file=sys.stderr)
+        return USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -226,7 +226,9 @@ class ParallelConfig:
     deepspeed_config: Optional[str] = None
     """DeepSpeed JSON merged under the settings derived from this config (buckets, offload, ...); default null."""
     timeout_s: int = 600
-    """Seconds a collective waits for a peer before the run fails; default 600."""
+    """Seconds a collective waits for a peer before the run fails (setup, evaluation, checkpoints); default 600."""
+    step_timeout_s: float = 60.0
+    """Seconds a training step may stall (or 10x the slowest step, if longer) before the rank stops; default 60.0."""
 
 
 @dataclass
@@ -266,7 +268,12 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"override {item!r} is not of the form section.key=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as exc:
+            raise UserError(f"override {key.strip()}={value} is not valid YAML ({_yaml_problem(exc)}); quote it "
+                            "or fix it, e.g. 'optim.betas=[0.9, 0.95]'") from None
+        _set_dotted(raw, key.strip(), parsed)
     return config_from_dict(raw)
 
 
@@ -311,15 +318,28 @@ def validate(cfg: Config) -> None:
     if cfg.schedule.warmup_steps < 0 or cfg.schedule.warmup_steps > cfg.train.steps:
         raise UserError(f"schedule.warmup_steps must be in [0, train.steps={cfg.train.steps}], "
                         f"got {cfg.schedule.warmup_steps}")
+    _validate_parallel(cfg)
+    if cfg.optim.lr <= 0:
+        raise UserError(f"optim.lr must be positive, got {cfg.optim.lr}")
+    if cfg.optim.name.startswith("rv-") and cfg.optim.weight_decay <= 0:
+        raise UserError(f"optim.weight_decay must be positive for {cfg.optim.name} (it sets the equilibrium rotation "
+                        f"rate), got {cfg.optim.weight_decay}; set it (e.g. 0.1) or use a plain optimizer")
+    max_pos = cfg.model.max_position_embeddings
+    if max_pos is not None and max_pos < cfg.data.seq_len:
+        raise UserError(f"model.max_position_embeddings={max_pos} is below data.seq_len={cfg.data.seq_len}; "
+                        "raise it or lower data.seq_len")
+
+
+def _validate_parallel(cfg: Config) -> None:
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise UserError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}")
     if cfg.parallel.strategy == "deepspeed" and cfg.train.nan_policy == "skip":
         raise UserError("train.nan_policy=skip is not available under DeepSpeed (its gradients are reduced into its "
                         "own buffers before the loss is checked); use train.nan_policy=stop")
+    if cfg.parallel.step_timeout_s <= 0 or cfg.parallel.timeout_s <= 0:
+        raise UserError("parallel.timeout_s and parallel.step_timeout_s must be positive")
     if cfg.parallel.world_size is not None and cfg.parallel.world_size < 1:
         raise UserError(f"parallel.world_size must be positive, got {cfg.parallel.world_size}")
-    if cfg.optim.lr <= 0:
-        raise UserError(f"optim.lr must be positive, got {cfg.optim.lr}")
 
 
 # ----------------------------------------------------------------------------- internals
@@ -356,10 +376,17 @@ def read_yaml_mapping(path: Path, what: str, example: str, shape: str) -> dict[s
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise UserError(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{what} {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{what} {path} must be {shape}, got {type(raw).__name__}")
     return raw
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's problem with its line and column (1-based), on one line."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
 def _read_recipe(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ SAMPLING = {"do_sample": True, "temperature": 0.8, "top_k": 50, "max_new_tokens"
 # ----------------------------------------------------------------------------- export
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+def export_checkpoint(checkpoint: str | Path, out: str | Path, license: str | None = None) -> Path:
     """Write the hub folder of a checkpoint (or a run's latest) to `out`, atomically; return `out`."""
     from pretrain.generate import resolve_checkpoint
 
@@ -44,7 +44,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
-        _write_export(ckpt, tmp)
+        _write_export(ckpt, tmp, license)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -54,7 +54,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     return out
 
 
-def _write_export(ckpt: Path, out: Path) -> None:
+def _write_export(ckpt: Path, out: Path, license: str | None) -> None:
     import torch
     from transformers import AutoConfig, GenerationConfig
 
@@ -76,7 +76,7 @@ def _write_export(ckpt: Path, out: Path) -> None:
         (out / DATA_MANIFEST).write_text(json.dumps(index["source"], indent=1) + "\n")
     trainer = torch.load(ckpt / "state" / "trainer.pt", weights_only=True)
     card = model_card(cfg, int(trainer["step"]), int(trainer["tokens_seen"]), trainer.get("val_loss"),
-                      ckpt / "rotation")
+                      ckpt / "rotation", license)
     card += "\n" + data_section(cfg, index)
     (out / "README.md").write_text(card + "\n" + figures_section(out / "rotation", card))
 
@@ -125,12 +125,14 @@ def format_listing(files: list[tuple[str, int]]) -> str:
 
 
 def push_checkpoint(checkpoint: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
-                    dry_run: bool = False) -> list[tuple[str, int]]:
-    """Export to a temp folder and upload it to `repo_id` (token: $HF_TOKEN); return the files sent.
+                    dry_run: bool = False, license: str | None = None) -> list[tuple[str, int]]:
+    """Export to a temp folder and upload it to `repo_id`; return the files sent.
+
+    The token is huggingface_hub's own: $HF_TOKEN, else the one `hf auth login` stored.
 
     `dry_run` only exports and lists; it needs no token and makes no network call.
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -140,13 +142,13 @@ def push_checkpoint(checkpoint: str | Path, repo_id: str, private: bool = False,
         validate_repo_id(repo_id)
     except HFValidationError as exc:
         raise UserError(f"--repo-id {repo_id!r} is not a valid hub repo id ({exc}); use ORG/NAME") from None
-    token = os.environ.get("HF_TOKEN")
+    token = get_token()
     if not dry_run and not token:
-        raise UserError("HF_TOKEN is not set; export a token with write access (huggingface.co/settings/tokens) "
-                        "or use --dry-run")
+        raise UserError("no hub token: run `hf auth login` or set HF_TOKEN to a token with write access "
+                        "(huggingface.co/settings/tokens), or use --dry-run")
     ckpt = resolve_checkpoint(checkpoint)
     with tempfile.TemporaryDirectory(prefix="pretrain-push-") as tmp:
-        folder = export_checkpoint(ckpt, Path(tmp) / "export")
+        folder = export_checkpoint(ckpt, Path(tmp) / "export", license)
         files = list_files(folder)
         if dry_run:
             return files
@@ -167,13 +169,13 @@ def push_checkpoint(checkpoint: str | Path, repo_id: str, private: bool = False,
 
 
 def export_command(args: argparse.Namespace) -> None:
-    out = export_checkpoint(args.checkpoint, args.out)
+    out = export_checkpoint(args.checkpoint, args.out, args.license)
     print(format_listing(list_files(out)))
     print(f"exported to {out}; load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
 def push_command(args: argparse.Namespace) -> None:
-    files = push_checkpoint(args.checkpoint, args.repo_id, args.private, args.revision, args.dry_run)
+    files = push_checkpoint(args.checkpoint, args.repo_id, args.private, args.revision, args.dry_run, args.license)
     target = f"{args.repo_id}" + (f"@{args.revision}" if args.revision else "")
     if args.dry_run:
         print(f"dry run: would upload to {target} ({'private' if args.private else 'public'}):")
@@ -183,6 +185,7 @@ def push_command(args: argparse.Namespace) -> None:
               + (f"/tree/{args.revision}" if args.revision else ""))
 
 
+LICENSE_HELP = "license id for the model card metadata (e.g. apache-2.0, mit); omitted when not given"
 CHECKPOINT_HELP = "checkpoint folder (runs/X/checkpoints/step_N), or a run folder (its latest checkpoint)"
 
 
@@ -193,17 +196,19 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
                                    "metrics and the training config. Loads with AutoModelForCausalLM offline.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help=CHECKPOINT_HELP)
     p.add_argument("out", metavar="OUT", help="new (or empty) folder to write")
+    p.add_argument("--license", metavar="ID", help=LICENSE_HELP)
     p.set_defaults(func=export_command)
 
 
 def add_push_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("push", help="export a checkpoint and upload it to the Hugging Face hub",
                        description="Export CHECKPOINT to a temp folder and upload it with huggingface_hub. The "
-                                   "token comes from the HF_TOKEN environment variable.",
+                                   "token is the one `hf auth login` stored, or HF_TOKEN when set.",
                        epilog="Example: HF_TOKEN=hf_... pretrain push runs/tiny-cpu --repo-id me/tiny --private")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help=CHECKPOINT_HELP)
     p.add_argument("--repo-id", required=True, metavar="ORG/NAME", help="hub model repo (created if missing)")
     p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--license", metavar="ID", help=LICENSE_HELP)
     p.add_argument("--revision", metavar="BRANCH", help="branch to upload to (created if missing; default main)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the files and sizes that would be uploaded; no token, no network")

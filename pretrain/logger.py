@@ -30,6 +30,20 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def log_line(step: int, total: int, record: dict[str, float]) -> str:
+    """One text line per logged step, for runs without the progress bar (`logging.progress=false`, batch jobs)."""
+    parts = [f"step {step}/{total}"]
+    if "train/loss" in record:  # the mean over the steps since the previous log line
+        parts.append(f"loss {record['train/loss']:.4f}")
+    if "val/loss" in record:
+        parts.append(f"val {record['val/loss']:.4f}")
+    if "train/lr" in record:
+        parts.append(f"lr {record['train/lr']:.2e}")
+    if "perf/tokens_per_s" in record:
+        parts.append(f"{record['perf/tokens_per_s']:,.0f} tok/s")
+    return " | ".join(parts)
+
+
 class MetricsLogger:
     """Writes every record to `metrics.jsonl` and forwards scalars to the enabled trackers.
 

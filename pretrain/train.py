@@ -8,6 +8,7 @@ and `_loop` strings them together. The loop knows no strategy: it talks to an `E
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import shutil
@@ -21,8 +22,9 @@ from tqdm import tqdm
 
 from pretrain.card import model_card
 from pretrain.checkpoint import (
-    check_compatible,
+    choose_resume,
     find_latest,
+    holds_run,
     load_trainer_state,
     save_rank_rng,
     save_run_config,
@@ -31,20 +33,23 @@ from pretrain.checkpoint import (
 )
 from pretrain.config import Config, save_config
 from pretrain.curves import plot_loss_curves
-from pretrain.data import TrainLoader, ValLoader, load_index, load_tokenizer
+from pretrain.data import TrainLoader, ValLoader, open_prepared
+from pretrain.data.tokenizer import match_model
 from pretrain.errors import UserError
-from pretrain.logger import MetricsLogger, check_trackers_available, read_metrics
+from pretrain.logger import MetricsLogger, check_trackers_available, log_line, read_metrics
 from pretrain.loss import LossFn, build_loss, causal_lm_loss
 from pretrain.metrics import RotationTracker
 from pretrain.metrics.sources import FusedSource, OptimizerSource
 from pretrain.model import build_model, save_hf_model
 from pretrain.parallel import (
     Engine,
+    StepWatchdog,
     World,
     barrier,
     build_engine,
     check_world,
     close_world,
+    decided_by_main,
     init_world,
     mean_over_ranks,
 )
@@ -70,8 +75,9 @@ class TrainResult:
 class Run:
     """Everything a training run builds once, before its first step.
 
-    Used as a context manager: leaving it closes the logger, and a run that fails before its first
-    checkpoint leaves no folder behind (a divergence keeps it: its log says what happened).
+    Used as a context manager: leaving it stops the step watchdog and closes the logger. A run that
+    fails keeps its folder once it holds anything (a checkpoint, a logged metric) and says how to
+    continue it; only a folder this run created and never wrote into is removed.
     """
 
     cfg: Config  # resolved: parallel.world_size is the launched world size
@@ -89,6 +95,7 @@ class Run:
     created_dir: bool  # whether this run created run_dir
     val_loss: float | None = None  # the latest evaluation
     loss_fn: LossFn = causal_lm_loss  # model forward + loss; compiled as one region under train.compile
+    watchdog: StepWatchdog | None = None  # ends a rank whose step stalls (a hung peer); multi-rank runs only
 
     @property
     def tokens_per_step(self) -> int:
@@ -98,11 +105,16 @@ class Run:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.logger is not None:
             self.logger.close()
-        nothing_saved = self.created_dir and find_latest(self.run_dir) is None
-        if exc is not None and self.world.is_main and nothing_saved and not isinstance(exc, TrainingDiverged):
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+        if exc is None or not self.world.is_main:
+            return
+        if holds_run(self.run_dir):
+            print(f"run kept in {self.run_dir}; continue it with --resume auto")
+        elif self.created_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)  # it wrote nothing: no trace of a run that never started
 
 
 @dataclass
@@ -138,19 +150,9 @@ def pick_precision(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
-    """`auto` -> newest complete checkpoint (or None), a path -> that checkpoint, None -> fresh run."""
-    if resume is None:
-        if find_latest(run_dir) is not None:
-            raise UserError(f"{run_dir} already holds checkpoints; pass --resume auto to continue it "
-                            "or set train.out_dir to a new folder")
-        return None
-    if resume == "auto":
-        return find_latest(run_dir)
-    ckpt = Path(resume)
-    if not (ckpt / "state" / "trainer.pt").is_file():
-        raise UserError(f"--resume {resume} is not a complete checkpoint folder (no state/trainer.pt)")
-    return ckpt
+def resolve_resume(run_dir: Path, resume: str | None, cfg: Config) -> Path | None:
+    """The checkpoint to continue (rules in checkpoint.choose_resume), decided and announced by rank 0."""
+    return decided_by_main(lambda: choose_resume(run_dir, resume, cfg, print))
 
 
 # ----------------------------------------------------------------------------- one step
@@ -212,8 +214,14 @@ def evaluate(engine: Engine, loader: ValLoader, device: torch.device, loss_fn: L
 
 def save_checkpoint(run: Run, step: int) -> Path:
     """Write `checkpoints/step_NNNNNN` of `run` (every rank calls it) and return its folder."""
-    return write_checkpoint(run.run_dir, step, run.cfg.checkpoint.keep_last,
-                            lambda tmp: _checkpoint_contents(run, step, tmp), run.world.is_main, barrier)
+    with _paused(run):
+        return write_checkpoint(run.run_dir, step, run.cfg.checkpoint.keep_last,
+                                lambda tmp: _checkpoint_contents(run, step, tmp), run.world.is_main, barrier)
+
+
+def _paused(run: Run) -> contextlib.AbstractContextManager[None]:
+    """Work that may take longer than a step (evaluation, checkpoints) is not a stall."""
+    return run.watchdog.paused() if run.watchdog is not None else contextlib.nullcontext()
 
 
 def _checkpoint_contents(run: Run, step: int, tmp: Path) -> None:
@@ -245,14 +253,11 @@ def setup(cfg: Config, world: World, device: torch.device, resume: str | None, s
     # The saved config records the world size: the global batch depends on it.
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, world_size=world.size))
     run_dir = Path(cfg.train.out_dir)
-    ckpt_in = resolve_resume(run_dir, resume)
-    if ckpt_in is not None:
-        check_compatible(ckpt_in, cfg)
+    ckpt_in = resolve_resume(run_dir, resume, cfg)
 
     # Data, validated first; each rank reads only its own windows.
     data_dir, t = Path(cfg.data.dir), cfg.train
-    load_index(data_dir)
-    tokenizer = load_tokenizer(data_dir)
+    _, tokenizer = open_prepared(cfg.data)
     loader = TrainLoader(data_dir, cfg.data.seq_len, t.micro_batch_size, t.grad_accum, t.seed, world.rank, world.size)
     val_loader = ValLoader(data_dir, cfg.data.seq_len, t.micro_batch_size, t.eval_batches, world.rank, world.size)
 
@@ -272,8 +277,9 @@ def setup(cfg: Config, world: World, device: torch.device, resume: str | None, s
         save_config(cfg, run_dir / "config.yaml")
         logger = MetricsLogger(run_dir, cfg, resume_step=start_step)
     end_step = min(t.steps, stop_at) if stop_at is not None else t.steps
+    watchdog = StepWatchdog(cfg.parallel.step_timeout_s, world.rank, enabled=world.size > 1)
     return Run(cfg, world, device, run_dir, engine, loader, val_loader, tokenizer, tracker, logger, start_step,
-               end_step, created_dir, val_loss, build_loss(cfg.train.compile))
+               end_step, created_dir, val_loss, build_loss(cfg.train.compile), watchdog)
 
 
 def _build_engine_and_tracker(cfg: Config, world: World, device: torch.device,
@@ -282,6 +288,7 @@ def _build_engine_and_tracker(cfg: Config, world: World, device: torch.device,
     dtype = pick_precision(cfg.train.precision, device)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, len(tokenizer), cfg.data.seq_len, tokenizer.eos_token_id).to(device)
+    match_model(tokenizer, model)  # config.json's special ids and the tokenizer's max length agree
     table = classify_parameters(model, cfg.optim.rotational_embeddings)
     engine = build_engine(cfg, model, table, world, dtype)
     # From here on each rank draws its own dropout masks.
@@ -344,24 +351,32 @@ def _loop(run: Run) -> TrainResult:
     """Steps start_step+1 .. end_step; eval, logging and checkpoints are all due at end_step too."""
     cfg, end = run.cfg, run.end_step
     result = TrainResult(run.run_dir, run.start_step, is_main=run.world.is_main)
-    throughput, skips = Throughput(), 0
+    window, skips = Window(), 0
     with tqdm(total=cfg.train.steps, initial=run.start_step, dynamic_ncols=True,
               disable=not (cfg.logging.progress and run.world.is_main)) as progress:
         for step in range(run.start_step + 1, end + 1):
+            if run.watchdog is not None:
+                run.watchdog.beat(step)
             outcome = train_step(run, step)
+            result.step = step
             if not outcome.applied:
                 skips = _count_skip(run, outcome, skips)
                 progress.write(f"step {step}: non-finite loss or gradient, update skipped ({skips} in a row)")
+                if _due(step, cfg.checkpoint.every, end if cfg.checkpoint.save_final else None):
+                    result.checkpoint = save_checkpoint(run, step)  # the last good weights, under this step
                 continue
-            skips, result.step, result.losses[step] = 0, step, outcome.loss
-            throughput.add(run.tokens_per_step)
+            skips, result.losses[step] = 0, outcome.loss
+            window.add(run.tokens_per_step, outcome.loss)
             record = dict(outcome.rotation)
             if _due(step, cfg.logging.log_every, end):
-                record.update(_train_scalars(outcome, run.tokens_per_step, throughput.take()))
+                record.update(_train_scalars(outcome, run.tokens_per_step, *window.take()))
             if _due(step, cfg.train.eval_every, end):
-                run.val_loss = record["val/loss"] = evaluate(run.engine, run.val_loader, run.device, run.loss_fn)
+                with _paused(run):
+                    run.val_loss = record["val/loss"] = evaluate(run.engine, run.val_loader, run.device, run.loss_fn)
             if record and run.logger is not None:
                 run.logger.log(step, record)
+                if not cfg.logging.progress and ("train/loss" in record or "val/loss" in record):
+                    print(log_line(step, cfg.train.steps, record), flush=True)
             progress.set_postfix_str(f"loss {outcome.loss:.3f} lr {outcome.lr:.2e} {run.tracker.summary_line()}",
                                      refresh=False)
             progress.update(1)
@@ -376,8 +391,10 @@ def _due(step: int, every: int, end: int | None) -> bool:
     return step % every == 0 or step == end
 
 
-def _train_scalars(outcome: StepOutcome, tokens_per_step: int, tokens_per_s: float) -> dict[str, float]:
-    return {"train/loss": outcome.loss, "train/lr": outcome.lr, "train/tokens": outcome.step * tokens_per_step,
+def _train_scalars(outcome: StepOutcome, tokens_per_step: int, tokens_per_s: float,
+                   mean_loss: float) -> dict[str, float]:
+    """The logged train scalars: the loss is the mean over the logging window's steps."""
+    return {"train/loss": mean_loss, "train/lr": outcome.lr, "train/tokens": outcome.step * tokens_per_step,
             "perf/tokens_per_s": tokens_per_s, "train/grad_norm": outcome.grad_norm}
 
 
@@ -394,17 +411,19 @@ def _count_skip(run: Run, outcome: StepOutcome, skips: int) -> int:
     return skips
 
 
-class Throughput:
-    """Tokens per second since the last reading."""
+class Window:
+    """The logging window: tokens per second and the mean train loss since the last reading."""
 
     def __init__(self) -> None:
-        self.start, self.tokens = time.perf_counter(), 0
+        self.start, self.tokens, self.losses = time.perf_counter(), 0, []
 
-    def add(self, tokens: int) -> None:
+    def add(self, tokens: int, loss: float) -> None:
         self.tokens += tokens
+        self.losses.append(loss)
 
-    def take(self) -> float:
+    def take(self) -> tuple[float, float]:
+        """(tokens per second, mean loss) of the window, which starts anew."""
         now = time.perf_counter()
-        rate = self.tokens / (now - self.start)
-        self.start, self.tokens = now, 0
-        return rate
+        rate, mean = self.tokens / (now - self.start), sum(self.losses) / len(self.losses)
+        self.start, self.tokens, self.losses = now, 0, []
+        return rate, mean

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import datasets
 import pyarrow as pa
+import pyarrow.csv
 import pyarrow.parquet as pq
 import pytest
 
@@ -71,6 +72,25 @@ def test_jsonl_and_parquet_files_and_mixed_folders(tmp_path):
     assert corpus.manifest["text_field"] == "text"
 
 
+def test_json_compressed_jsonl_and_csv_through_datasets_readers(tmp_path):
+    import gzip
+
+    folder = tmp_path / "formats"
+    folder.mkdir()
+    (folder / "a.json").write_text(json.dumps([{"text": d} for d in DOCS[:3]]))
+    with gzip.open(folder / "b.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps({"text": d, "n": 1}) + "\n" for d in DOCS[3:6]))
+    pa.csv.write_csv(pa.Table.from_pylist([{"id": i, "text": d} for i, d in enumerate(DOCS[6:9])]), folder / "c.csv")
+    for name, docs in (("a.json", DOCS[:3]), ("b.jsonl.gz", DOCS[3:6]), ("c.csv", DOCS[6:9])):
+        assert list(open_corpus(DataConfig(source=str(folder / name))).documents()) == docs, name
+    corpus = open_corpus(DataConfig(source=str(folder)))  # none of them skipped inside a folder
+    assert [e["path"] for e in corpus.manifest["files"]] == ["a.json", "b.jsonl.gz", "c.csv"]
+    assert list(corpus.documents()) == DOCS[:9]
+    (folder / "bad.json").write_text("{oops")
+    with pytest.raises(UserError, match="bad.json cannot be read as json"):
+        list(open_corpus(DataConfig(source=str(folder / "bad.json"))).documents())
+
+
 def test_other_text_field(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text(json.dumps({"content": "hello"}) + "\n")
@@ -126,9 +146,9 @@ def test_missing_path_and_unknown_dataset_are_user_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no"):
         open_corpus(DataConfig(source=str(tmp_path / "empty")))
-    (tmp_path / "x.csv").write_text("a,b\n")
-    with pytest.raises(UserError, match="is not a .txt/.jsonl/.parquet file"):
-        open_corpus(DataConfig(source=str(tmp_path / "x.csv")))
+    (tmp_path / "x.xml").write_text("<a/>\n")
+    with pytest.raises(UserError, match="is not a .txt/.jsonl/.parquet/.json/.*file"):
+        open_corpus(DataConfig(source=str(tmp_path / "x.xml")))
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{oops\n')
     with pytest.raises(UserError, match="bad.jsonl:2 is not valid JSON"):
         list(open_corpus(DataConfig(source=str(tmp_path / "bad.jsonl"))).documents())

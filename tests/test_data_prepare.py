@@ -208,3 +208,37 @@ def test_embedded_corpus_prepares(tmp_path, read_split):
     before = snapshot(out)
     prepare_data(DataConfig(dir=str(tmp_path / "embedded")), progress=False)
     assert snapshot(out) == before
+
+
+def test_a_corpus_too_small_for_a_val_window_is_refused(tmp_path, make_data_config):
+    (tmp_path / "small").mkdir()
+    text = " ".join(DOCS[0].split()[:60])  # ~200 tokens, one short document: enough for training, not for val beside it
+    (tmp_path / "small" / "a.txt").write_text(text)
+    cfg = make_data_config(tmp_path / "data", source=str(tmp_path / "small"), seq_len=128)
+    with pytest.raises(UserError, match=r"too few for a val split of one data.seq_len \+ 1 = 129 window"):
+        prepare_data(cfg, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small"]
+
+
+def test_leftovers_of_a_killed_prepare_are_removed(tmp_path, make_data_config):
+    dead_pid = 2 ** 22 + 12345  # above the kernel's pid_max: no such process
+    leftovers = [tmp_path / f".data.{dead_pid}-0123abcd.tmp", tmp_path / ".data.89abcdef.tmp",
+                 tmp_path / f".data.{dead_pid}-0123abcd.old"]
+    for path in leftovers:
+        (path / "tokenizer").mkdir(parents=True)
+    alive = tmp_path / ".data.1-0123abcd.tmp"  # pid 1 always runs: a prepare still in progress
+    alive.mkdir()
+    prepare_data(make_data_config(tmp_path / "data"), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "data"]
+
+
+def test_a_swapped_tokenizer_is_not_up_to_date(tmp_path, make_data_config, big_vocab_tokenizer, capsys):
+    cfg = make_data_config(tmp_path / "data")
+    out = prepare_data(cfg, progress=False)
+    shutil.rmtree(out / "tokenizer")
+    shutil.copytree(big_vocab_tokenizer, out / "tokenizer")
+    capsys.readouterr()
+    prepare_data(cfg)
+    said = capsys.readouterr().out
+    assert "up to date" not in said and "is not the tokenizer the shards were made with" in said
+    assert len(AutoTokenizer.from_pretrained(str(out / "tokenizer"))) == load_index(out)["vocab_size"]

@@ -253,22 +253,41 @@ def test_resume_with_dropout_restores_every_ranks_random_stream(runs):
     assert all(torch.equal(got[k], ref[k]) for k in ref)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+# (strategy of the 2-rank first half, overrides of the 1-rank second half)
+RESHARDED = {"ddp": ["parallel.strategy=single"], "fsdp2": ["parallel.strategy=fsdp2"],
+             "zero2": ["parallel.strategy=deepspeed", "parallel.zero_stage=3"]}
+
+
+@pytest.mark.parametrize("strategy", list(RESHARDED))
 def test_resume_on_another_world_size_keeps_the_sample_order(runs, tmp_path, strategy):
-    """2 ranks x 1 micro-step, resumed as 1 rank x 2 micro-steps: the same global batches."""
+    """2 ranks x 1 micro-step, resumed as 1 rank x 2 micro-steps: the same global batches. ZeRO-2 resumes
+    as ZeRO-3 through the portable state, RV per-neuron state included."""
     straight = runs.references["llama", "rv-adamw", ""]
     out = tmp_path / "run"
     first = run_torchrun(tiny_args(runs.data_dir, out, *RUN, "optim.name=rv-adamw", *STRATEGIES[strategy],
                                    "--stop-at", "10"))
     assert first.returncode == 0, first.stdout[-3000:]
-    one_rank = "parallel.strategy=single" if strategy == "ddp" else "parallel.strategy=fsdp2"
-    second = run_torchrun(tiny_args(runs.data_dir, out, *RUN, "optim.name=rv-adamw", one_rank, "train.grad_accum=2",
-                                    "--resume", "auto"), nproc=1)
+    if strategy == "zero2":  # DeepSpeed's own converter finds the checkpoint through its `latest` file (no -t)
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        ckpt = out / "checkpoints" / "step_000010"
+        fp32, exported = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "state")), final_weights(out)
+        assert exported.keys() <= fp32.keys() and all(torch.equal(fp32[k], exported[k]) for k in exported)
+    second = run_torchrun(tiny_args(runs.data_dir, out, *RUN, "optim.name=rv-adamw", *RESHARDED[strategy],
+                                    "train.grad_accum=2", "--resume", "auto"), nproc=1)
     assert second.returncode == 0, second.stdout[-3000:]
     got = losses(out)
     for step, value in losses(straight).items():
         assert got[step] == pytest.approx(value, rel=LOSS_RTOL), step
     assert_weights_match(final_weights(out), final_weights(straight))
+    if strategy == "zero2":  # the RV state itself, against the uninterrupted 2-rank ZeRO-2 run
+        neurons = [load_file(run / "checkpoints" / "step_000020" / "state" / "portable" / "rank00000.safetensors")
+                   for run in (out, runs.runs["llama", "rv-adamw", "zero2", ""])]
+        keys = [k for k in neurons[1] if "/neurons/" in k]
+        assert any(k.endswith("update_norm_avg") for k in keys) and any(k.endswith("neuron_norm") for k in keys)
+        for key in keys:
+            rel = ((neurons[0][key] - neurons[1][key]).norm() / neurons[1][key].norm().clamp_min(1e-12)).item()
+            assert rel <= WEIGHT_RTOL, (key, rel)
 
 
 def test_resume_refuses_a_different_global_batch(tiny_data_dir, tmp_path):
@@ -290,15 +309,15 @@ def wait_for_steps(out: Path, count: int, alive: list[subprocess.Popen]) -> None
         time.sleep(0.5)
 
 
-def test_deepspeed_refuses_to_resume_on_another_world_size(tiny_data_dir, tmp_path):
+def test_deepspeed_without_zero_refuses_to_resume_on_another_world_size(tiny_data_dir, tmp_path):
     out = tmp_path / "run"
-    zero = ["parallel.strategy=deepspeed", "parallel.zero_stage=1"]
+    zero = ["parallel.strategy=deepspeed", "parallel.zero_stage=0"]
     first = run_torchrun(tiny_args(tiny_data_dir, out, *RUN, *zero, "--stop-at", "10"))
     assert first.returncode == 0, first.stdout[-3000:]
     second = run_torchrun(tiny_args(tiny_data_dir, out, *RUN, *zero, "train.grad_accum=2", "--resume", "auto"),
                           nproc=1)
     assert second.returncode != 0
-    assert "resumes only on the same world size and stage (now 1 rank(s), stage 1)" in second.stdout
+    assert "only between ZeRO stages 1-3 (now 1 rank(s), stage 0)" in second.stdout
 
 
 def test_a_killed_rank_stops_the_others(tiny_data_dir, tmp_path):
@@ -365,3 +384,45 @@ def test_a_world_size_mismatch_fails_fast(tiny_data_dir, tmp_path):
     assert result.returncode != 0
     assert "parallel.world_size=3 but the launcher started 2 process(es)" in result.stdout
     assert not out.exists()
+
+
+@pytest.mark.parametrize("bad", [["optim.weight_decay=0"], ["--resume", "no-such-checkpoint"]],
+                         ids=["config", "after-the-group-is-up"])
+def test_a_user_error_in_a_multi_rank_launch_is_one_line(tiny_data_dir, tmp_path, bad):
+    """`python -m pretrain.launch` (torchrun's arguments): rank 0 says it once, no launcher report, exit 2."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pretrain.launch", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "pretrain", "train",
+           *tiny_args(tiny_data_dir, out, "parallel.strategy=deepspeed", "parallel.zero_stage=1", *bad)]
+    result = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and bad[-1].split("=")[0] in lines[0], lines
+    assert not out.exists()
+
+
+def test_a_hung_rank_stops_the_job_through_the_step_watchdog(tiny_data_dir, tmp_path):
+    """A stopped (SIGSTOP) peer never fails a collective; the step watchdog ends the survivor long before
+    the collective timeout (600 s here)."""
+    out, port = tmp_path / "run", free_port()
+    args = tiny_args(tiny_data_dir, out, "train.steps=100000", "checkpoint.every=100000", "parallel.strategy=ddp",
+                     "parallel.timeout_s=600", "parallel.step_timeout_s=3")
+    procs = []
+    for rank in (0, 1):
+        env = {**launch_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "pretrain", "train", *args], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        wait_for_steps(out, 3, procs)
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        _, err = procs[0].communicate(timeout=120)
+        assert procs[0].returncode != 0
+        assert "made no progress" in err and "parallel.step_timeout_s" in err, err[-2000:]
+    finally:
+        os.kill(procs[1].pid, signal.SIGKILL)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+    assert (out / "metrics.jsonl").is_file()  # the run is kept

@@ -124,11 +124,29 @@ def test_push_dry_run_lists_exactly_the_exported_files(checkpoint, exported, mon
     assert parse_listing(capsys.readouterr().out) == walk(exported)
 
 
-def test_push_without_a_token_is_a_user_error(checkpoint, monkeypatch):
+def test_push_without_a_token_is_a_user_error(checkpoint, monkeypatch, tmp_path):
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no-token"))
     monkeypatch.setattr("huggingface_hub.HfApi", RefusingApi)
-    with pytest.raises(UserError, match="HF_TOKEN"):
+    with pytest.raises(UserError, match="hf auth login"):
         cli("push", str(checkpoint), "--repo-id", "me/tiny")
+
+
+def test_push_uses_the_token_of_hf_auth_login(checkpoint, monkeypatch, tmp_path):
+    calls = []
+
+    class TokenApi(RefusingApi):
+        def __init__(self, token):
+            calls.append(token)
+            raise RuntimeError("stop here")
+
+    (tmp_path / "token").write_text("hf_stored\n")  # where `hf auth login` keeps it
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "token"))
+    monkeypatch.setattr("huggingface_hub.HfApi", TokenApi)
+    with pytest.raises(RuntimeError, match="stop here"):
+        cli("push", str(checkpoint), "--repo-id", "me/tiny")
+    assert calls == ["hf_stored"]
 
 
 def test_push_creates_the_repo_and_uploads_the_export(checkpoint, exported, monkeypatch):
@@ -187,3 +205,27 @@ def test_continued_pretraining_starts_from_the_exported_weights(exported, tiny_d
     assert continued.losses[1] == pytest.approx(expected, rel=1e-5)
     fresh = train(tiny_config(tiny_data_dir, tmp_path / "fresh", *no_checkpoints))
     assert abs(fresh.losses[1] - expected) > 1e-3  # a fresh initialisation would not give that loss
+
+
+def test_card_metadata_is_hub_metadata(checkpoint, tmp_path):
+    out = export_checkpoint(checkpoint, tmp_path / "hub", license="apache-2.0")
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    val_loss = torch.load(checkpoint / "state" / "trainer.pt", weights_only=True)["val_loss"]
+    assert front["license"] == "apache-2.0" and front["pipeline_tag"] == "text-generation"
+    [result] = front["model-index"][0]["results"]
+    assert result["metrics"][0] == {"type": "loss", "value": round(val_loss, 4), "name": "validation loss (nats/token)"}
+    assert "datasets" not in front and "base_model" not in front  # local data, trained from scratch
+    assert "github.com/)" not in card and "docs/" not in card  # no placeholder link, no doc outside the export
+
+
+def test_card_names_hub_dataset_and_base_model():
+    from huggingface_hub import ModelCardData
+
+    from pretrain.card import card_metadata
+
+    cfg = load_config(None, ["data.source=HuggingFaceFW/fineweb-edu", "model.init_from=openai-community/gpt2"])
+    front = yaml.safe_load(card_metadata(cfg, None, "mit"))
+    assert front["datasets"] == ["HuggingFaceFW/fineweb-edu"] and front["base_model"] == "openai-community/gpt2"
+    assert front["license"] == "mit" and "model-index" not in front
+    assert ModelCardData(**front).license == "mit"

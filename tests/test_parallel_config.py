@@ -20,7 +20,8 @@ def config(*overrides: str):
 
 @pytest.fixture(autouse=True)
 def clean_launch_env(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED",
+                 "ACCELERATE_MIXED_PRECISION"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -41,6 +42,9 @@ def test_without_a_launcher_the_world_is_one_process():
     ({"WORLD_SIZE": "2", "RANK": "0"}, ["parallel.strategy=single"], "parallel.strategy=single"),
     ({"WORLD_SIZE": "2", "RANK": "2"}, ["parallel.strategy=ddp"], "RANK=2"),
     ({"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"}, ["parallel.strategy=ddp"], "enables its fsdp2 plugin"),
+    ({"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"}, ["parallel.strategy=fsdp2"], "enables its fsdp2 plugin"),
+    ({"WORLD_SIZE": "2", "ACCELERATE_MIXED_PRECISION": "bf16"}, ["parallel.strategy=ddp", "train.precision=fp32"],
+     "--mixed_precision bf16"),
     ({"WORLD_SIZE": "two"}, ["parallel.strategy=ddp"], "WORLD_SIZE='two' is not an integer"),
     ({}, ["parallel.strategy=deepspeed", "parallel.zero_stage=0", "train.precision=bf16"], "zero_stage to 1, 2 or 3"),
 ])
@@ -49,6 +53,11 @@ def test_a_launch_that_differs_from_the_config_is_refused(monkeypatch, env, over
         monkeypatch.setenv(name, value)
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_world(config(*overrides))
+
+
+def test_an_accelerate_mixed_precision_equal_to_the_config_is_accepted(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert check_world(config("train.precision=bf16")) == World(0, 1, 0)
 
 
 def test_deepspeed_skip_policy_is_refused_at_load():

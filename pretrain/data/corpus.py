@@ -6,6 +6,9 @@ A source is one of
   that ships with the interpreter. One document per file.
 - a local .txt (one document per file), .jsonl (one document per line, field `text_field`) or
   .parquet (one document per row, column `text_field`) file, or a folder of those (recursive);
+  also .json (JSON lines or one array of objects), compressed JSON lines (.jsonl.gz, .json.gz,
+  .jsonl.zst) and .csv / .csv.gz (one document per record), read with the `datasets` json and csv
+  builders in streaming mode (nothing is cached);
 - a folder written by `datasets.Dataset.save_to_disk` (or `DatasetDict`, split `dataset_split`);
 - a `datasets` hub name, loaded with `dataset_config` / `dataset_split`, streamed when large.
 
@@ -17,8 +20,8 @@ revision), since hashing it would mean downloading it.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import sys
 import sysconfig
@@ -28,9 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.config import DataConfig
+from pretrain.durable import sha256_file
 from pretrain.errors import UserError
 
-FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
+# Name endings read by the `datasets` builder named here (streamed; .zst needs the zstandard package).
+VIA_DATASETS = {".json": "json", ".jsonl.gz": "json", ".json.gz": "json", ".jsonl.zst": "json", ".csv": "csv",
+                ".csv.gz": "csv"}
+FILE_SUFFIXES = (".txt", ".jsonl", ".parquet", *VIA_DATASETS)
 # Standard-library packages taken besides the top-level modules: well-known, idiomatic code.
 STDLIB_PACKAGES = ("asyncio", "collections", "concurrent", "email", "http", "importlib", "json", "logging", "unittest")
 # Hub datasets up to this size are downloaded (cached, re-readable); larger ones are streamed.
@@ -59,14 +66,14 @@ def open_corpus(cfg: DataConfig) -> Corpus:
     if path.is_dir() and _is_saved_dataset(path):
         return _saved_dataset_corpus(path, cfg)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in FILE_SUFFIXES and p.is_file()
+        files = sorted(p for p in path.rglob("*") if p.name.endswith(FILE_SUFFIXES) and p.is_file()
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))  # .git, caches
         if not files:
             raise UserError(f"data source {path} holds no {'/'.join(FILE_SUFFIXES)} files")
         return _files_corpus({"kind": "files", "root": str(path.resolve())},
                              [(str(p.relative_to(path)), p) for p in files], cfg.text_field)
     if path.is_file():
-        if path.suffix not in FILE_SUFFIXES:
+        if not path.name.endswith(FILE_SUFFIXES):
             raise UserError(f"data source {path} is not a {'/'.join(FILE_SUFFIXES)} file")
         return _files_corpus({"kind": "files", "root": str(path.resolve().parent)}, [(path.name, path)],
                              cfg.text_field)
@@ -93,14 +100,6 @@ def embedded_files() -> list[tuple[str, Path]]:
     return plays + [(f"stdlib/{p.relative_to(stdlib)}", p) for p in modules]
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ----------------------------------------------------------------------------- local files
 
 
@@ -111,7 +110,7 @@ def _files_corpus(meta: dict[str, Any], files: list[tuple[str, Path]], text_fiel
 
     def documents() -> Iterator[str]:
         for _, path in files:
-            yield from _READERS.get(path.suffix, _read_text)(path, text_field)
+            yield from _reader(path)(path, text_field)
 
     return Corpus({**meta, "files": entries}, documents)
 
@@ -144,7 +143,29 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
         yield from (text or "" for text in batch.column(0).to_pylist())
 
 
+def _read_with_datasets(path: Path, text_field: str) -> Iterator[str]:
+    import datasets
+
+    builder = next(b for ending, b in VIA_DATASETS.items() if path.name.endswith(ending))
+    if path.name.endswith(".zst") and importlib.util.find_spec("zstandard") is None:
+        raise UserError(f"{path} is zstandard-compressed; pip install zstandard to read it")
+    try:
+        for record in datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True):
+            yield _text_of(record, text_field, str(path))
+    except UserError:
+        raise
+    except Exception as exc:  # datasets/pyarrow parse errors: the file is not what its name says
+        raise UserError(f"{path} cannot be read as {builder} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                        "fix the file or convert it to .jsonl") from None
+
+
 _READERS = {".jsonl": _read_jsonl, ".parquet": _read_parquet}
+
+
+def _reader(path: Path) -> Callable[[Path, str], Iterator[str]]:
+    if path.name.endswith(tuple(VIA_DATASETS)):
+        return _read_with_datasets
+    return _READERS.get(path.suffix, _read_text)
 
 
 def _text_of(record: Any, text_field: str, where: str) -> str:

@@ -3,9 +3,11 @@
 Documents are grouped into batches of about BATCH_CHARS characters; `num_proc` worker processes
 each run the fast tokenizer's batched encoder single-threaded on one batch at a time. At most
 2 * num_proc batches are in flight, so a corpus of any size (a stream included) passes through in
-bounded memory; `Pool.imap` would instead read the whole input ahead. Each document's tokens are
-followed by the eos id, so documents are separated by eos in the stream, and special tokens
-never come from the text itself.
+bounded memory; `Pool.imap` would instead read the whole input ahead. Each document is encoded
+the way the tokenizer encodes a prompt, with its own special-token template (a BOS-adding
+tokenizer puts BOS first, as `pipeline` and `generate` will at inference), and followed by the
+eos id unless the template already ends it with eos; so documents are separated by eos in the
+stream, and special tokens never come from the text itself.
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ class Encoder:
         self.dtype = np.dtype(dtype)
 
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        # No special tokens (BOS etc.) from the tokenizer's post-processor: eos is the only separator.
-        ids = [encoding.ids for encoding in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+        # The tokenizer's own template (BOS, CLS, ...), the same one inference applies to a prompt.
+        ids = [encoding.ids for encoding in self.tokenizer.encode_batch_fast(texts, add_special_tokens=True)]
         for doc in ids:
-            doc.append(self.eos_id)
+            if not doc or doc[-1] != self.eos_id:
+                doc.append(self.eos_id)
         lengths = np.fromiter(map(len, ids), np.int64, len(ids))
         return np.fromiter(chain.from_iterable(ids), self.dtype, int(lengths.sum())), lengths
 

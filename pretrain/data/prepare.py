@@ -17,9 +17,12 @@ both splits a seq_len + 1 window, val gets just ceil(val_fraction * tokens).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
+import os
+import re
 import shutil
 import time
 import uuid
@@ -36,6 +39,7 @@ from transformers import PreTrainedTokenizerBase
 from pretrain.config import DataConfig
 from pretrain.data.corpus import Corpus, open_corpus
 from pretrain.data.encode import encode_documents
+from pretrain.data.prepared import data_problem
 from pretrain.data.shards import (
     DTYPES,
     FORMAT_VERSION,
@@ -43,11 +47,11 @@ from pretrain.data.shards import (
     SPLITS,
     ShardWriter,
     read_index,
-    shards_complete,
     token_dtype,
     write_index,
 )
 from pretrain.data.tokenizer import BPE_TRAIN_MAX_CHARS, load_pretrained, tokenizer_hash, train_bpe
+from pretrain.durable import fsync_dir, fsync_tree
 from pretrain.errors import UserError
 
 
@@ -67,14 +71,18 @@ def prepare_data(cfg: DataConfig, progress: bool = True) -> Path:
               "shard_tokens": cfg.shard_tokens, "val_fraction": cfg.val_fraction, "seq_len": cfg.seq_len}
     fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     old = read_index(out)
-    if old is not None and old["fingerprint"] == fingerprint and shards_complete(out, old):
-        _say(progress, f"{out} is up to date ({_summary(old)}); nothing to do")
-        return out
+    if old is not None and old["fingerprint"] == fingerprint:
+        problem = data_problem(out, old)
+        if problem is None:
+            _say(progress, f"{out} is up to date ({_summary(old)}); nothing to do")
+            return out
+        _say(progress, f"{out} is damaged ({problem}); rebuilding it")
 
     timings = {"inputs_s": time.perf_counter() - started}
     with _staging_dir(out) as tmp:
         tick = time.perf_counter()
         tokenizer = train_bpe(corpus.documents(), cfg.vocab_size, progress) if pretrained is None else pretrained
+        tokenizer.model_max_length = cfg.seq_len  # the context the data is cut for; a model sets its own
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         timings["tokenizer_s"] = time.perf_counter() - tick
 
@@ -88,6 +96,12 @@ def prepare_data(cfg: DataConfig, progress: bool = True) -> Path:
             raise UserError(f"data source {cfg.source} has {int(lengths.sum())} tokens ({train_tokens} for training "
                             f"after the val split) but data.seq_len={cfg.seq_len} needs at least {cfg.seq_len + 1} "
                             f"for training; use a bigger corpus or a smaller data.seq_len")
+
+        val_tokens = sum(end - start for start, end in val_ranges)
+        if val_tokens < cfg.seq_len + 1:
+            raise UserError(f"data source {cfg.source} has {int(lengths.sum())} tokens, too few for a val split of one "
+                            f"data.seq_len + 1 = {cfg.seq_len + 1} window beside the training tokens (val would get "
+                            f"{val_tokens}); use a bigger corpus, a larger data.val_fraction or a smaller data.seq_len")
 
         tick = time.perf_counter()
         splits = _write_shards(tmp, stream, dtype, cfg.shard_tokens, val_ranges)
@@ -130,7 +144,8 @@ def _tokenizer_identity(cfg: DataConfig, pretrained: PreTrainedTokenizerBase | N
     if pretrained is None:
         return {"kind": "bpe", "vocab_size": cfg.vocab_size, "tokenizers": tokenizers.__version__,
                 "max_train_chars": BPE_TRAIN_MAX_CHARS}
-    return {"kind": "pretrained", "name": cfg.tokenizer, "sha256": tokenizer_hash(pretrained)}
+    return {"kind": "pretrained", "name": cfg.tokenizer, "sha256": tokenizer_hash(pretrained),
+            "special_tokens": "template"}  # documents carry the tokenizer's own template (BOS, ...)
 
 
 def _tokenize(corpus: Corpus, tokenizer: PreTrainedTokenizerBase, dtype: str, num_proc: int, path: Path,
@@ -140,7 +155,7 @@ def _tokenize(corpus: Corpus, tokenizer: PreTrainedTokenizerBase, dtype: str, nu
     batches = encode_documents(corpus.documents(), tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id,
                                DTYPES[dtype].str, num_proc)
     with path.open("wb") as f, tqdm(desc=f"tokenize ({num_proc} proc)", unit="tok", unit_scale=True,
-                                    disable=not progress) as bar:
+                                    disable=None if progress else True) as bar:  # None: no bar off a terminal
         for tokens, doc_lengths in batches:
             f.write(memoryview(tokens).cast("B"))
             lengths.append(doc_lengths)
@@ -170,21 +185,49 @@ def _check_target(out: Path) -> None:
 
 @contextmanager
 def _staging_dir(target: Path) -> Iterator[Path]:
-    """A fresh dir beside `target` that replaces it when the block succeeds and is deleted when it fails."""
+    """A fresh dir beside `target` that replaces it when the block succeeds and is deleted when it fails.
+
+    Its name carries this process id, so leftovers of a killed prepare (whose process is gone) are
+    recognised and removed by the next one. The new dir is fsync'ed before the rename publishes it.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    _remove_leftovers(target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir()
     try:
         yield tmp
+        fsync_tree(tmp)
         if target.exists():
             old = tmp.with_suffix(".old")
             target.rename(old)
             tmp.rename(target)
+            fsync_dir(target.parent)
             shutil.rmtree(old)
         else:
             tmp.rename(target)
+            fsync_dir(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Delete the staging dirs of earlier prepares of `target` whose process no longer runs."""
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        match = re.fullmatch(rf"\.{re.escape(target.name)}\.(\d+-)?[0-9a-f]{{8}}\.(tmp|old)", path.name)
+        if match and not _process_alive(int(match.group(1)[:-1]) if match.group(1) else None):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int | None) -> bool:
+    if pid is None:  # named before the pid was part of the name
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _summary(index: dict[str, Any]) -> str:

@@ -93,14 +93,3 @@ def load_index(data_dir: str | Path) -> dict[str, Any]:
     if index is None:
         raise UserError(f"no prepared data in {data_dir}; run `pretrain prepare CONFIG` first")
     return index
-
-
-def shards_complete(data_dir: Path, index: dict[str, Any]) -> bool:
-    """Every shard the index lists exists with the right size (cheap: no checksums, so a no-op stays instant)."""
-    itemsize = DTYPES[index["dtype"]].itemsize
-    for split in SPLITS:
-        for shard in index["splits"][split]["shards"]:
-            path = data_dir / shard["file"]
-            if not path.is_file() or path.stat().st_size != shard["num_tokens"] * itemsize:
-                return False
-    return True

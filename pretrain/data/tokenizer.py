@@ -8,11 +8,12 @@ training, sampling and export all use exactly the tokenizer the data was made wi
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from pretrain.errors import UserError
 
@@ -33,7 +34,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, progress: bool = False) -> 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size + 1, special_tokens=[EOS_TOKEN], show_progress=progress,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size + 1, special_tokens=[EOS_TOKEN],
+                                  show_progress=progress and sys.stderr.isatty(),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(_prefix(texts, BPE_TRAIN_MAX_CHARS), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN)
@@ -62,6 +64,23 @@ def load_tokenizer(data_dir: str | Path) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:  # batched generation/eval needs one; EOS never collides with real text
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def match_model(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
+    """Make the model's special-token ids the tokenizer's, and the tokenizer's max length the model's context.
+
+    Saved side by side, they then agree for `pipeline`, `generate` and any other client: config.json
+    and generation_config.json carry the tokenizer's bos/eos/pad ids (bos falls back to eos for a
+    tokenizer without one), and the tokenizer truncates where the positions end.
+    """
+    eos = tokenizer.eos_token_id
+    ids = {"bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos,
+           "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos}
+    model.config.update(ids)
+    if model.generation_config is not None:
+        model.generation_config.update(**ids)
+    config = model.config
+    tokenizer.model_max_length = getattr(config, "max_position_embeddings", None) or config.n_positions
 
 
 def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:

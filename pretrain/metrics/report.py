@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
+from pretrain.checkpoint import candidates, checkpoint_root
 from pretrain.errors import UserError
 from pretrain.metrics.plots import HEATMAP, LAYERS, write_figures
 from pretrain.metrics.store import SUMMARY, RotationData, load_rotation
@@ -24,16 +24,10 @@ def find_rotation_dir(path: str | Path) -> Path:
         return path
     if (path / "rotation" / SUMMARY).is_file():
         return path / "rotation"
-    root = path / "checkpoints"
+    root = checkpoint_root(path)
     if not root.is_dir():
         raise UserError(f"{path} is neither a checkpoint (no rotation/{SUMMARY}) nor a run folder (no checkpoints/)")
-    candidates = sorted((p for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name)),
-                        key=lambda p: int(p.name.removeprefix("step_")), reverse=True)
-    pointer = root / "latest"
-    if pointer.is_file():
-        named = Path(pointer.read_text().strip())
-        candidates.insert(0, named if named.is_absolute() else root / named.name)
-    for ckpt in candidates:
+    for ckpt in candidates(path):
         if (ckpt / "rotation" / SUMMARY).is_file():
             return ckpt / "rotation"
     raise UserError(f"no checkpoint in {root} has rotation metrics (rotation/{SUMMARY}); "
@@ -63,8 +57,8 @@ def model_card_section(rotation_dir: str | Path, heatmap_ref: str = f"rotation/{
     lines = ["## Rotation metrics", "",
              "Angular update θ per optimizer step of every neuron's weight vector, against the rotational-"
              "equilibrium value η_r expected for the scheduled learning rate (Kosson, Messmer, Jaggi, "
-             f"\"Rotational Equilibrium\", ICML 2024); measured every {s['every']} steps, "
-             "format in docs/rotation-metrics.md.", "",
+             f"\"Rotational Equilibrium\", ICML 2024); measured every {s['every']} steps; the series and "
+             "per-neuron snapshots are in `rotation/` beside this card.", "",
              "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in _model_facts(data)]
     lines += ["", "<details><summary>Per-layer table (latest measurement)</summary>", "",

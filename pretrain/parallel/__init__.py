@@ -14,11 +14,20 @@ from torch import nn
 from pretrain.config import Config
 from pretrain.optim import build_optimizer
 from pretrain.parallel.engine import DDPEngine, Engine, FSDPEngine, OptimizerView, SingleEngine
-from pretrain.parallel.world import World, barrier, check_world, close_world, init_world, mean_over_ranks
+from pretrain.parallel.world import (
+    StepWatchdog,
+    World,
+    barrier,
+    check_world,
+    close_world,
+    decided_by_main,
+    init_world,
+    mean_over_ranks,
+)
 from pretrain.params import ParamSpec
 
-__all__ = ["ENGINES", "Engine", "OptimizerView", "World", "barrier", "build_engine", "check_world", "close_world",
-           "init_world", "mean_over_ranks"]
+__all__ = ["ENGINES", "Engine", "OptimizerView", "StepWatchdog", "World", "barrier", "build_engine", "check_world",
+           "close_world", "decided_by_main", "init_world", "mean_over_ranks"]
 
 EngineBuilder = Callable[[Config, nn.Module, list[ParamSpec], World, torch.dtype], Engine]
 

@@ -9,9 +9,15 @@ fall back to one process without a word, which would otherwise train a different
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -19,8 +25,11 @@ import torch.distributed as dist
 from pretrain.config import Config
 from pretrain.errors import UserError
 
+T = TypeVar("T")
+
 # Environment variables accelerate sets when its own FSDP / DeepSpeed plugin is chosen; the
-# strategy must come from the run config, so a launch config that asks for another one is refused.
+# strategy and its settings come from the run config, so a launch config with a plugin is refused
+# (as is an accelerate mixed precision other than train.precision).
 _ACCELERATE_STRATEGY_ENV = {"ACCELERATE_USE_FSDP": "fsdp2", "ACCELERATE_USE_DEEPSPEED": "deepspeed"}
 
 
@@ -64,10 +73,14 @@ def check_world(cfg: Config, world: World | None = None) -> World:
         raise UserError(f"the launcher gave RANK={world.rank} LOCAL_RANK={world.local_rank} for WORLD_SIZE="
                         f"{world.size}; fix the launch script")
     for env, plugin in _ACCELERATE_STRATEGY_ENV.items():
-        if os.environ.get(env, "").lower() in ("1", "true") and strategy != plugin:
-            raise UserError(f"the accelerate launch config enables its {plugin} plugin but parallel.strategy="
-                            f"{strategy}; use a plain multi-process accelerate config from launch/accelerate/ "
-                            "and set the strategy in the run config")
+        if os.environ.get(env, "").lower() in ("1", "true"):
+            raise UserError(f"the accelerate launch config enables its {plugin} plugin, whose settings pretrain does "
+                            "not read; use a plain multi-process accelerate config from launch/accelerate/ and set "
+                            f"parallel.strategy (now {strategy}) in the run config")
+    mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if mixed not in ("no", "", cfg.train.precision):
+        raise UserError(f"accelerate launch asks for --mixed_precision {mixed}, which pretrain does not apply; launch "
+                        f"with mixed_precision 'no' and set train.precision (now {cfg.train.precision}) instead")
     if strategy == "deepspeed" and cfg.parallel.zero_stage == 0 and cfg.train.precision in ("bf16", "fp16"):
         raise UserError("DeepSpeed with half precision wraps the optimizer in its own flat-partition optimizer; "
                         "set parallel.zero_stage to 1, 2 or 3 (or train.precision=fp32)")
@@ -112,6 +125,81 @@ def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return (t / dist.get_world_size()).tolist()
+
+
+def decided_by_main(decide: Callable[[], T]) -> T:
+    """Run `decide` on rank 0 alone (file checks, notices) and give every rank its result or its UserError."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return decide()
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", decide())]
+        except UserError as exc:
+            box = [("error", str(exc))]
+    dist.broadcast_object_list(box, src=0)  # in memory, from our own rank 0
+    kind, value = box[0]
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
+class StepWatchdog:
+    """Ends this process when a training step stalls: a hung or dead peer blocks every collective.
+
+    The collective timeout (`parallel.timeout_s`) must cover slow setup, evaluation and checkpoint
+    writes, so it is long; a training step is short and regular. From the second step on (the first
+    includes warm-up and compilation) a step may take `parallel.step_timeout_s` or 10x the slowest
+    step so far, whichever is longer; evaluation and checkpoints run `paused()`. A stalled rank
+    prints one line and exits, and the launcher stops the rest. Off in a single process.
+    """
+
+    def __init__(self, limit_s: float, rank: int, enabled: bool) -> None:
+        self.limit_s, self.rank = limit_s, rank
+        self._lock = threading.Lock()
+        self._started: float | None = None  # when the running step (or its rest after a pause) began
+        self._armed = False
+        self._longest = 0.0
+        self._step = 0
+        self._running = enabled
+        if enabled:
+            threading.Thread(target=self._watch, name="step-watchdog", daemon=True).start()
+
+    def beat(self, step: int) -> None:
+        """A new step begins."""
+        now = time.monotonic()
+        with self._lock:
+            if self._started is not None:
+                self._longest = max(self._longest, now - self._started)
+                self._armed = True
+            self._started, self._step = now, step
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        with self._lock:
+            self._started = None
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._started = time.monotonic()
+
+    def stop(self) -> None:
+        self._running = False
+
+    def _watch(self) -> None:
+        while self._running:
+            time.sleep(min(1.0, self.limit_s / 10))
+            with self._lock:
+                if not (self._running and self._armed and self._started is not None):
+                    continue
+                limit = max(self.limit_s, 10 * self._longest)
+                stalled = time.monotonic() - self._started
+            if stalled > limit:
+                print(f"error: rank {self.rank}: step {self._step} made no progress for {stalled:.0f} s (a hung or "
+                      "dead rank; raise parallel.step_timeout_s if steps are really this slow); stopping, the run is "
+                      "kept: continue it with --resume auto", file=sys.stderr, flush=True)
+                os._exit(1)
 
 
 def barrier() -> None:

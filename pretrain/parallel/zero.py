@@ -31,6 +31,7 @@ from pretrain.optim.rotational import RotationalOptimizer
 from pretrain.optim.segments import Segment, SegmentMap, TensorInfo
 from pretrain.parallel.engine import OptimizerView
 from pretrain.parallel.world import World
+from pretrain.parallel.zero_portable import load_portable, save_portable
 from pretrain.params import ParamSpec
 
 _CHECKPOINT_TAG = "deepspeed"
@@ -149,7 +150,10 @@ class DeepSpeedEngine:
         return fold_gains(state, self.raw_model) if state is not None else None
 
     def save_state(self, state_dir: Path) -> None:
-        self.ds.save_checkpoint(str(state_dir), tag=_CHECKPOINT_TAG, save_latest=False)
+        # save_latest: DeepSpeed's own tools (zero_to_fp32.py, ds_to_universal) find the tag without -t.
+        self.ds.save_checkpoint(str(state_dir), tag=_CHECKPOINT_TAG, save_latest=True)
+        if self.maps:  # ZeRO 1-3: also the world-size and stage independent form (zero_portable.py)
+            save_portable(self.maps, self.optimizer, state_dir / "portable", self.world.rank)
 
     def load_state(self, state_dir: Path) -> None:
         if not (state_dir / _CHECKPOINT_TAG).is_dir():
@@ -158,9 +162,12 @@ class DeepSpeedEngine:
         saved = torch.load(state_dir / "trainer.pt", weights_only=True)
         written = (saved.get("world_size"), saved.get("zero_stage"))
         if written != (self.world.size, self.stage):
-            raise UserError(f"{state_dir.parent} was written by DeepSpeed with {written[0]} rank(s) at ZeRO stage "
-                            f"{written[1]}; its partitioned state resumes only on the same world size and stage "
-                            f"(now {self.world.size} rank(s), stage {self.stage})")
+            if not (self.stage and written[1] and (state_dir / "portable").is_dir()):
+                raise UserError(f"{state_dir.parent} was written by DeepSpeed with {written[0]} rank(s) at ZeRO stage "
+                                f"{written[1]}; it resumes on another world size or stage only between ZeRO stages "
+                                f"1-3 (now {self.world.size} rank(s), stage {self.stage})")
+            load_portable(self.maps, self.optimizer, self.ds.optimizer, self.stage, state_dir / "portable")
+            return
         path, _ = self.ds.load_checkpoint(str(state_dir), tag=_CHECKPOINT_TAG, load_lr_scheduler_states=False)
         if path is None:
             raise UserError(f"DeepSpeed could not load {state_dir / _CHECKPOINT_TAG}; it resumes only on the "
