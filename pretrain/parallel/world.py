@@ -170,7 +170,8 @@ class StepWatchdog:
         now = time.monotonic()
         with self._lock:
             if self._started is not None:
-                self._longest = max(self._longest, now - self._started)
+                if self._armed:  # the first step's time (warm-up, compilation) sets no limit
+                    self._longest = max(self._longest, now - self._started)
                 self._armed = True
             self._started, self._step = now, step
 
