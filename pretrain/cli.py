@@ -58,6 +58,12 @@ def _cmd_metrics(args: argparse.Namespace) -> None:
     metrics_command(args.paths)
 
 
+def _add_recipe(parser: argparse.ArgumentParser) -> None:
+    """The positional recipe and its dotted overrides, as every config-driven subcommand takes them."""
+    parser.add_argument("config", help="YAML recipe, e.g. configs/tiny-cpu.yaml")
+    parser.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pretrain",
@@ -70,15 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="tokenize a corpus into token shards (idempotent)",
                        description="Turn the corpus named in data.* into token shards plus an index and tokenizer "
                                    "in data.dir. Re-running with the same inputs does nothing.")
-    p.add_argument("config", help="YAML recipe, e.g. configs/tiny-cpu.yaml")
-    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    _add_recipe(p)
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("train", help="train a model from a YAML recipe",
                        description="Train the model the recipe describes on prepared shards, writing metrics, "
                                    "TensorBoard logs and checkpoints into train.out_dir.")
-    p.add_argument("config", help="YAML recipe, e.g. configs/tiny-cpu.yaml")
-    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    _add_recipe(p)
     p.add_argument("--resume", metavar="auto|CKPT",
                    help="'auto' continues the newest complete checkpoint in train.out_dir (or starts fresh); "
                         "a path continues that checkpoint")
@@ -89,8 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved config with every key's description",
                        description="Resolve a recipe (defaults, extends:, overrides) and print it as YAML with "
                                    "each key's meaning, unit and default as a comment; the output is a valid recipe.")
-    p.add_argument("config", help="YAML recipe, e.g. configs/tiny-cpu.yaml")
-    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    _add_recipe(p)
     p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint",

@@ -338,17 +338,23 @@ def test_a_killed_rank_stops_the_others(tiny_data_dir, tmp_path):
     assert not (out / "checkpoints" / "latest").exists()  # nothing half-written was published
 
 
-def test_without_an_agent_a_dead_peer_fails_the_survivor(tiny_data_dir, tmp_path):
-    """Ranks started directly (as `srun python ...` would): no agent, the collectives must fail on their own."""
-    out, port = tmp_path / "run", free_port()
-    args = tiny_args(tiny_data_dir, out, "train.steps=100000", "checkpoint.every=100000", "parallel.strategy=ddp",
-                     "parallel.timeout_s=30")
+def start_agentless_ranks(args: list[str], port: int, stderr: int) -> list[subprocess.Popen]:
+    """Two ranks of `pretrain train ARGS` started directly, without torchrun (as `srun python ...` would)."""
     procs = []
     for rank in (0, 1):
         env = {**launch_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         procs.append(subprocess.Popen([sys.executable, "-m", "pretrain", "train", *args], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+                                      stdout=subprocess.PIPE, stderr=stderr, text=True))
+    return procs
+
+
+def test_without_an_agent_a_dead_peer_fails_the_survivor(tiny_data_dir, tmp_path):
+    """Ranks started directly (as `srun python ...` would): no agent, the collectives must fail on their own."""
+    out, port = tmp_path / "run", free_port()
+    args = tiny_args(tiny_data_dir, out, "train.steps=100000", "checkpoint.every=100000", "parallel.strategy=ddp",
+                     "parallel.timeout_s=30")
+    procs = start_agentless_ranks(args, port, stderr=subprocess.STDOUT)
     try:
         wait_for_steps(out, 3, procs)
         procs[1].kill()
@@ -407,12 +413,7 @@ def test_a_hung_rank_stops_the_job_through_the_step_watchdog(tiny_data_dir, tmp_
     out, port = tmp_path / "run", free_port()
     args = tiny_args(tiny_data_dir, out, "train.steps=100000", "checkpoint.every=100000", "parallel.strategy=ddp",
                      "parallel.timeout_s=600", "parallel.step_timeout_s=3")
-    procs = []
-    for rank in (0, 1):
-        env = {**launch_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "pretrain", "train", *args], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs = start_agentless_ranks(args, port, stderr=subprocess.PIPE)
     try:
         wait_for_steps(out, 3, procs)
         os.kill(procs[1].pid, signal.SIGSTOP)
