@@ -78,7 +78,9 @@ class OptimConfig:
     per_neuron: bool = True
     center_init: bool = True
     rotational_eps: float = 1e-8
-    rotational_embeddings: bool = False
+    # Embeddings rotate per token row, as every decayed matrix does in the paper's GPT-2 code;
+    # false gives them the plain inner step (docs/rotation-metrics.md, "Which tensors").
+    rotational_embeddings: bool = True
     # torch AdamW implementation: None picks fused on CUDA, foreach elsewhere.
     fused: Optional[bool] = None
 
