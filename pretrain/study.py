@@ -39,7 +39,8 @@ WARMUP_KEY = "schedule.warmup_steps"
 RESERVED_KEYS = ("train.out_dir",)
 # Cell names join one part per grid key: these first, in this order, then the others in file
 # order, and the seed last, so names read `<optimizer>_wu<steps>_lr<lr>_..._s<seed>`.
-NAME_PREFIX = {"optim.name": "", WARMUP_KEY: "wu", "optim.lr": "lr", "model.linear_gains": "gains-"}
+NAME_PREFIX = {"optim.name": "", WARMUP_KEY: "wu", "optim.lr": "lr", "model.linear_gains": "gains-",
+               "optim.rotational_embeddings": "rotemb-"}
 SEED_KEY, SEED_PREFIX = "train.seed", "s"
 
 

@@ -103,20 +103,26 @@ def plot_loss_curves(summaries: list[CellSummary], path: Path) -> None:
     _save(fig, path)
 
 
+def least_warmup_groups(summaries: list[CellSummary]) -> dict[tuple[str, str], list[CellSummary]]:
+    """(optimizer, variant) -> cells, over each optimizer's cells with its least warmup (none, in a warmup
+    grid) that have rotation traces: the settings whose transient the report shows."""
+    traced = [s for s in summaries if s.traces]
+    least = {opt: min(s.warmup for s in cells) for opt, cells in group_by(traced, lambda s: s.optimizer).items()}
+    return group_by([s for s in traced if s.warmup == least[s.optimizer]], lambda s: (s.optimizer, s.variant))
+
+
 def plot_transient(summaries: list[CellSummary], path: Path) -> None:
-    """Per optimizer (columns), the lowest seed's cells of the variant with the least warmup, one line per
-    lr: the median θ/η_r of the decayed matrices (top; embedding dashed) and their median neuron norm
-    (bottom; embedding dashed), against step, log-log."""
-    by_optimizer = group_by([s for s in summaries if s.traces], lambda s: s.optimizer)
-    columns = max(1, len(by_optimizer))
+    """Per optimizer and variant with the least warmup (columns), the lowest seed's cell at each lr: the
+    median θ/η_r of the decayed matrices (top; embedding dashed) and their median neuron norm (bottom;
+    embedding dashed), against step, log-log."""
+    groups = least_warmup_groups(summaries)
+    columns = max(1, len(groups))
     fig = Figure(figsize=(3.6 * columns, 6.4), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, columns, squeeze=False, sharex=True, sharey="row")
-    for col, (optimizer, members) in enumerate(by_optimizer.items()):
-        least = min(s.warmup for s in members)
-        chosen = [s for s in members if s.warmup == least]
-        lrs = sorted({s.lr for s in chosen})
-        for lr, seeds in sorted(group_by(chosen, lambda s: s.lr).items()):
+    for col, ((optimizer, variant), members) in enumerate(groups.items()):
+        lrs = sorted({s.lr for s in members})
+        for lr, seeds in sorted(group_by(members, lambda s: s.lr).items()):
             s = min(seeds, key=lambda m: m.seed)
             colour = colormaps["viridis"](lrs.index(lr) / max(1, len(lrs) - 1))
             for group, style in (("matrices", "-"), ("embedding", "--")):
@@ -127,7 +133,7 @@ def plot_transient(summaries: list[CellSummary], path: Path) -> None:
                 axes[0, col].plot(trace.steps, trace.ratio, style, color=colour, linewidth=1, label=label)
                 axes[1, col].plot(trace.steps, trace.weight_norm, style, color=colour, linewidth=1)
         axes[0, col].axhspan(1 - EQUILIBRIUM_TOLERANCE, 1 + EQUILIBRIUM_TOLERANCE, color="grey", alpha=0.3)
-        axes[0, col].set_title(f"{optimizer} (warmup {least})", fontsize=9)
+        axes[0, col].set_title(f"{optimizer} {variant}", fontsize=9)
         axes[1, col].set_xlabel("optimizer step")
         for ax in axes[:, col]:
             ax.set_xscale("log")
@@ -191,9 +197,10 @@ FIGURES: dict[str, tuple[str, str, Callable[[list[CellSummary], Path], None]]] =
         plot_loss_curves),
     "transient.png": (
         "The rotational transient: angular updates and weight norms",
-        "Per optimizer, the lowest seed at every grid lr (colour, dark = lowest) without warmup (the least warmup "
-        "of the grid): top, θ/η_r (median over the decayed linear layers; dashed: the embedding); bottom, the "
-        "median over the same layers of the mean neuron weight norm. Log-log; grey band: ±"
+        "Per optimizer (and setting of the other grid keys) without warmup (the least warmup of the grid), the "
+        "lowest seed at every grid lr (colour, dark = lowest): top, θ/η_r (median over the decayed linear "
+        "layers; dashed: the embedding); bottom, the median over the same layers of the mean neuron weight norm. "
+        "Log-log; grey band: ±"
         f"{EQUILIBRIUM_TOLERANCE:.0%} around equilibrium.",
         plot_transient),
     "rotation.png": (

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pretrain.metrics import EQUILIBRIUM_TOLERANCE
 from pretrain.study import Study
-from pretrain.study_figures import FIGURES, write_figures
+from pretrain.study_figures import FIGURES, least_warmup_groups, write_figures
 from pretrain.study_run import cell_status
 from pretrain.study_stats import CONFIDENCE, PairedDifference, mean_std, paired_difference
 from pretrain.study_summary import EARLY_FRACTION, SPIKE_FACTOR, CellSummary, finite, group_by, summarize_cell
@@ -60,8 +60,8 @@ def report_text(study: Study, summaries: list[CellSummary]) -> str:
                   *warmup_onset_lines(pairs), ""]
     lines += ["## The rotational transient", "",
               "Median over the decayed linear layers (*matrices*) of θ/η_r and of the mean neuron weight norm, "
-              "at step 1, at 10% and 50% of the run and at the end, for each optimizer and lr without warmup "
-              "(the least warmup of the grid), mean over seeds; *embedding*: the same for the token embedding. "
+              "at step 1, at 10% and 50% of the run and at the end, for each setting without warmup (the least "
+              "warmup of the grid), mean over seeds; *embedding*: the same for the token embedding. "
               "A rotational optimizer holds θ/η_r at 1 and the norms at their initial value from step 1; a plain "
               "one starts far from equilibrium and approaches it as its norms change.", "",
               transient_table(summaries), ""]
@@ -194,15 +194,13 @@ def warmup_onset_lines(pairs: list[tuple[str, list[CellSummary], list[CellSummar
 
 def transient_table(summaries: list[CellSummary]) -> str:
     points = "/".join(f"{p:.0%}" for p in TRANSIENT_POINTS)
-    rows = [f"| optimizer | lr | θ/η_r matrices at step 1/{points[3:]} | weight norm matrices "
-            f"at the same steps | θ/η_r embedding | weight norm embedding |",
-            "|---|---:|---|---|---|---|"]
-    for (optimizer, lr), members in group_by([s for s in summaries if s.traces],
-                                             lambda s: (s.optimizer, s.lr)).items():
-        least = min(s.warmup for s in members)
-        chosen = [s for s in members if s.warmup == least]
-        cells = [_trace_points(chosen, group) for group in ("matrices", "embedding")]
-        rows.append(f"| {optimizer} | {lr:.3g} | {cells[0][0]} | {cells[0][1]} | {cells[1][0]} | {cells[1][1]} |")
+    rows = [f"| setting | θ/η_r matrices at step 1/{points[3:]} | weight norm matrices at the same steps "
+            "| θ/η_r embedding | weight norm embedding |",
+            "|---|---|---|---|---|"]
+    for members in least_warmup_groups(summaries).values():
+        for cells in group_by(members, lambda s: s.lr).values():
+            ratio, norm = zip(*(_trace_points(cells, group) for group in ("matrices", "embedding")), strict=True)
+            rows.append(f"| {cells[0].setting} | {ratio[0]} | {norm[0]} | {ratio[1]} | {norm[1]} |")
     return "\n".join(rows)
 
 
