@@ -146,8 +146,8 @@ def early_peak_by_seed(cells: list[CellSummary]) -> dict[int, float]:
 
 def pair_table(pairs: list[tuple[str, list[CellSummary], list[CellSummary]]]) -> str:
     ci = f"{CONFIDENCE:.0%} interval"
-    rows = [f"| optimizer and lr | warmup | seeds | final val loss, no warmup − warmup | {ci} | reading "
-            f"| early peak, no warmup − warmup | {ci} |",
+    rows = [f"| optimizer and lr | warmup | seeds | final val loss, no warmup − warmup | {ci} of the loss | reading "
+            f"| early peak, no warmup − warmup | {ci} of the early peak |",
             "|---|---:|---:|---:|---:|---|---:|---:|"]
     for label, without, with_ in pairs:
         loss = paired_difference(final_val_by_seed(without), final_val_by_seed(with_))
