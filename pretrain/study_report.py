@@ -152,7 +152,7 @@ def pair_table(pairs: list[tuple[str, list[CellSummary], list[CellSummary]]]) ->
     for label, without, with_ in pairs:
         loss = paired_difference(final_val_by_seed(without), final_val_by_seed(with_))
         peak = paired_difference(early_peak_by_seed(without), early_peak_by_seed(with_))
-        dropped = {s.seed for s in without + with_} - set(final_val_by_seed(without)) & set(final_val_by_seed(with_))
+        dropped = {s.seed for s in without + with_} - (set(final_val_by_seed(without)) & set(final_val_by_seed(with_)))
         note = f" ({len(dropped)} seed(s) left out: diverged or no val loss)" if dropped else ""
         rows.append(f"| {label} | {with_[0].warmup} | {loss.seeds if loss else 0} | {_diff(loss, 4)} "
                     f"| {_interval(loss, 4)} | {reading(loss)}{note} | {_diff(peak, 3)} | {_interval(peak, 3)} |")
@@ -171,25 +171,20 @@ def reading(diff: PairedDifference | None) -> str:
 
 
 def warmup_onset_lines(pairs: list[tuple[str, list[CellSummary], list[CellSummary]]]) -> list[str]:
-    """Per optimizer: the lowest lr from which warmup helps at every higher lr of the grid (or none)."""
+    """Per optimizer and warmup: at which lrs warmup lowers the final val loss and the early peak (interval
+    excluding 0), at which it raises them, and where there is no difference."""
     lines = []
-    for optimizer, members in group_by(pairs, lambda p: p[1][0].optimizer).items():
-        helped = sorted((without[0].lr, reading(paired_difference(final_val_by_seed(without),
-                                                                   final_val_by_seed(with_))) == "warmup better")
-                        for _, without, with_ in members)
-        onset = None
-        for lr, better in reversed(helped):
-            if not better:
-                break
-            onset = lr
-        grid = ", ".join(f"{lr:.3g}" for lr, _ in helped)
-        if onset is None:
-            lines.append(f"- {optimizer}: warmup lowers the final val loss at none of the top lrs of the grid "
-                         f"({grid}).")
-        else:
-            lines.append(f"- {optimizer}: warmup lowers the final val loss from lr {onset:.3g} up "
-                         f"(grid {grid}).")
-    return ["Where warmup starts to matter (final val loss, interval excluding 0):", "", *lines]
+    for (optimizer, warmup), members in group_by(pairs, lambda p: (p[1][0].optimizer, p[2][0].warmup)).items():
+        parts = []
+        for name, by_seed in (("final val loss", final_val_by_seed), ("early peak", early_peak_by_seed)):
+            verdicts: dict[str, list[str]] = {}
+            for _, without, with_ in sorted(members, key=lambda p: p[1][0].lr):
+                verdict = reading(paired_difference(by_seed(without), by_seed(with_)))
+                verdicts.setdefault(verdict, []).append(f"{without[0].lr:.3g}")
+            said = [f"{verdict} at lr {', '.join(lrs)}" for verdict, lrs in verdicts.items()]
+            parts.append(f"{name}: {'; '.join(said)}")
+        lines.append(f"- {optimizer}, warmup {warmup} steps. " + ". ".join(parts) + ".")
+    return ["Where warmup matters (a verdict needs the interval to exclude 0):", "", *lines]
 
 
 def transient_table(summaries: list[CellSummary]) -> str:
