@@ -46,7 +46,8 @@ def report_text(study: Study, summaries: list[CellSummary]) -> str:
         *_definitions(),
         "",
         "## Per setting, over seeds", "",
-        "Mean ± sample standard deviation over the seeds of each setting (one seed: its value).", "",
+        "Mean ± sample standard deviation over the finished seeds of each setting (one seed: its value); "
+        "the final val loss leaves out diverged seeds.", "",
         setting_table(summaries), "",
     ]
     pairs = warmup_pairs(summaries)
@@ -60,8 +61,9 @@ def report_text(study: Study, summaries: list[CellSummary]) -> str:
                   *warmup_onset_lines(pairs), ""]
     lines += ["## The rotational transient", "",
               "Median over the decayed linear layers (*matrices*) of θ/η_r and of the mean neuron weight norm, "
-              "at step 1, at 10% and 50% of the run and at the end, for each setting without warmup (the least "
-              "warmup of the grid), mean over seeds; *embedding*: the same for the token embedding. "
+              "at step 1, at 10% and 50% of the run and at the end (the last measurement with a defined η_r: a "
+              "schedule that decays to 0 has none at its final step), for each setting without warmup (the least "
+              "warmup of the grid), mean over the seeds; *embedding*: the same for the token embedding. "
               "A rotational optimizer holds θ/η_r at 1 and the norms at their initial value from step 1; a plain "
               "one starts far from equilibrium and approaches it as its norms change.", "",
               transient_table(summaries), ""]
@@ -108,12 +110,19 @@ def setting_table(summaries: list[CellSummary]) -> str:
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, members in group_by(summaries, lambda s: s.setting).items():
         rows.append(
-            f"| {label} | {len(members)} | {_mean_std(finite([s.final_val for s in members if not s.diverged]))} "
+            f"| {label} | {_seed_count(members)} "
+            f"| {_mean_std(finite([s.final_val for s in members if not s.diverged]))} "
             f"| {_early(members)} | {_mean_std(finite([s.step1_ratio('matrices') for s in members]), 1)} "
             f"| {_mean_std(finite([s.step1_ratio('embedding') for s in members]), 3)} "
             f"| {sum(s.spikes for s in members)} | {sum(s.diverged for s in members)}/{len(members)} "
             f"| {_mean_std(finite([s.half_equilibrium for s in members]), 0)} |")
     return "\n".join(rows)
+
+
+def _seed_count(members: list[CellSummary]) -> str:
+    """Seeds that finished (done or diverged), 'k of n' while some have not."""
+    finished = sum(s.status in ("done", "diverged") for s in members)
+    return str(finished) if finished == len(members) else f"{finished} of {len(members)}"
 
 
 def _early(members: list[CellSummary]) -> str:
@@ -188,8 +197,7 @@ def warmup_onset_lines(pairs: list[tuple[str, list[CellSummary], list[CellSummar
 
 
 def transient_table(summaries: list[CellSummary]) -> str:
-    points = "/".join(f"{p:.0%}" for p in TRANSIENT_POINTS)
-    rows = [f"| setting | θ/η_r matrices at step 1/{points[3:]} | weight norm matrices at the same steps "
+    rows = ["| setting | θ/η_r matrices at step 1 → 10% → 50% → end | weight norm matrices at the same steps "
             "| θ/η_r embedding | weight norm embedding |",
             "|---|---|---|---|---|"]
     for members in least_warmup_groups(summaries).values():

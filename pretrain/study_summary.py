@@ -41,9 +41,15 @@ class RotationTrace:
     weight_norm: np.ndarray
 
     def at_fraction(self, fraction: float) -> tuple[int, float, float]:
-        """(step, ratio, norm) of the first measurement at or after `fraction` of the last measured step."""
-        i = int(np.searchsorted(self.steps, fraction * self.steps[-1]))
-        i = min(i, len(self.steps) - 1)
+        """(step, ratio, norm) of the first measurement at or after `fraction` of the last measured step that
+        has a defined ratio, else the last one before it that has (a schedule that decays to 0 leaves the
+        final step without an η_r)."""
+        defined = np.flatnonzero(np.isfinite(self.ratio))
+        if not len(defined):
+            i = len(self.steps) - 1
+        else:
+            later = defined[self.steps[defined] >= fraction * self.steps[-1]]
+            i = int(later[0]) if len(later) else int(defined[-1])
         return int(self.steps[i]), float(self.ratio[i]), float(self.weight_norm[i])
 
 
