@@ -115,14 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Expand the grid of a study file into training runs (\"cells\"), run the unfinished ones\n"
                     "(finished cells are skipped, interrupted ones resume from their newest checkpoint), then\n"
                     "write report.md and figures/ into the study folder. The file format is described at the\n"
-                    "top of configs/study/warmup-free-tiny.yaml.",
-        epilog="Examples: pretrain study configs/study/warmup-free-tiny.yaml --jobs 2\n"
+                    "top of configs/study/warmup-free-cpu.yaml.",
+        epilog="Examples: pretrain study configs/study/warmup-free-cpu.yaml --jobs 2\n"
                "  pretrain study configs/study/warmup-free-gpt2-124m.yaml --print-commands > cells.txt\n"
                "  pretrain study configs/study/warmup-free-gpt2-124m.yaml --print-commands \\\n"
                "      --launcher 'bash launch/slurm/node.sh' > cells.txt   # one line per SLURM array task\n"
                "  pretrain study configs/study/warmup-free-gpt2-124m.yaml --report-only",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("file", help="study file, e.g. configs/study/warmup-free-tiny.yaml")
+    p.add_argument("file", help="study file, e.g. configs/study/warmup-free-cpu.yaml")
     p.add_argument("overrides", nargs="*",
                    help="dotted overrides for every cell, applied after the study's own, e.g. train.device=cuda")
     p.add_argument("--jobs", type=int, default=1, metavar="N",

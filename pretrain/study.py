@@ -101,7 +101,7 @@ def load_study(path: str | Path, extra_overrides: Sequence[str] = (), out_dir: s
 
 
 def _read_spec(path: Path) -> dict[str, Any]:
-    spec = read_yaml_mapping(path, "study file", "a file such as configs/study/warmup-free-tiny.yaml",
+    spec = read_yaml_mapping(path, "study file", "a file such as configs/study/warmup-free-cpu.yaml",
                              f"a mapping with keys {', '.join(STUDY_KEYS)}")
     unknown = sorted(set(spec) - set(STUDY_KEYS))
     if unknown:
