@@ -90,6 +90,19 @@ def test_cpu_study_has_seeds_and_a_wide_lr_grid_per_optimizer():
         assert all(sum(c.label(("train.seed",)) == s for c in cells) >= 3 for s in settings)
 
 
+def test_embeddings_ablation_mirrors_the_main_studys_top_lr_cells():
+    main = {c.name: c.config for c in load_study(CPU_STUDY).cells}
+    ablation = load_study(STUDIES / "rv-embeddings-cpu.yaml").cells
+    assert len(ablation) == 6
+    for cell in ablation:
+        cfg = cell.config
+        twin = main[f"{cfg.optim.name}_wu0_lr{format_value(cfg.optim.lr)}_s{cfg.train.seed}"]
+        assert not cfg.optim.rotational_embeddings and twin.optim.rotational_embeddings
+        assert twin.optim.lr == max(c.optim.lr for c in main.values() if c.optim.name == cfg.optim.name)
+        cfg.optim.rotational_embeddings, cfg.train.out_dir = True, twin.train.out_dir
+        assert cfg == twin  # the same recipe, seed and lr: only the embedding rule differs
+
+
 def test_gpt2_study_is_the_papers_owt_setting():
     study = load_study(STUDIES / "warmup-free-gpt2-124m.yaml")
     assert len(study.cells) == 2 * 2 * 7 * 3
