@@ -8,7 +8,6 @@ import sys
 
 from pretrain.errors import USER_ERROR, UserError, disk_error
 from pretrain.hub import add_export_parser, add_push_parser
-from pretrain.study import add_study_parser
 
 OVERRIDES_HELP = "dotted overrides applied after the YAML, e.g. optim.lr=3e-3 train.steps=200"
 
@@ -64,6 +63,22 @@ def _add_recipe(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
 
 
+def _cmd_study(args: argparse.Namespace) -> None:
+    from pretrain.study import load_study
+    from pretrain.study_report import write_report
+    from pretrain.study_run import LOG_FILE, launch_commands, run_study
+
+    study = load_study(args.file, args.overrides, args.out_dir)
+    if args.print_commands:
+        print("\n".join(launch_commands(study, args.launcher)))
+        return
+    failed = [] if args.report_only else [o for o in run_study(study, args.jobs) if o.status == "failed"]
+    print(f"report: {write_report(study)}")
+    if failed:
+        raise UserError(f"{len(failed)} of {len(study.cells)} cells failed ({', '.join(o.name for o in failed[:3])}"
+                        f"{', ...' if len(failed) > 3 else ''}); read <cell>/{LOG_FILE}, fix, and re-run to resume")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pretrain",
@@ -112,7 +127,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="run folder or checkpoint folder (one or two)")
     p.set_defaults(func=_cmd_metrics)
 
-    add_study_parser(sub)
+    p = sub.add_parser(
+        "study", help="run a grid of training runs (optimizer x warmup x lr x seed) and write a report",
+        description="Expand the grid of a study file into training runs (\"cells\"), run the unfinished ones\n"
+                    "(finished cells are skipped, interrupted ones resume from their newest checkpoint), then\n"
+                    "write report.md and figures/ into the study folder. The file format is described at the\n"
+                    "top of configs/study/warmup-free-cpu.yaml.",
+        epilog="Examples: pretrain study configs/study/warmup-free-cpu.yaml --jobs 2\n"
+               "  pretrain study configs/study/warmup-free-gpt2-124m.yaml --print-commands > cells.txt\n"
+               "  pretrain study configs/study/warmup-free-gpt2-124m.yaml --print-commands \\\n"
+               "      --launcher 'bash launch/slurm/node.sh' > cells.txt   # one line per SLURM array task\n"
+               "  pretrain study configs/study/warmup-free-gpt2-124m.yaml --report-only",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("file", help="study file, e.g. configs/study/warmup-free-cpu.yaml")
+    p.add_argument("overrides", nargs="*",
+                   help="dotted overrides for every cell, applied after the study's own, e.g. train.device=cuda")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="cells run at once, each in its own process with cores/N threads (default 1: one "
+                        "after another in this process)")
+    p.add_argument("--out-dir", metavar="DIR", help="study folder (default: the file's out_dir:)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--print-commands", action="store_true",
+                      help="print one `pretrain train ... --resume auto` line per cell instead of running them")
+    mode.add_argument("--report-only", action="store_true",
+                      help="only (re)write report.md and figures from the cells' files")
+    p.add_argument("--launcher", default="pretrain train", metavar="PREFIX",
+                   help="with --print-commands: what each line starts with instead of `pretrain train`, e.g. "
+                        "'bash launch/slurm/node.sh' (it must take the recipe and overrides as arguments)")
+    p.set_defaults(func=_cmd_study)
+
     add_export_parser(sub)
     add_push_parser(sub)
     return parser

@@ -131,8 +131,8 @@ class OptimConfig:
     """RV only: centre every neuron to zero mean at construction, keeping its norm; default true."""
     rotational_eps: float = 1e-8
     """RV only: epsilon added to sqrt(s_hat) in the rotation step; default 1.0e-08."""
-    rotational_embeddings: bool = False
-    """Rotate the token embedding too under rv-* (tracked by the metrics either way); default false."""
+    rotational_embeddings: bool = True
+    """RV only: rotate the token embedding per row, as the paper's code does every decayed matrix; default true."""
     fused: Optional[bool] = None
     """Fused step (torch AdamW: fused or foreach; ours: Triton on CUDA, false eager, null auto); default null."""
 

@@ -1,4 +1,4 @@
-"""Optimizer studies: a grid of ordinary training runs ("cells") over config keys, then a report.
+"""Study files: a grid of ordinary training runs ("cells") over config keys (DESIGN section 8).
 
 A study file (YAML, under configs/study/) names a base recipe and a grid:
 
@@ -9,32 +9,21 @@ A study file (YAML, under configs/study/) names a base recipe and a grid:
   grid:                            # dotted key -> list of values; cells are the cross product
     optim.name: [adamw, rv-adamw]
     schedule.warmup_steps: [0, 0.05]   # a float in (0, 1) means that fraction of train.steps
-    train.seed: [0]
+    train.seed: [0, 1, 2]
   per_optimizer:                   # extra grid axes for the cells of one optimizer only
     adamw: {optim.lr: [1.0e-3, 3.0e-3]}
 
-Every cell is a normal run directory written by `pretrain.train.train`, so it has checkpoints,
-a metrics log and rotation metrics. A cell is finished when its final checkpoint exists (or
-when it stopped on a non-finite loss); finished cells are skipped and interrupted ones
-continue from their newest checkpoint, whether they were run here or by `--print-commands`.
-
-The CLI imports this module to build its parser, so torch-heavy modules (checkpoint, train,
-data, the report) are imported inside the functions that need them: `pretrain --help` stays instant.
+This module only reads the file and expands the grid into validated cells with stable names;
+running them is `pretrain.study_run`, the report `pretrain.study_report`, the command line
+`pretrain.cli`. Nothing here imports torch, so `pretrain --help` stays instant.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import itertools
 import json
-import multiprocessing
 import os
-import shlex
-import time
-import traceback
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,10 +39,9 @@ WARMUP_KEY = "schedule.warmup_steps"
 RESERVED_KEYS = ("train.out_dir",)
 # Cell names join one part per grid key: these first, in this order, then the others in file
 # order, and the seed last, so names read `<optimizer>_wu<steps>_lr<lr>_..._s<seed>`.
-NAME_PREFIX = {"optim.name": "", WARMUP_KEY: "wu", "optim.lr": "lr"}
+NAME_PREFIX = {"optim.name": "", WARMUP_KEY: "wu", "optim.lr": "lr", "model.linear_gains": "gains-",
+               "optim.rotational_embeddings": "rotemb-"}
 SEED_KEY, SEED_PREFIX = "train.seed", "s"
-DIVERGED_FILE = "study-diverged.json"
-LOG_FILE = "train.log"
 
 
 @dataclass(frozen=True)
@@ -113,7 +101,7 @@ def load_study(path: str | Path, extra_overrides: Sequence[str] = (), out_dir: s
 
 
 def _read_spec(path: Path) -> dict[str, Any]:
-    spec = read_yaml_mapping(path, "study file", "a file such as configs/study/warmup-free-tiny.yaml",
+    spec = read_yaml_mapping(path, "study file", "a file such as configs/study/warmup-free-cpu.yaml",
                              f"a mapping with keys {', '.join(STUDY_KEYS)}")
     unknown = sorted(set(spec) - set(STUDY_KEYS))
     if unknown:
@@ -235,152 +223,3 @@ def _override_value(value: Any) -> str:
     if isinstance(value, str) and yaml.safe_load(value) == value:
         return value
     return json.dumps(value)
-
-
-# ----------------------------------------------------------------------------- cell state
-
-
-def cell_status(cell: Cell) -> str:
-    """'done' (final checkpoint written), 'diverged' (stopped on a non-finite loss), 'partial' (has a
-    checkpoint, resumable) or 'pending'."""
-    from pretrain.checkpoint import find_latest, step_dir_name
-
-    if (cell.run_dir / DIVERGED_FILE).is_file():
-        return "diverged"
-    latest = find_latest(cell.run_dir)
-    if latest is None:
-        return "pending"
-    return "done" if latest.name == step_dir_name(cell.config.train.steps) else "partial"
-
-
-@dataclass(frozen=True)
-class CellOutcome:
-    name: str
-    status: str  # done | diverged | failed
-    seconds: float
-    message: str = ""
-
-
-def run_cell(cell: Cell) -> CellOutcome:
-    """Train (or continue) one cell, its output going to `<cell>/train.log`."""
-    from pretrain.train import TrainingDiverged, train  # the loop pulls in torch, data and optim
-
-    cell.run_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with (cell.run_dir / LOG_FILE).open("a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        try:
-            result = train(cell.config, resume="auto")
-        except TrainingDiverged as exc:
-            # Deterministic: re-running would diverge again, so the cell counts as finished.
-            (cell.run_dir / DIVERGED_FILE).write_text(json.dumps({"message": str(exc)}) + "\n")
-            return CellOutcome(cell.name, "diverged", time.perf_counter() - start, str(exc))
-        except Exception as exc:  # one broken cell must not stop the others; the traceback is in its log
-            traceback.print_exc()
-            reason = str(exc).partition("\n")[0]
-            return CellOutcome(cell.name, "failed", time.perf_counter() - start, f"{type(exc).__name__}: {reason}")
-    val = f"val loss {result.val_loss:.4f}" if result.val_loss is not None else "no val loss"
-    return CellOutcome(cell.name, "done", time.perf_counter() - start, val)
-
-
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def run_study(study: Study, jobs: int = 1) -> list[CellOutcome]:
-    """Run every unfinished cell, `jobs` at a time in separate processes (in this process when 1)."""
-    from pretrain.checkpoint import check_compatible
-
-    if jobs < 1:
-        raise UserError(f"--jobs must be at least 1, got {jobs}")
-    todo = []
-    for cell in study.cells:
-        if (cell.run_dir / "config.yaml").is_file():  # a cell changed since it ran must not be mixed up
-            check_compatible(cell.run_dir, cell.config)
-        status = cell_status(cell)
-        if status in ("done", "diverged"):
-            print(f"skip {cell.name}: {status}")
-        else:
-            todo.append(cell)
-    _check_data(todo)
-    print(f"study {study.name}: {len(study.cells)} cells, {len(study.cells) - len(todo)} finished, "
-          f"{len(todo)} to run with {jobs} job(s); logs in <cell>/{LOG_FILE}")
-    outcomes = []
-
-    def report(outcome: CellOutcome) -> None:
-        outcomes.append(outcome)
-        print(f"[{len(outcomes)}/{len(todo)}] {outcome.name}: {outcome.status} in {outcome.seconds:.0f} s"
-              f" ({outcome.message})", flush=True)
-
-    if jobs == 1:
-        for cell in todo:
-            report(run_cell(cell))
-    else:
-        # Split the cores between the workers instead of letting each grab them all.
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        context = multiprocessing.get_context("spawn")  # fork would copy this process's torch threads
-        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
-            for future in as_completed([pool.submit(run_cell, cell) for cell in todo]):
-                report(future.result())
-    return outcomes
-
-
-def _check_data(cells: list[Cell]) -> None:
-    """Fail before any cell starts when a cell's data has not been prepared."""
-    from pretrain.data import load_index
-
-    for data_dir in sorted({c.config.data.dir for c in cells}):
-        load_index(Path(data_dir))
-
-
-# ----------------------------------------------------------------------------- commands
-
-
-def launch_commands(study: Study) -> list[str]:
-    """One `pretrain train` command line per cell, for a cluster scheduler or a shell loop."""
-    return [shlex.join(["pretrain", "train", str(study.base), *cell.overrides, "--resume", "auto"])
-            for cell in study.cells]
-
-
-def study_command(args: argparse.Namespace) -> None:
-    from pretrain.study_report import write_report
-
-    study = load_study(args.file, args.overrides, args.out_dir)
-    if args.print_commands:
-        print("\n".join(launch_commands(study)))
-        return
-    failed: list[CellOutcome] = []
-    if not args.report_only:
-        failed = [o for o in run_study(study, args.jobs) if o.status == "failed"]
-    print(f"report: {write_report(study)}")
-    if failed:
-        raise UserError(f"{len(failed)} of {len(study.cells)} cells failed ({', '.join(o.name for o in failed[:3])}"
-                        f"{', ...' if len(failed) > 3 else ''}); read <cell>/{LOG_FILE}, fix, and re-run to resume")
-
-
-def add_study_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "study", help="run a grid of training runs (optimizer x warmup x lr x seed) and write a report",
-        description="Expand the grid of a study file into training runs (\"cells\"), run the unfinished ones\n"
-                    "(finished cells are skipped, interrupted ones resume from their newest checkpoint), then\n"
-                    "write report.md and figures/ into the study folder. The file format is described at the\n"
-                    "top of configs/study/warmup-free-tiny.yaml.",
-        epilog="Examples: pretrain study configs/study/warmup-free-tiny.yaml --jobs 2\n"
-               "  pretrain study configs/study/warmup-free-gpt2-124m.yaml --print-commands > cells.txt\n"
-               "  pretrain study configs/study/warmup-free-gpt2-124m.yaml --report-only",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("file", help="study file, e.g. configs/study/warmup-free-tiny.yaml")
-    p.add_argument("overrides", nargs="*",
-                   help="dotted overrides for every cell, applied after the study's own, e.g. train.device=cuda")
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="cells run at once, each in its own process with cores/N threads (default 1: one "
-                        "after another in this process)")
-    p.add_argument("--out-dir", metavar="DIR", help="study folder (default: the file's out_dir:)")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--print-commands", action="store_true",
-                      help="print one `pretrain train ... --resume auto` line per cell instead of running them")
-    mode.add_argument("--report-only", action="store_true",
-                      help="only (re)write report.md and figures from the cells' files")
-    p.set_defaults(func=study_command)
-

@@ -1,131 +1,250 @@
-"""The study report: one table row per cell and figures, computed from the cells' own files.
+"""The study report: `report.md` and `figures/` of a study folder, from the cells' own files.
 
-Everything here reads what training wrote (`metrics.jsonl`, the newest checkpoint's
-`rotation/`), so the report can be regenerated at any time, also for cells that ran on a
-cluster from `pretrain study --print-commands`.
+Tables: one row per cell; per setting the mean ± std over seeds; per with/without-warmup pair the
+paired difference over seeds with its 95% interval; the early instability and the rotational
+transient per optimizer. Every number is recomputed from `metrics.jsonl` and the newest
+checkpoint's `rotation/` (pretrain.study_summary), so `pretrain study FILE --report-only`
+regenerates the same report at any time.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import matplotlib
+from pretrain.metrics import EQUILIBRIUM_TOLERANCE
+from pretrain.study import Study
+from pretrain.study_figures import FIGURES, least_warmup_groups, write_figures
+from pretrain.study_run import cell_status
+from pretrain.study_stats import CONFIDENCE, PairedDifference, mean_std, paired_difference
+from pretrain.study_summary import EARLY_FRACTION, SPIKE_FACTOR, CellSummary, finite, group_by, summarize_cell
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from pretrain.checkpoint import find_latest  # noqa: E402
-from pretrain.logger import read_metrics  # noqa: E402
-from pretrain.metrics import EQUILIBRIUM_TOLERANCE, RotationHistory, equilibrium_layers, load_rotation  # noqa: E402
-from pretrain.study import Cell, Study, cell_status  # noqa: E402
-
-# A spike: a run of consecutive logged steps whose train loss exceeds this multiple of the
-# lowest train loss logged before it (a non-finite loss counts as exceeding).
-SPIKE_FACTOR = 1.5
-# Train-loss curves are drawn as a moving average over this many logged steps.
-SMOOTH_WINDOW = 10
-# Grid keys that the figures put on axes or average over; the remaining keys form "variants".
-AXIS_KEYS = ("optim.name", "optim.lr", "train.seed")
+# Points of the run at which the transient table samples the rotation traces (fractions of the last step).
+TRANSIENT_POINTS = (0.0, 0.1, 0.5, 1.0)
 
 
-@dataclass
-class CellSummary:
-    cell: Cell
-    status: str
-    last_step: int | None = None
-    final_train: float | None = None
-    final_val: float | None = None
-    best_val: float | None = None
-    spikes: int = 0
-    diverged: bool = False
-    time_to_equilibrium: int | None = None  # every rotational-eligible layer with an eta_r
-    half_equilibrium: int | None = None  # half of those layers
-    layers_in_equilibrium: tuple[int, int] | None = None  # (in the band at the end, layers with an eta_r)
-    tokens_per_s: float | None = None
-    train_curve: list[tuple[int, float]] = field(default_factory=list)
-    rotation: RotationHistory | None = None  # the newest checkpoint's per-layer history
-
-    @property
-    def optimizer(self) -> str:
-        return self.cell.config.optim.name
-
-    @property
-    def lr(self) -> float:
-        return self.cell.config.optim.lr
-
-    @property
-    def variant(self) -> str:
-        return self.cell.label(AXIS_KEYS) or "all"
+def write_report(study: Study) -> Path:
+    """Write `<study>/report.md` and `<study>/figures/*.png` from the cells' files; return the report path."""
+    summaries = [summarize_cell(cell, cell_status(cell)) for cell in study.cells]
+    write_figures(summaries, study.out_dir / "figures")
+    path = study.out_dir / "report.md"
+    path.write_text(report_text(study, summaries))
+    return path
 
 
-# ----------------------------------------------------------------------------- numbers
+def report_text(study: Study, summaries: list[CellSummary]) -> str:
+    counts = {status: sum(s.status == status for s in summaries) for status in ("done", "diverged", "partial",
+                                                                               "pending")}
+    seeds = sorted({s.seed for s in summaries})
+    lines = [
+        f"# Study `{study.name}`", "",
+        f"Study file `{study.path}`, base recipe `{study.base}`, {len(summaries)} cells "
+        f"({len(seeds)} seed{'s' if len(seeds) != 1 else ''}): "
+        + ", ".join(f"{n} {status}" for status, n in counts.items() if n) + ".",
+        f"Regenerate with `pretrain study {study.path} --report-only`.", "",
+        "## Definitions", "",
+        *_definitions(),
+        "",
+        "## Per setting, over seeds", "",
+        "Mean ± sample standard deviation over the finished seeds of each setting (one seed: its value); "
+        "the final val loss leaves out diverged seeds.", "",
+        setting_table(summaries), "",
+    ]
+    pairs = warmup_pairs(summaries)
+    if pairs:
+        lines += ["## Warmup: paired differences over seeds", "",
+                  f"Per optimizer and lr, the per-seed difference *without warmup minus with warmup* (same seed: same "
+                  f"initial weights and batches), its mean and {CONFIDENCE:.0%} interval (Student's t over the "
+                  "seeds). A positive loss difference means warmup helped. An interval that contains 0 is reported "
+                  "as *no difference*; with fewer than 2 seeds there is no interval.", "",
+                  pair_table(pairs), "",
+                  *warmup_onset_lines(pairs), ""]
+    lines += ["## The rotational transient", "",
+              "Median over the decayed linear layers (*matrices*) of θ/η_r and of the mean neuron weight norm, "
+              "at step 1, at 10% and 50% of the run and at the end (the last measurement with a defined η_r: a "
+              "schedule that decays to 0 has none at its final step), for each setting without warmup (the least "
+              "warmup of the grid), mean over the seeds; *embedding*: the same for the token embedding. "
+              "A rotational optimizer holds θ/η_r at 1 and the norms at their initial value from step 1; a plain "
+              "one starts far from equilibrium and approaches it as its norms change.", "",
+              transient_table(summaries), ""]
+    lines += ["## Per cell", "", cell_table(summaries), ""]
+    for name, (title, caption, _) in FIGURES.items():
+        lines += [f"## {title}", "", f"![{title}](figures/{name})", "", caption, ""]
+    return "\n".join(lines)
 
 
-def count_spikes(losses: Sequence[float | None], factor: float = SPIKE_FACTOR) -> int:
-    """Number of loss spikes (see SPIKE_FACTOR) in a sequence of logged train losses."""
-    spikes, lowest, inside = 0, math.inf, False
-    for loss in losses:
-        finite = loss is not None and math.isfinite(loss)
-        high = not finite or loss > factor * lowest
-        spikes += high and not inside
-        inside = high
-        if finite:
-            lowest = min(lowest, loss)
-    return spikes
+def _definitions() -> list[str]:
+    window = f"{EARLY_FRACTION:.0%}"
+    return [
+        "- Losses are cross-entropy in nats per token. *Final val loss*: the last evaluation; *best val loss*: "
+        "the lowest; *final train loss*: the last logged single-batch loss.",
+        f"- *Early peak*: the highest train loss logged in the first {window} of the steps (at least step 1) "
+        "divided by the first logged train loss (step 1); above 1 means the loss rose above its starting value "
+        "(∞: a non-finite loss in that window).",
+        f"- *Spike*: a run of consecutive logged steps whose train loss exceeds {SPIKE_FACTOR}x the lowest train "
+        "loss logged before it (non-finite counts). *Diverged*: the run stopped on or logged a non-finite loss, "
+        "or its last logged train loss is above its first.",
+        "- *θ/η_r*: a layer's mean angular update per step (θ, radians, mean over its neurons) over the "
+        "equilibrium angle η_r that the optimizer reaches with weight decay at the scheduled lr of that step "
+        "(docs/rotation-metrics.md). *Step-1 θ/η_r* is the median over the decayed linear layers "
+        "(*matrices*: every attention and MLP projection, and the output head unless it is tied to the "
+        "embedding) and, separately, the token embedding.",
+        f"- *Time to equilibrium*: the first measured step after which θ/η_r stays within ±{EQUILIBRIUM_TOLERANCE:.0%} "
+        "of 1 in every rotational-eligible layer (the decayed matrices, the embedding included when "
+        "`optim.rotational_embeddings` is on: the same set for a plain optimizer and its RV), from the newest "
+        "checkpoint's rotation history; – means not reached by the end (a schedule that decays the lr to 0 has "
+        "no η_r at its last step, and that measurement counts as outside the band). *Half the layers in "
+        "equilibrium*: the "
+        "same for at least half of the layers that have an η_r. The next column counts those layers inside the "
+        "band at the end.",
+        "- Means over seeds leave out the seeds without a value (diverged, or never in equilibrium). "
+        "*tokens/s*: median over logging windows (it measures the machine's load as much as the optimizer).",
+    ]
 
 
-def is_diverged(losses: Sequence[float | None], stopped_non_finite: bool) -> bool:
-    """Diverged: stopped on or logged a non-finite loss, or ended above its first logged loss."""
-    if stopped_non_finite or any(loss is None or not math.isfinite(loss) for loss in losses):
-        return True
-    return len(losses) > 1 and losses[-1] > losses[0]
+# ----------------------------------------------------------------------------- tables
 
 
-def half_settled(times: list[int | None]) -> int | None:
-    """The first step from which at least half of the layers stay in equilibrium, from each layer's
-    time to equilibrium (None: not settled by the end); None if half never settle."""
-    settled = sorted(t for t in times if t is not None)
-    needed = math.ceil(len(times) / 2)
-    return settled[needed - 1] if needed and len(settled) >= needed else None
+def setting_table(summaries: list[CellSummary]) -> str:
+    """One row per setting (cell without its seed): mean ± std over seeds."""
+    rows = ["| setting | seeds | final val loss | early peak | step-1 θ/η_r matrices | step-1 θ/η_r embedding "
+            "| spikes | diverged | half the layers in equilibrium (step) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, members in group_by(summaries, lambda s: s.setting).items():
+        rows.append(
+            f"| {label} | {_seed_count(members)} "
+            f"| {_mean_std(finite([s.final_val for s in members if not s.diverged]))} "
+            f"| {_early(members)} | {_mean_std(finite([s.step1_ratio('matrices') for s in members]), 1)} "
+            f"| {_mean_std(finite([s.step1_ratio('embedding') for s in members]), 3)} "
+            f"| {sum(s.spikes for s in members)} | {sum(s.diverged for s in members)}/{len(members)} "
+            f"| {_mean_std(finite([s.half_equilibrium for s in members]), 0)} |")
+    return "\n".join(rows)
 
 
-def summarize_cell(cell: Cell, status: str) -> CellSummary:
-    """The report's numbers for one cell, from its metrics log and newest checkpoint."""
-    records = read_metrics(cell.run_dir)
-    summary = CellSummary(cell, status)
-    if not records:
-        return summary
-    train_points = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
-    losses = [loss for _, loss in train_points]
-    vals = [r["val/loss"] for r in records if r.get("val/loss") is not None]
-    speeds = [r["perf/tokens_per_s"] for r in records if r.get("perf/tokens_per_s") is not None]
-    summary.last_step = records[-1]["step"]
-    summary.final_train = losses[-1] if losses else None
-    summary.final_val = vals[-1] if vals else None
-    summary.best_val = min(vals) if vals else None
-    summary.spikes = count_spikes(losses)
-    summary.diverged = is_diverged(losses, status == "diverged")
-    summary.tokens_per_s = statistics.median(speeds) if speeds else None
-    summary.train_curve = [(s, loss) for s, loss in train_points if loss is not None]
-    checkpoint = find_latest(cell.run_dir)
-    if checkpoint is not None:
-        rotation = load_rotation(checkpoint / "rotation")
-        layers = [layer for layer in rotation.summary["layers"] if layer["weight_decay"]]  # those with an eta_r
-        # Recomputed from the history, so reports of older checkpoints use today's definition.
-        summary.time_to_equilibrium = rotation.history.overall_time_to_equilibrium(
-            equilibrium_layers(rotation.summary["layers"]))
-        summary.half_equilibrium = half_settled([layer["time_to_equilibrium"] for layer in layers])
-        summary.layers_in_equilibrium = (sum(layer["in_equilibrium"] for layer in layers), len(layers))
-        summary.rotation = rotation.history
-    return summary
+def _seed_count(members: list[CellSummary]) -> str:
+    """Seeds that finished (done or diverged), 'k of n' while some have not."""
+    finished = sum(s.status in ("done", "diverged") for s in members)
+    return str(finished) if finished == len(members) else f"{finished} of {len(members)}"
+
+
+def _early(members: list[CellSummary]) -> str:
+    values = [s.early_peak for s in members if s.early_peak is not None]
+    if any(math.isinf(v) for v in values):
+        return f"∞ in {sum(math.isinf(v) for v in values)}/{len(values)}"
+    return _mean_std(values, 2)
+
+
+def warmup_pairs(summaries: list[CellSummary]) -> list[tuple[str, list[CellSummary], list[CellSummary]]]:
+    """(pairing label, cells without warmup, cells with one warmup value) for every setting that has both;
+    a grid with several warmup values pairs each of them with warmup 0."""
+    pairs = []
+    for label, members in group_by(summaries, lambda s: s.pairing).items():
+        by_warmup = group_by(members, lambda s: s.warmup)
+        if 0 not in by_warmup:
+            continue
+        pairs += [(label, by_warmup[0], cells) for warmup, cells in sorted(by_warmup.items()) if warmup > 0]
+    return pairs
+
+
+def final_val_by_seed(cells: list[CellSummary]) -> dict[int, float]:
+    """Seed -> final val loss; a diverged seed or one without evaluation is left out."""
+    return {s.seed: s.final_val for s in cells if s.final_val is not None and not s.diverged}
+
+
+def early_peak_by_seed(cells: list[CellSummary]) -> dict[int, float]:
+    return {s.seed: s.early_peak for s in cells if s.early_peak is not None}
+
+
+def pair_table(pairs: list[tuple[str, list[CellSummary], list[CellSummary]]]) -> str:
+    ci = f"{CONFIDENCE:.0%} interval"
+    rows = [f"| optimizer and lr | warmup | seeds | final val loss, no warmup − warmup | {ci} of the loss | reading "
+            f"| early peak, no warmup − warmup | {ci} of the early peak |",
+            "|---|---:|---:|---:|---:|---|---:|---:|"]
+    for label, without, with_ in pairs:
+        loss = paired_difference(final_val_by_seed(without), final_val_by_seed(with_))
+        peak = paired_difference(early_peak_by_seed(without), early_peak_by_seed(with_))
+        dropped = {s.seed for s in without + with_} - (set(final_val_by_seed(without)) & set(final_val_by_seed(with_)))
+        note = f" ({len(dropped)} seed(s) left out: diverged or no val loss)" if dropped else ""
+        rows.append(f"| {label} | {with_[0].warmup} | {loss.seeds if loss else 0} | {_diff(loss, 4)} "
+                    f"| {_interval(loss, 4)} | {reading(loss)}{note} | {_diff(peak, 3)} | {_interval(peak, 3)} |")
+    return "\n".join(rows)
+
+
+def reading(diff: PairedDifference | None) -> str:
+    """The verdict the report prints for a loss difference (no warmup − warmup)."""
+    if diff is None:
+        return "no data"
+    if diff.low is None:
+        return "one seed: no interval"
+    if not diff.significant:
+        return "no difference"
+    return "warmup better" if diff.mean > 0 else "no warmup better"
+
+
+def warmup_onset_lines(pairs: list[tuple[str, list[CellSummary], list[CellSummary]]]) -> list[str]:
+    """Per optimizer and warmup: at which lrs warmup lowers the final val loss and the early peak (interval
+    excluding 0), at which it raises them, and where there is no difference."""
+    lines = []
+    for (optimizer, warmup), members in group_by(pairs, lambda p: (p[1][0].optimizer, p[2][0].warmup)).items():
+        parts = []
+        for name, by_seed in (("final val loss", final_val_by_seed), ("early peak", early_peak_by_seed)):
+            verdicts: dict[str, list[str]] = {}
+            for _, without, with_ in sorted(members, key=lambda p: p[1][0].lr):
+                verdict = reading(paired_difference(by_seed(without), by_seed(with_)))
+                verdicts.setdefault(verdict, []).append(f"{without[0].lr:.3g}")
+            said = [f"{verdict} at lr {', '.join(lrs)}" for verdict, lrs in verdicts.items()]
+            parts.append(f"{name}: {'; '.join(said)}")
+        lines.append(f"- {optimizer}, warmup {warmup} steps. " + ". ".join(parts) + ".")
+    return ["Where warmup matters (a verdict needs the interval to exclude 0):", "", *lines]
+
+
+def transient_table(summaries: list[CellSummary]) -> str:
+    rows = ["| setting | θ/η_r matrices at step 1 → 10% → 50% → end | weight norm matrices at the same steps "
+            "| θ/η_r embedding | weight norm embedding |",
+            "|---|---|---|---|---|"]
+    for members in least_warmup_groups(summaries).values():
+        for cells in group_by(members, lambda s: s.lr).values():
+            ratio, norm = zip(*(_trace_points(cells, group) for group in ("matrices", "embedding")), strict=True)
+            rows.append(f"| {cells[0].setting} | {ratio[0]} | {norm[0]} | {ratio[1]} | {norm[1]} |")
+    return "\n".join(rows)
+
+
+def _trace_points(cells: list[CellSummary], group: str) -> tuple[str, str]:
+    """'a → b → c → d' of the seed-mean ratio and norm at TRANSIENT_POINTS (step 1 first)."""
+    traces = [s.traces[group] for s in cells if group in s.traces]
+    if not traces:
+        return "–", "–"
+    ratios, norms = [], []
+    for fraction in TRANSIENT_POINTS:
+        sampled = [t.at_fraction(fraction) for t in traces]
+        ratios.append(_mean([r for _, r, _ in sampled]))
+        norms.append(_mean([n for _, _, n in sampled]))
+    return (" → ".join(_number(r) for r in ratios), " → ".join(_number(n) for n in norms))
+
+
+def cell_table(summaries: list[CellSummary]) -> str:
+    """Markdown table, one row per cell."""
+    rows = ["| cell | status | last step | final train loss | final val loss | best val loss | early peak "
+            "| spikes | diverged | time to equilibrium (step) | half the layers in equilibrium (step) "
+            "| layers in equilibrium at the end | tokens/s |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for s in summaries:
+        layers = "–" if s.layers_in_equilibrium is None else "{}/{}".format(*s.layers_in_equilibrium)
+        speed = "–" if s.tokens_per_s is None else f"{s.tokens_per_s:,.0f}"
+        ran = s.last_step is not None
+        rows.append(f"| {s.cell.name} | {s.status} | {_step(s.last_step)} "
+                    f"| {_fmt(s.final_train)} | {_fmt(s.final_val)} | {_fmt(s.best_val)} | {_fmt(s.early_peak, 3)} "
+                    f"| {s.spikes if ran else '–'} | {('yes' if s.diverged else 'no') if ran else '–'} "
+                    f"| {_step(s.time_to_equilibrium)} | {_step(s.half_equilibrium)} | {layers} | {speed} |")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- formatting
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
+    if value is not None and math.isinf(value):
+        return "∞"
     return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
@@ -134,236 +253,28 @@ def _step(value: int | None) -> str:
 
 
 def _mean_std(values: list[float], digits: int = 4) -> str:
-    if not values:
+    stats = mean_std(values)
+    if stats is None:
         return "–"
     if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+        return f"{stats[0]:.{digits}f}"
+    return f"{stats[0]:.{digits}f} ± {stats[1]:.{digits}f}"
 
 
-def _finite(values: list[float | None]) -> list[float]:
-    return [v for v in values if v is not None and math.isfinite(v)]
+def _mean(values: list[float]) -> float:
+    values = finite(values)
+    return sum(values) / len(values) if values else math.nan
 
 
-# ----------------------------------------------------------------------------- tables
+def _number(value: float) -> str:
+    return "–" if not math.isfinite(value) else f"{value:.3g}"
 
 
-def cell_table(summaries: list[CellSummary]) -> str:
-    """Markdown table, one row per cell."""
-    rows = ["| cell | status | last step | final train loss | final val loss | best val loss | spikes | diverged "
-            "| time to equilibrium (step) | half the layers in equilibrium (step) | layers in equilibrium at the end "
-            "| tokens/s |",
-            "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
-    for s in summaries:
-        layers = "–" if s.layers_in_equilibrium is None else "{}/{}".format(*s.layers_in_equilibrium)
-        speed = "–" if s.tokens_per_s is None else f"{s.tokens_per_s:,.0f}"
-        ran = s.last_step is not None
-        rows.append(f"| {s.cell.name} | {s.status} | {_step(s.last_step)} "
-                    f"| {_fmt(s.final_train)} | {_fmt(s.final_val)} | {_fmt(s.best_val)} | {s.spikes if ran else '–'} "
-                    f"| {('yes' if s.diverged else 'no') if ran else '–'} | {_step(s.time_to_equilibrium)} "
-                    f"| {_step(s.half_equilibrium)} | {layers} | {speed} |")
-    return "\n".join(rows)
+def _diff(diff: PairedDifference | None, digits: int) -> str:
+    return "–" if diff is None else f"{diff.mean:+.{digits}f}"
 
 
-def seed_table(summaries: list[CellSummary]) -> str:
-    """Markdown table over seeds: mean ± sample standard deviation per cell without its seed."""
-    groups = _group(summaries, lambda s: s.cell.label(("train.seed",)))
-    rows = ["| cell (all seeds) | seeds | final val loss | best val loss | spikes | diverged | time to equilibrium "
-            "| half the layers in equilibrium |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for label, members in groups.items():
-        steps = [_finite([s.time_to_equilibrium for s in members]), _finite([s.half_equilibrium for s in members])]
-        rows.append(f"| {label} | {len(members)} | {_mean_std(_finite([s.final_val for s in members]))} "
-                    f"| {_mean_std(_finite([s.best_val for s in members]))} "
-                    f"| {_mean_std([float(s.spikes) for s in members], 1)} "
-                    f"| {sum(s.diverged for s in members)}/{len(members)} "
-                    f"| {_mean_std(steps[0], 0)} | {_mean_std(steps[1], 0)} |")
-    return "\n".join(rows)
-
-
-def _group(summaries: list[CellSummary], key: Callable[[CellSummary], Any]) -> dict[Any, list[CellSummary]]:
-    groups: dict[Any, list[CellSummary]] = {}
-    for s in summaries:
-        groups.setdefault(key(s), []).append(s)
-    return groups
-
-
-# ----------------------------------------------------------------------------- figures
-
-
-def plot_lr_sensitivity(summaries: list[CellSummary], path: Path) -> None:
-    """Final val loss against lr (log x), one panel per optimizer, one line per variant (e.g. warmup)."""
-    by_optimizer = _group(summaries, lambda s: s.optimizer)
-    fig, axes = _panels(len(by_optimizer), sharey=True)
-    for ax, (optimizer, members) in zip(axes, by_optimizer.items(), strict=False):
-        for variant, cells in _group(members, lambda s: s.variant).items():
-            points = []
-            for lr, seeds in sorted(_group(cells, lambda s: s.lr).items()):
-                vals = _finite([s.final_val for s in seeds if not s.diverged])
-                if vals:
-                    points.append((lr, statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0))
-                elif any(s.diverged for s in seeds):  # diverged: an x on the top edge
-                    ax.plot(lr, 1.0, "x", color="red", transform=ax.get_xaxis_transform(), clip_on=False)
-            if points:
-                lrs, means, stds = zip(*points, strict=True)
-                ax.errorbar(lrs, means, yerr=stds, marker="o", capsize=3, label=variant)
-        ax.set_xscale("log")
-        ax.set_title(optimizer)
-        ax.set_xlabel("peak learning rate")
-        ax.grid(alpha=0.3, which="both")
-        _legend(ax, fontsize=8)
-    axes[0].set_ylabel("final val loss (mean ± std over seeds)")
-    _save(fig, path)
-
-
-def plot_loss_curves(summaries: list[CellSummary], path: Path) -> None:
-    """Train loss (moving average) against step, one panel per optimizer; colour = lr, style = variant."""
-    by_optimizer = _group(summaries, lambda s: s.optimizer)
-    fig, axes = _panels(len(by_optimizer), sharey=True)
-    first_losses = [s.train_curve[0][1] for s in summaries if s.train_curve]
-    for ax, (optimizer, members) in zip(axes, by_optimizer.items(), strict=False):
-        lrs = sorted({s.lr for s in members})
-        variants = list(_group(members, lambda s: s.variant))
-        for s in members:
-            if not s.train_curve:
-                continue
-            steps, losses = zip(*s.train_curve, strict=True)
-            colour = plt.cm.viridis(lrs.index(s.lr) / max(1, len(lrs) - 1))
-            style = ("-", "--", ":", "-.")[variants.index(s.variant) % 4]
-            ax.plot(steps, _moving_average(losses, SMOOTH_WINDOW), style, color=colour, linewidth=1,
-                    label=s.cell.label(("optim.name",)))
-        ax.set_title(optimizer)
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
-        _legend(ax, fontsize=6)
-    if first_losses:  # keep diverging curves from flattening the others
-        axes[0].set_ylim(top=1.05 * statistics.median(first_losses))
-    axes[0].set_ylabel(f"train loss ({SMOOTH_WINDOW}-point moving average)")
-    _save(fig, path)
-
-
-def representative_cells(summaries: list[CellSummary]) -> list[CellSummary]:
-    """Per optimizer and variant, the cell at the optimizer's middle grid lr (lowest seed)."""
-    chosen = []
-    for members in _group(summaries, lambda s: s.optimizer).values():
-        lrs = sorted({s.lr for s in members})
-        middle = lrs[(len(lrs) - 1) // 2]
-        for cells in _group([s for s in members if s.lr == middle], lambda s: s.variant).values():
-            chosen.append(min(cells, key=lambda s: s.cell.config.train.seed))
-    return chosen
-
-
-def plot_rotation(summaries: list[CellSummary], path: Path) -> None:
-    """theta/eta_r of every layer that has an eta_r against step (log x: the first steps get room)."""
-    chosen = [s for s in representative_cells(summaries) if s.rotation is not None and len(s.rotation)]
-    fig, axes = _panels(max(1, len(chosen)), sharey=True)
-    for ax, s in zip(axes, chosen, strict=False):
-        ratios = s.rotation.column("ratio")
-        for i in range(ratios.shape[1]):
-            ax.plot(s.rotation.steps, ratios[:, i], color=plt.cm.viridis(i / max(1, ratios.shape[1] - 1)),
-                    linewidth=0.7)
-        ax.axhspan(1 - EQUILIBRIUM_TOLERANCE, 1 + EQUILIBRIUM_TOLERANCE, color="grey", alpha=0.3,
-                   label=f"equilibrium ±{EQUILIBRIUM_TOLERANCE:.0%}")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_title(s.cell.name, fontsize=9)
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("θ / η_r per layer (colour: layer order)")
-    _legend(axes[0], fontsize=7)
-    _save(fig, path)
-
-
-def _legend(ax: Any, fontsize: int) -> None:
-    if ax.get_legend_handles_labels()[0]:  # an empty panel (every cell diverged) gets no empty legend
-        ax.legend(fontsize=fontsize)
-
-
-def _moving_average(values: Sequence[float], window: int) -> list[float]:
-    out, total = [], 0.0
-    for i, value in enumerate(values):
-        total += value
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
-
-
-def _panels(count: int, sharey: bool) -> tuple[Any, list[Any]]:
-    columns = min(count, 4)
-    rows = math.ceil(count / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.0 * columns, 3.4 * rows), dpi=90, squeeze=False,
-                             sharey=sharey)
-    flat = list(axes.flat)
-    for ax in flat[count:]:
-        ax.set_visible(False)
-    return fig, flat
-
-
-def _save(fig: Any, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------- report
-
-# File name -> (title, caption, plot function) of each report figure.
-FIGURES: dict[str, tuple[str, str, Callable[[list[CellSummary], Path], None]]] = {
-    "lr_sensitivity.png": (
-        "Final validation loss against peak learning rate",
-        "Mean over seeds (bars: standard deviation), log-scale lr axis, one panel per optimizer and one line per "
-        "setting of the other grid keys (e.g. warmup). A red x on the top edge marks an lr whose run diverged.",
-        plot_lr_sensitivity),
-    "loss_curves.png": (
-        "Training loss",
-        f"{SMOOTH_WINDOW}-step moving average of the logged train loss; colour: lr (dark = lowest), line style: "
-        "the other grid keys (e.g. warmup).",
-        plot_loss_curves),
-    "rotation.png": (
-        "θ/η_r per layer",
-        "Each optimizer at its middle grid lr, one panel per setting of the other grid keys: θ/η_r of every layer "
-        f"that has an η_r (colour: depth order) against step, log-log; grey band: ±{EQUILIBRIUM_TOLERANCE:.0%} "
-        "around equilibrium.",
-        plot_rotation),
-}
-
-
-def write_report(study: Study) -> Path:
-    """Write `<study>/report.md` and `<study>/figures/*.png` from the cells' files; return the report path."""
-    summaries = [summarize_cell(cell, cell_status(cell)) for cell in study.cells]
-    figures = study.out_dir / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
-    for name, (_, _, plot) in FIGURES.items():
-        plot(summaries, figures / name)
-    counts = {status: sum(s.status == status for s in summaries) for status in ("done", "diverged", "partial",
-                                                                               "pending")}
-    seeds = _group(summaries, lambda s: s.cell.label(("train.seed",)))
-    lines = [
-        f"# Study `{study.name}`", "",
-        f"Study file `{study.path}`, base recipe `{study.base}`, {len(summaries)} cells: "
-        + ", ".join(f"{n} {status}" for status, n in counts.items() if n) + ".",
-        f"Regenerate with `pretrain study {study.path} --report-only`.", "",
-        "Definitions. Losses are cross-entropy in nats per token. *Final train loss* is the last logged "
-        "single-batch loss; *final val loss* the last evaluation, *best val loss* the lowest. "
-        f"A *spike* is a run of consecutive logged steps whose train loss exceeds {SPIKE_FACTOR}x the lowest "
-        "train loss logged before it (non-finite counts). *Diverged*: the run stopped on or logged a "
-        "non-finite loss, or its last logged train loss is above its first. *Time to equilibrium*: the "
-        "first measured step after which θ/η_r (mean angular update per step over the equilibrium value η_r "
-        f"expected for the scheduled lr) stays within ±{EQUILIBRIUM_TOLERANCE:.0%} of 1 in every rotational-eligible "
-        "layer (the decayed linear layers, the same set for a plain optimizer and its RV), from the newest "
-        "checkpoint's rotation history; "
-        "– means not reached by the end. *Half the layers in equilibrium*: the same for at least half of those "
-        "layers. The next column counts the layers inside the band at the end. Means over seeds leave out the "
-        "seeds that never got there. "
-        "*tokens/s*: median over logging windows.", "",
-        cell_table(summaries), "",
-    ]
-    if any(len(members) > 1 for members in seeds.values()):
-        lines += ["## Over seeds", "", "Mean ± sample standard deviation over the seeds of each setting.", "",
-                  seed_table(summaries), ""]
-    for name, (title, caption, _) in FIGURES.items():
-        lines += [f"## {title}", "", f"![{title}](figures/{name})", "", caption, ""]
-    path = study.out_dir / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+def _interval(diff: PairedDifference | None, digits: int) -> str:
+    if diff is None or diff.low is None or diff.high is None:
+        return "–"
+    return f"[{diff.low:+.{digits}f}, {diff.high:+.{digits}f}]"

@@ -33,7 +33,8 @@ WEIGHT_RTOL = 1e-5  # ||w - w_ref|| / ||w_ref|| per tensor
 ANGLE_RTOL = 1e-4
 GRAD_NORM_RTOL = 1e-5
 STEPS = 20
-RUN = ["train.steps=20", "checkpoint.every=10", "train.eval_every=10"]
+# lr 0.1: the RVs rotate by eta_r ~ sqrt(lr), embeddings included (the default), and must visibly learn in 20 steps.
+RUN = ["train.steps=20", "checkpoint.every=10", "train.eval_every=10", "optim.lr=0.1"]
 STRATEGIES = {
     "ddp": ["parallel.strategy=ddp"],
     "fsdp2": ["parallel.strategy=fsdp2"],

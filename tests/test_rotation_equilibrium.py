@@ -30,7 +30,8 @@ def _run(tiny_data_dir, tmp_path, optimizer):
 def test_rv_adamw_is_in_equilibrium_from_the_start_and_adamw_is_not(tiny_data_dir, tmp_path):
     rv, rotational, rv_ratio = _run(tiny_data_dir, tmp_path, "rv-adamw")
     plain, _, plain_ratio = _run(tiny_data_dir, tmp_path, "adamw")
-    assert len(rotational) == 2 * 7  # 2 llama blocks x (q, k, v, o, gate, up, down)
+    # 2 llama blocks x (q, k, v, o, gate, up, down), and the tied embedding (optim.rotational_embeddings)
+    assert len(rotational) == 2 * 7 + 1
 
     np.testing.assert_allclose(rv_ratio[0], 1.0, rtol=1e-3)  # step 1: exactly at equilibrium
     assert np.all((rv_ratio > 0.6) & (rv_ratio < 1.25))  # and near it at every step

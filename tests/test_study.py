@@ -1,27 +1,36 @@
 """`pretrain study`: grid expansion and cell names, launch commands, an end-to-end micro-study
-(parallel cells, resume of an interrupted cell, skip of finished ones), divergence, the report."""
+(parallel cells, resume of an interrupted cell, skip of finished ones), divergence, the report and
+its statistics (recomputed here from the cells' raw files with numpy)."""
 
-import argparse
 import itertools
 import json
 import math
 import shlex
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from pretrain.cli import build_parser
-from pretrain.config import load_config
+from pretrain.config import OptimConfig, load_config
 from pretrain.errors import UserError
-from pretrain.study import add_study_parser, format_value, load_study
-from pretrain.study_report import count_spikes, half_settled, is_diverged
+from pretrain.metrics import load_rotation
+from pretrain.study import format_value, load_study
+from pretrain.study_stats import paired_difference, t_quantile
+from pretrain.study_summary import count_spikes, early_peak, half_settled, is_diverged
 from pretrain.train import train
 from tests.train_utils import REPO, TINY_OVERRIDES
 
 STUDIES = REPO / "configs" / "study"
+CPU_STUDY = STUDIES / "warmup-free-cpu.yaml"
 STEPS = 4  # of each micro-study cell
+WARMUP = 2  # steps, the micro-study's warmup setting
+# Two-sided 95% quantiles of Student's t (textbook tables), by degrees of freedom.
+T_975 = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 9: 2.2622, 30: 2.0423}
 
 
 def write_study(tmp_path: Path, data_dir: Path, grid: dict, per_optimizer: dict | None = None,
@@ -37,54 +46,77 @@ def write_study(tmp_path: Path, data_dir: Path, grid: dict, per_optimizer: dict 
 
 
 def study_cli(*argv: str) -> None:
-    """`pretrain study ARGV`, through the subparser this module contributes to the CLI."""
-    parser = argparse.ArgumentParser(prog="pretrain")
-    add_study_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["study", *argv])
+    """`pretrain study ARGV` through the real CLI parser, with errors raised rather than printed."""
+    args = build_parser().parse_args(["study", *argv])
     args.func(args)
 
 
-def markdown_rows(report: str) -> dict[str, dict[str, str]]:
-    """Cell name -> {column: text} of the per-cell table of a report."""
+def markdown_rows(report: str, first_column: str = "cell") -> dict[str, dict[str, str]]:
+    """First cell -> {column: text} of the report table whose header starts with `first_column`."""
     lines = report.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("| cell |"))
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_column} |"))
     table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
     header = [c.strip() for c in table[0].strip("|").split("|")]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
     return {row[0]: dict(zip(header, row, strict=True)) for row in rows}
 
 
+def raw_records(cell) -> list[dict]:
+    return [json.loads(line) for line in (cell.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 # ----------------------------------------------------------------------------- grid and names
 
 
-def test_tiny_study_is_24_cells_with_readable_stable_names():
-    study = load_study(STUDIES / "warmup-free-tiny.yaml")
+def test_cpu_study_has_seeds_and_a_wide_lr_grid_per_optimizer():
+    study = load_study(CPU_STUDY)
     names = [c.name for c in study.cells]
-    assert len(names) == len(set(names)) == 24
-    assert "rv-adamw_wu0_lr3e-3_s0" in names and "lion_wu8_lr3e-4_s0" in names
+    assert len(names) == len(set(names)) == 4 * 4 * 2 * 3  # optimizers x lrs x warmup x seeds
+    assert "rv-adamw_wu0_lr1e-1_s0" in names and "lion_wu20_lr3.16e-3_s2" in names
     for cell in study.cells:
         cfg = cell.config
-        steps = cfg.train.steps
-        assert cfg.schedule.warmup_steps in (0, round(0.05 * steps))
-        assert cell.name == f"{cfg.optim.name}_wu{cfg.schedule.warmup_steps}_lr{format_value(cfg.optim.lr)}_s0"
+        assert cfg.schedule.warmup_steps in (0, round(0.2 * cfg.train.steps))
+        assert cfg.optim.rotational_embeddings  # the default, as in the paper's code
+        assert cell.name == (f"{cfg.optim.name}_wu{cfg.schedule.warmup_steps}_lr{format_value(cfg.optim.lr)}"
+                             f"_s{cfg.train.seed}")
         assert cfg.train.out_dir == str(study.out_dir / "cells" / cell.name)
-    lrs = {opt: sorted({c.config.optim.lr for c in study.cells if c.config.optim.name == opt})
-           for opt in ("adamw", "rv-adamw", "lion", "rv-lion")}
-    assert lrs["adamw"] == lrs["rv-adamw"] == [1e-3, 3e-3, 1e-2]
-    assert lrs["lion"] == lrs["rv-lion"] == [1e-4, 3e-4, 1e-3]
+    for optimizer in ("adamw", "rv-adamw", "lion", "rv-lion"):
+        cells = [c for c in study.cells if c.config.optim.name == optimizer]
+        lrs = sorted({c.config.optim.lr for c in cells})
+        # 1.5 decades in half-decade steps written to 3 significant digits (10^0.5 ~ 3.16)
+        assert math.log10(lrs[-1] / lrs[0]) == pytest.approx(1.5, abs=1e-3), (optimizer, lrs)
+        assert len(lrs) == 4
+        settings = {c.label(("train.seed",)) for c in cells}
+        assert all(sum(c.label(("train.seed",)) == s for c in cells) >= 3 for s in settings)
 
 
-def test_gpt2_study_is_the_paper_grid():
+def test_embeddings_ablation_mirrors_the_main_studys_top_lr_cells():
+    main = {c.name: c.config for c in load_study(CPU_STUDY).cells}
+    ablation = load_study(STUDIES / "rv-embeddings-cpu.yaml").cells
+    assert len(ablation) == 6
+    for cell in ablation:
+        cfg = cell.config
+        twin = main[f"{cfg.optim.name}_wu0_lr{format_value(cfg.optim.lr)}_s{cfg.train.seed}"]
+        assert not cfg.optim.rotational_embeddings and twin.optim.rotational_embeddings
+        assert twin.optim.lr == max(c.optim.lr for c in main.values() if c.optim.name == cfg.optim.name)
+        cfg.optim.rotational_embeddings, cfg.train.out_dir = True, twin.train.out_dir
+        assert cfg == twin  # the same recipe, seed and lr: only the embedding rule differs
+
+
+def test_gpt2_study_is_the_papers_owt_setting():
     study = load_study(STUDIES / "warmup-free-gpt2-124m.yaml")
-    assert len(study.cells) == 20
+    assert len(study.cells) == 2 * 2 * 7 * 3
     for cell in study.cells:
         cfg = cell.config
         assert (cfg.model.arch, cfg.model.preset) == ("gpt2", "gpt2-124m")
-        assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.weight_decay == 0.1
+        assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.weight_decay == 0.1 and cfg.train.grad_clip == 1.0
         assert cfg.train.steps == 5000 and cfg.schedule.name == "cosine" and cfg.schedule.min_lr_ratio == 0.0
-        assert cfg.global_batch_size * cfg.data.seq_len == 512 * 1024  # ~0.5M tokens per step
+        assert cfg.global_batch_size * cfg.data.seq_len == 12 * 40 * 1024  # the paper's 491,520 tokens per step
+        assert cfg.optim.rotational_embeddings  # wte and wpe rotate too, per token / position row
+        assert cfg.model.linear_gains == cfg.optim.name.startswith("rv-")  # the RV runs' learnable gains
     assert {c.config.schedule.warmup_steps for c in study.cells} == {0, 250}
-    assert sorted({round(c.config.optim.lr / 6e-4, 6) for c in study.cells}) == [1, 2, 4, 8, 16]
+    assert sorted({round(c.config.optim.lr / 6e-4, 6) for c in study.cells}) == [0.5, 1, 2, 4, 8, 16, 32]
+    assert sorted({c.config.train.seed for c in study.cells}) == [42, 43, 44]
 
 
 def test_format_value_is_compact():
@@ -124,11 +156,10 @@ def test_bad_study_files_give_one_line_errors(tmp_path, change, message):
 
 
 def test_print_commands_gives_one_train_command_per_cell(tmp_path, capsys):
-    path = STUDIES / "warmup-free-tiny.yaml"
-    study_cli(str(path), "--out-dir", str(tmp_path / "s"), "--print-commands")
+    study_cli(str(CPU_STUDY), "--out-dir", str(tmp_path / "s"), "--print-commands")
     lines = capsys.readouterr().out.strip().splitlines()
-    study = load_study(path, out_dir=tmp_path / "s")
-    assert len(lines) == len(study.cells) == 24
+    study = load_study(CPU_STUDY, out_dir=tmp_path / "s")
+    assert len(lines) == len(study.cells)
     for line, cell in zip(lines, study.cells, strict=True):
         argv = shlex.split(line)
         assert argv[:2] == ["pretrain", "train"]
@@ -138,16 +169,35 @@ def test_print_commands_gives_one_train_command_per_cell(tmp_path, capsys):
     assert not (tmp_path / "s").exists()  # nothing run, nothing written
 
 
+def test_print_commands_with_a_launcher_for_a_scheduler_array(tmp_path, capsys):
+    path = STUDIES / "warmup-free-gpt2-124m.yaml"
+    study_cli(str(path), "data.dir=/scratch/owt gpt2", "train.grad_accum=5", "--print-commands",
+              "--launcher", "bash launch/slurm/node.sh")
+    lines = capsys.readouterr().out.strip().splitlines()
+    study = load_study(path, ["data.dir=/scratch/owt gpt2", "train.grad_accum=5"])
+    assert len(lines) == len(study.cells)
+    for line, cell in zip(lines, study.cells, strict=True):  # line i is task i of the array
+        argv = shlex.split(line)
+        assert argv[:2] == ["bash", "launch/slurm/node.sh"] and argv[-2:] == ["--resume", "auto"]
+        # node.sh hands its arguments to `torchrun -m pretrain train`: the train CLI must take them
+        args = build_parser().parse_args(["train", *argv[2:]])
+        cfg = load_config(args.config, args.overrides)
+        assert cfg == cell.config and cfg.data.dir == "/scratch/owt gpt2" and cfg.train.grad_accum == 5
+    with pytest.raises(UserError, match="--launcher is empty"):
+        study_cli(str(path), "--print-commands", "--launcher", " ")
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
 @pytest.fixture(scope="module")
 def micro_study(tiny_data_dir, tmp_path_factory):
-    """A 2x2 study (optimizer x lr) run with --jobs 2, one cell of which was interrupted at step 2."""
+    """A 2-seed x 2-warmup RV-AdamW study run with --jobs 2, one cell of which was interrupted at step 2."""
     tmp = tmp_path_factory.mktemp("micro")
-    path = write_study(tmp, tiny_data_dir, {"optim.name": ["adamw", "rv-adamw"], "optim.lr": [1e-3, 1e-2],
-                                            "train.seed": [0]},
-                       overrides=(f"train.steps={STEPS}", "train.eval_every=2", "checkpoint.every=100"))
+    path = write_study(tmp, tiny_data_dir, {"optim.name": ["rv-adamw"], "schedule.warmup_steps": [0, WARMUP],
+                                            "train.seed": [0, 1]},
+                       overrides=(f"train.steps={STEPS}", "train.eval_every=2", "checkpoint.every=100",
+                                  "optim.lr=1e-2"))
     study = load_study(path)
     interrupted = study.cells[1]
     train(interrupted.config, stop_at=2)  # as if the study had been killed after that cell's step-2 checkpoint
@@ -166,8 +216,9 @@ def test_every_cell_is_a_complete_run(micro_study):
         assert (ckpt / "model" / "model.safetensors").is_file()
         assert json.loads((ckpt / "rotation" / "summary.json").read_text())["step"] == STEPS
         assert (cell.run_dir / "metrics.jsonl").is_file()
-    for name in ("report.md", "figures/lr_sensitivity.png", "figures/loss_curves.png", "figures/rotation.png"):
-        assert (study.out_dir / name).is_file(), name
+    for name in ("report.md", "lr_sensitivity.png", "early_loss.png", "loss_curves.png", "transient.png",
+                 "rotation.png"):
+        assert (study.out_dir / (name if name.endswith(".md") else f"figures/{name}")).is_file(), name
 
 
 def test_interrupted_cell_resumes_to_the_uninterrupted_losses(micro_study):
@@ -224,6 +275,66 @@ def test_report_only_regenerates_the_same_report(micro_study):
     assert report.read_text() == text
 
 
+def test_paired_warmup_differences_recomputed_from_the_raw_metrics(micro_study):
+    study, _, _ = micro_study
+    report = (study.out_dir / "report.md").read_text()
+    final_val, peak = {}, {}
+    for cell in study.cells:  # numbers straight from metrics.jsonl, independently of pretrain.study_*
+        records = raw_records(cell)
+        losses = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
+        window = max(1, math.ceil(0.1 * STEPS))
+        key = (cell.config.schedule.warmup_steps, cell.config.train.seed)
+        final_val[key] = [r["val/loss"] for r in records if "val/loss" in r][-1]
+        peak[key] = max(loss for step, loss in losses if step <= window) / losses[0][1]
+    row = markdown_rows(report, "optimizer and lr")["rv-adamw"]
+    assert row["warmup"] == str(WARMUP) and row["seeds"] == "2"
+    for values, column, interval, digits in (
+            (final_val, "final val loss, no warmup − warmup", "95% interval of the loss", 4),
+            (peak, "early peak, no warmup − warmup", "95% interval of the early peak", 3)):
+        d = np.array([values[(0, seed)] - values[(WARMUP, seed)] for seed in (0, 1)])
+        half = T_975[1] * d.std(ddof=1) / np.sqrt(len(d))
+        low, high = (float(x) for x in row[interval].strip("[]").split(","))
+        tolerance = 0.6 * 10 ** -digits + 1e-4 * half  # printed digits; the t quantile to 5 significant digits
+        assert float(row[column]) == pytest.approx(d.mean(), abs=0.6 * 10 ** -digits)
+        assert (low, high) == (pytest.approx(d.mean() - half, abs=tolerance), pytest.approx(d.mean() + half,
+                                                                                              abs=tolerance))
+        if column.startswith("final"):
+            expected = ("no difference" if d.mean() - half <= 0 <= d.mean() + half else
+                        "warmup better" if d.mean() > 0 else "no warmup better")
+            assert row["reading"] == expected
+    settings = markdown_rows(report, "setting")
+    for warmup in (0, WARMUP):
+        vals = np.array([final_val[(warmup, seed)] for seed in (0, 1)])
+        mean, std = (float(x) for x in settings[f"rv-adamw_wu{warmup}"]["final val loss"].split(" ± "))
+        assert (mean, std) == (pytest.approx(vals.mean(), abs=6e-5), pytest.approx(vals.std(ddof=1), abs=6e-5))
+
+
+def test_rv_adamw_rotates_the_embedding_at_the_equilibrium_rate_from_step_1(micro_study):
+    study, _, _ = micro_study
+    assert OptimConfig().rotational_embeddings  # the default: embeddings rotate per token row
+    for cell in study.cells:
+        summary = load_rotation(cell.run_dir / "checkpoints" / f"step_{STEPS:06d}" / "rotation").summary
+        embeddings = [layer["name"] for layer in summary["layers"] if layer["kind"] == "embedding"]
+        assert embeddings and all(layer["rotational"] for layer in summary["layers"] if layer["kind"] == "embedding")
+        step1 = next(r for r in raw_records(cell) if r["step"] == 1)
+        for name in embeddings:
+            assert step1[f"rotation/ratio/{name}"] == pytest.approx(1.0, abs=1e-3), (cell.name, name)
+
+
+def test_study_modules_import_without_pyplot_torch_or_a_cycle():
+    code = ("import sys, matplotlib\n"
+            "import pretrain.cli, pretrain.study\n"
+            "assert 'torch' not in sys.modules  # `pretrain --help` stays instant\n"
+            "assert not [m for m in sys.modules if m.startswith('pretrain.study_')]\n"
+            "import pretrain.study_report\n"
+            "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
+            "print(matplotlib.get_backend())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env={"MPLBACKEND": "svg", "PATH": "", "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "svg"  # the process-wide backend is left alone
+
+
 def test_a_changed_cell_config_is_refused(micro_study):
     study, _, _ = micro_study
     with pytest.raises(UserError, match="incompatible config"):
@@ -254,6 +365,33 @@ def test_diverged_cell_is_recorded_reported_and_skipped(tiny_data_dir, tmp_path,
 ])
 def test_spike_count(losses, spikes):
     assert count_spikes(losses) == spikes
+
+
+def test_early_peak_is_the_first_tenth_over_the_initial_loss():
+    points = [(1, 9.0), (2, 16.2), (3, 12.0), (11, 20.0), (20, 5.0)]
+    assert early_peak(points, steps=100) == pytest.approx(16.2 / 9.0)  # steps 1..10 only
+    assert early_peak(points, steps=200) == pytest.approx(20.0 / 9.0)  # steps 1..20
+    assert early_peak([(1, 9.0), (2, None)], steps=20) == math.inf
+    assert early_peak([], steps=20) is None
+
+
+@pytest.mark.parametrize("df", sorted(T_975))
+def test_t_quantile_matches_the_tables(df):
+    assert t_quantile(0.975, df) == pytest.approx(T_975[df], abs=1e-4)
+
+
+def test_paired_difference_against_numpy():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(5.0, 0.1, 4), rng.normal(4.9, 0.1, 4)
+    diff = paired_difference(dict(enumerate(a)), {**dict(enumerate(b)), 7: 1.0})  # seed 7 has no partner
+    d = a - b
+    half = T_975[3] * d.std(ddof=1) / 2.0
+    assert diff.seeds == 4 and diff.mean == pytest.approx(d.mean(), rel=1e-12)
+    assert (diff.low, diff.high) == (pytest.approx(d.mean() - half, rel=1e-4), pytest.approx(d.mean() + half,
+                                                                                             rel=1e-4))
+    one = paired_difference({0: 2.0}, {0: 1.5, 1: 3.0})
+    assert (one.seeds, one.mean, one.low, one.significant) == (1, 0.5, None, False)
+    assert paired_difference({0: 1.0}, {1: 1.0}) is None
 
 
 def test_half_settled_is_the_median_layers_time():

@@ -60,7 +60,10 @@ def test_loss_falls_well_below_unigram_entropy(tiny_data_dir, tmp_path, read_spl
     result = train(tiny_config(tiny_data_dir, tmp_path / "run", "model.hidden_size=64", "model.num_heads=4",
                                "model.intermediate_size=128", "train.steps=200", "train.micro_batch_size=8",
                                "data.seq_len=64", "train.eval_every=200", "train.eval_batches=4", "optim.lr=1e-2",
-                               "checkpoint.every=1000", "logging.rotation_every=50", "logging.log_every=50"))
+                               "checkpoint.every=1000", "logging.rotation_every=50", "logging.log_every=50",
+                               # A rotational embedding moves by eta_r ~ 0.01 rad per step at this lr: too
+                               # little in 200 steps for this check of the loop (docs/study-cpu/).
+                               "optim.rotational_embeddings=false"))
     assert result.val_loss is not None and math.isfinite(result.val_loss)
     assert result.val_loss < unigram_entropy - 0.5, (result.val_loss, unigram_entropy)
 

@@ -1,0 +1,134 @@
+"""Running a study: each cell's state on disk, running the unfinished cells, launch commands.
+
+Every cell is a normal run directory written by `pretrain.train.train`, so it has checkpoints,
+a metrics log and rotation metrics. A cell is finished when its final checkpoint exists (or
+when it stopped on a non-finite loss); finished cells are skipped and interrupted ones
+continue from their newest checkpoint, whether they were run here or by `--print-commands`.
+Torch-heavy modules (checkpoint, train, data) are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+import shlex
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from pretrain.errors import UserError
+from pretrain.study import Cell, Study
+
+DIVERGED_FILE = "study-diverged.json"
+LOG_FILE = "train.log"
+
+
+def cell_status(cell: Cell) -> str:
+    """'done' (final checkpoint written), 'diverged' (stopped on a non-finite loss), 'partial' (has a
+    checkpoint, resumable) or 'pending'."""
+    from pretrain.checkpoint import find_latest, step_dir_name
+
+    if (cell.run_dir / DIVERGED_FILE).is_file():
+        return "diverged"
+    latest = find_latest(cell.run_dir)
+    if latest is None:
+        return "pending"
+    return "done" if latest.name == step_dir_name(cell.config.train.steps) else "partial"
+
+
+@dataclass(frozen=True)
+class CellOutcome:
+    name: str
+    status: str  # done | diverged | failed
+    seconds: float
+    message: str = ""
+
+
+def run_cell(cell: Cell) -> CellOutcome:
+    """Train (or continue) one cell, its output going to `<cell>/train.log`."""
+    from pretrain.train import TrainingDiverged, train  # the loop pulls in torch, data and optim
+
+    cell.run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with (cell.run_dir / LOG_FILE).open("a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            result = train(cell.config, resume="auto")
+        except TrainingDiverged as exc:
+            # Deterministic: re-running would diverge again, so the cell counts as finished.
+            (cell.run_dir / DIVERGED_FILE).write_text(json.dumps({"message": str(exc)}) + "\n")
+            return CellOutcome(cell.name, "diverged", time.perf_counter() - start, str(exc))
+        except Exception as exc:  # one broken cell must not stop the others; the traceback is in its log
+            traceback.print_exc()
+            reason = str(exc).partition("\n")[0]
+            return CellOutcome(cell.name, "failed", time.perf_counter() - start, f"{type(exc).__name__}: {reason}")
+    val = f"val loss {result.val_loss:.4f}" if result.val_loss is not None else "no val loss"
+    return CellOutcome(cell.name, "done", time.perf_counter() - start, val)
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_study(study: Study, jobs: int = 1) -> list[CellOutcome]:
+    """Run every unfinished cell, `jobs` at a time in separate processes (in this process when 1)."""
+    from pretrain.checkpoint import check_compatible
+
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {jobs}")
+    todo = []
+    for cell in study.cells:
+        if (cell.run_dir / "config.yaml").is_file():  # a cell changed since it ran must not be mixed up
+            check_compatible(cell.run_dir, cell.config)
+        status = cell_status(cell)
+        if status in ("done", "diverged"):
+            print(f"skip {cell.name}: {status}")
+        else:
+            todo.append(cell)
+    _check_data(todo)
+    print(f"study {study.name}: {len(study.cells)} cells, {len(study.cells) - len(todo)} finished, "
+          f"{len(todo)} to run with {jobs} job(s); logs in <cell>/{LOG_FILE}")
+    outcomes = []
+
+    def report(outcome: CellOutcome) -> None:
+        outcomes.append(outcome)
+        print(f"[{len(outcomes)}/{len(todo)}] {outcome.name}: {outcome.status} in {outcome.seconds:.0f} s"
+              f" ({outcome.message})", flush=True)
+
+    if jobs == 1:
+        for cell in todo:
+            report(run_cell(cell))
+    else:
+        # Split the cores between the workers instead of letting each grab them all.
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        context = multiprocessing.get_context("spawn")  # fork would copy this process's torch threads
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+            for future in as_completed([pool.submit(run_cell, cell) for cell in todo]):
+                report(future.result())
+    return outcomes
+
+
+def _check_data(cells: list[Cell]) -> None:
+    """Fail before any cell starts when a cell's data has not been prepared."""
+    from pretrain.data import load_index
+
+    for data_dir in sorted({c.config.data.dir for c in cells}):
+        load_index(Path(data_dir))
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def launch_commands(study: Study, launcher: str = "pretrain train") -> list[str]:
+    """One shell line per cell, in cell order: `launcher` (default `pretrain train`), the base recipe, the
+    cell's overrides and `--resume auto`, so line i can be run as is by task i of a scheduler array."""
+    prefix = shlex.split(launcher)
+    if not prefix:
+        raise UserError("--launcher is empty; give the command that takes a recipe and overrides, e.g. "
+                        "'pretrain train' or 'bash launch/slurm/node.sh'")
+    return [shlex.join([*prefix, str(study.base), *cell.overrides, "--resume", "auto"]) for cell in study.cells]
