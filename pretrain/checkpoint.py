@@ -89,8 +89,13 @@ def candidates(run_dir: Path) -> list[Path]:
 
 
 def find_latest(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (the one `latest` names, else the highest step), without verifying it."""
-    return next((p for p in candidates(run_dir) if (p / MANIFEST).is_file()), None)
+    """The newest complete checkpoint (the one `latest` names, else the highest step), without verifying it.
+
+    For reading (metrics, generation, study reports); resuming takes `newest_verified`. A checkpoint
+    written before checksums were recorded has no manifest: its trainer state marks it complete.
+    """
+    return next((p for p in candidates(run_dir)
+                 if (p / MANIFEST).is_file() or (p / "state" / "trainer.pt").is_file()), None)
 
 
 def verify_checkpoint(ckpt: Path) -> str | None:

@@ -92,9 +92,8 @@ def _definitions() -> list[str]:
         f"- *Time to equilibrium*: the first measured step after which θ/η_r stays within ±{EQUILIBRIUM_TOLERANCE:.0%} "
         "of 1 in every rotational-eligible layer (the decayed matrices, the embedding included when "
         "`optim.rotational_embeddings` is on: the same set for a plain optimizer and its RV), from the newest "
-        "checkpoint's rotation history; – means not reached by the end (a schedule that decays the lr to 0 has "
-        "no η_r at its last step, and that measurement counts as outside the band). *Half the layers in "
-        "equilibrium*: the "
+        "checkpoint's rotation history; – means not reached by the end. Measurements at lr 0 (the last step of a "
+        "schedule that decays to 0, where η_r = 0) do not count. *Half the layers in equilibrium*: the "
         "same for at least half of the layers that have an η_r. The next column counts those layers inside the "
         "band at the end.",
         "- Means over seeds leave out the seeds without a value (diverged, or never in equilibrium). "

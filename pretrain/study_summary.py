@@ -198,11 +198,12 @@ def summarize_cell(cell: Cell, status: str) -> CellSummary:
     if checkpoint is not None and (checkpoint / "rotation").is_dir():
         rotation = load_rotation(checkpoint / "rotation")
         table = rotation.summary["layers"]
-        layers = [layer for layer in table if layer["weight_decay"]]  # those with an eta_r
         # Recomputed from the history, so reports of older checkpoints use today's definition.
+        times = [t for t, layer in zip(rotation.history.time_to_equilibrium(), table, strict=True)
+                 if layer["weight_decay"]]  # the layers with an eta_r; a time is set while inside the band
         summary.time_to_equilibrium = rotation.history.overall_time_to_equilibrium(equilibrium_layers(table))
-        summary.half_equilibrium = half_settled([layer["time_to_equilibrium"] for layer in layers])
-        summary.layers_in_equilibrium = (sum(layer["in_equilibrium"] for layer in layers), len(layers))
+        summary.half_equilibrium = half_settled(times)
+        summary.layers_in_equilibrium = (sum(t is not None for t in times), len(times))
         summary.rotation = rotation.history
         for group, kinds in LAYER_GROUPS.items():
             trace = rotation_trace(rotation.history, [layer["weight_decay"] and layer["kind"] in kinds

@@ -54,6 +54,25 @@ def test_time_to_equilibrium_per_layer_and_overall():
     assert make_history(fixed, n=3).overall_time_to_equilibrium() is None
 
 
+def test_a_measurement_at_lr_zero_does_not_count():
+    """The last step of a decay-to-zero schedule has eta_r = 0 and every ratio NaN: it neither
+    breaks an equilibrium reached before it nor starts one."""
+    history = RotationHistory(["settles", "no_decay"])
+    for step, eta_r, ratio in [(1, 0.01, 5.0), (10, 0.01, 1.05), (20, 0.01, 0.97), (30, 0.0, NAN)]:
+        values = np.zeros((2, len(LAYER_METRICS)))
+        values[:, LAYER_METRICS.index("ratio")] = [ratio, NAN]
+        history.append(step, 1e-3 if eta_r else 0.0, eta_r, values)
+    assert history.time_to_equilibrium() == [10, None]
+    assert history.overall_time_to_equilibrium() == 10
+    # Outside the band right before the lr reaches 0: no counted measurement follows, so no equilibrium.
+    late = RotationHistory(["late"])
+    for step, eta_r, ratio in [(1, 0.01, 1.0), (10, 0.01, 3.0), (20, 0.0, NAN)]:
+        values = np.zeros((1, len(LAYER_METRICS)))
+        values[0, LAYER_METRICS.index("ratio")] = ratio
+        late.append(step, 1e-3 if eta_r else 0.0, eta_r, values)
+    assert late.time_to_equilibrium() == [None]
+
+
 def test_no_layer_with_an_eta_r_has_no_time_to_equilibrium():
     history = make_history({"no_decay": [NAN] * 6})
     assert history.time_to_equilibrium() == [None]

@@ -83,12 +83,20 @@ class RotationHistory:
         return np.divide(high, low, out=np.full(self._n, np.nan), where=low > 0)
 
     def time_to_equilibrium(self) -> list[int | None]:
-        """Per layer: the first measured step from which every later ratio is within tolerance."""
+        """Per layer: the first measured step from which every later ratio is within tolerance.
+
+        Only measurements with eta_r > 0 count: at lr 0 (the end of a decay-to-zero schedule)
+        no layer can rotate at a rate of 0, and that one step would otherwise undo every layer.
+        """
+        counted = self.eta_r > 0
         inside = np.abs(self.column("ratio") - 1.0) <= EQUILIBRIUM_TOLERANCE  # NaN compares False
-        outside = ~inside
+        outside = ~inside & counted[:, None]
         # Index of the first measurement after the last one outside the band (0 when never outside).
         after_last_out = np.where(outside.any(axis=0), self._n - np.argmax(outside[::-1], axis=0), 0)
-        return [int(self.steps[i]) if i < self._n else None for i in after_last_out]
+        # ... moved on to the first counted measurement at or after it.
+        next_counted = np.minimum.accumulate(np.where(counted, np.arange(self._n), self._n)[::-1])[::-1]
+        next_counted = np.append(next_counted, self._n)
+        return [int(self.steps[j]) if (j := next_counted[i]) < self._n else None for i in after_last_out]
 
     def overall_time_to_equilibrium(self, counted: Sequence[bool] | None = None) -> int | None:
         """Max over the counted layers that have an eta_r; None until every one of them is in equilibrium.
