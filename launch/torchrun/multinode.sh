@@ -15,7 +15,9 @@
 #   MASTER_ADDR     an address of node 0 that every node can reach (127.0.0.1; required if NNODES > 1)
 #   MASTER_PORT     a free TCP port on node 0 (29500)
 #   NPROC_PER_NODE  processes on this node, one per GPU (the GPUs nvidia-smi lists, else 1)
-#   TORCHRUN        the torchrun to use (torchrun on PATH), e.g. .venv/bin/torchrun
+#   TORCHRUN        a torchrun to use instead of the default `$PYTHON -m pretrain.launch` (torchrun's own
+#                   arguments, minus its traceback after the run's one-line error), e.g. .venv/bin/torchrun
+#   PYTHON          the interpreter of the default launcher (python3), e.g. .venv/bin/python
 # The distributed strategy lives in the run config (parallel.strategy); torchrun only starts
 # processes. Add parallel.world_size=NNODES*NPROC_PER_NODE so that a wrong launch is refused.
 set -euo pipefail
@@ -23,7 +25,11 @@ set -euo pipefail
 NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
 MASTER_PORT="${MASTER_PORT:-29500}"
-TORCHRUN="${TORCHRUN:-torchrun}"
+if [[ -n "${TORCHRUN:-}" ]]; then
+    launcher=("$TORCHRUN")
+else
+    launcher=("${PYTHON:-python3}" -m pretrain.launch)
+fi
 
 if [[ -z "${MASTER_ADDR:-}" ]]; then
     # A loopback default would make each node rendezvous with itself and hang; refuse instead.
@@ -44,7 +50,7 @@ fi
 
 # Static rendezvous: ranks are laid out by NODE_RANK (node 0 holds ranks 0 .. NPROC_PER_NODE-1),
 # so rank 0, which writes the run directory, is always on node 0.
-exec "$TORCHRUN" \
+exec "${launcher[@]}" \
     --nnodes "$NNODES" \
     --node_rank "$NODE_RANK" \
     --nproc_per_node "$NPROC_PER_NODE" \
