@@ -66,7 +66,7 @@ class ModelConfig:
     intermediate_size: Optional[int] = None
     """MLP width in features (null: the preset's); default null."""
     max_position_embeddings: Optional[int] = None
-    """Longest context in tokens, at least data.seq_len (null: the preset's); default null."""
+    """Context in tokens; explicit: >= data.seq_len (null: the preset's, raised to data.seq_len); default null."""
     tie_embeddings: Optional[bool] = None
     """Share the input embedding with the output head (null: true); default null."""
     dropout: float = 0.0
