@@ -13,6 +13,7 @@ import dataclasses
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,7 @@ class Run:
     val_loss: float | None = None  # the latest evaluation
     loss_fn: LossFn = causal_lm_loss  # model forward + loss; compiled as one region under train.compile
     watchdog: StepWatchdog | None = None  # ends a rank whose step stalls (a hung peer); multi-rank runs only
+    evaluated: bool = False  # whether this process has evaluated yet (the first evaluation is not timed)
 
     @property
     def tokens_per_step(self) -> int:
@@ -196,8 +198,9 @@ def train_step(run: Run, step: int) -> StepOutcome:
     return outcome
 
 
-def evaluate(engine: Engine, loader: ValLoader, device: torch.device, loss_fn: LossFn = causal_lm_loss) -> float:
-    """Mean val loss over every rank's share of the fixed val windows."""
+def evaluate(engine: Engine, loader: ValLoader, device: torch.device, loss_fn: LossFn = causal_lm_loss,
+             on_batch: Callable[[], None] | None = None) -> float:
+    """Mean val loss over every rank's share of the fixed val windows; `on_batch` after each batch."""
     engine.model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
@@ -205,6 +208,8 @@ def evaluate(engine: Engine, loader: ValLoader, device: torch.device, loss_fn: L
             with engine.autocast():
                 total += loss_fn(engine.model, x.to(device), y.to(device)).item()
             count += 1
+            if on_batch is not None:
+                on_batch()
     engine.model.train()
     return mean_over_ranks([total / max(count, 1)], device)[0]
 
@@ -219,8 +224,19 @@ def save_checkpoint(run: Run, step: int) -> Path:
                                 lambda tmp: _checkpoint_contents(run, step, tmp), run.world.is_main, barrier)
 
 
+def _evaluate(run: Run) -> float:
+    """Evaluation under the step watchdog. Its forward passes hold collectives (DDP's buffer broadcast,
+    FSDP's all-gathers), so a hung peer can stop it anywhere: each val batch counts as progress. The
+    process's first evaluation (warm-up, compiling the no-grad graph) is not timed, as step 1 is not."""
+    if run.watchdog is not None and run.evaluated:
+        return evaluate(run.engine, run.val_loader, run.device, run.loss_fn, run.watchdog.progress)
+    run.evaluated = True
+    with _paused(run):
+        return evaluate(run.engine, run.val_loader, run.device, run.loss_fn)
+
+
 def _paused(run: Run) -> contextlib.AbstractContextManager[None]:
-    """Work that may take longer than a step (evaluation, checkpoints) is not a stall."""
+    """Work that may take longer than a step (checkpoints, the first evaluation) is not a stall."""
     return run.watchdog.paused() if run.watchdog is not None else contextlib.nullcontext()
 
 
@@ -371,8 +387,7 @@ def _loop(run: Run) -> TrainResult:
             if _due(step, cfg.logging.log_every, end):
                 record.update(_train_scalars(outcome, run.tokens_per_step, *window.take()))
             if _due(step, cfg.train.eval_every, end):
-                with _paused(run):
-                    run.val_loss = record["val/loss"] = evaluate(run.engine, run.val_loader, run.device, run.loss_fn)
+                run.val_loss = record["val/loss"] = _evaluate(run)
             if record and run.logger is not None:
                 run.logger.log(step, record)
                 if not cfg.logging.progress and ("train/loss" in record or "val/loss" in record):

@@ -410,10 +410,11 @@ def test_a_user_error_in_a_multi_rank_launch_is_one_line(tiny_data_dir, tmp_path
 
 def test_a_hung_rank_stops_the_job_through_the_step_watchdog(tiny_data_dir, tmp_path):
     """A stopped (SIGSTOP) peer never fails a collective; the step watchdog ends the survivor long before
-    the collective timeout (600 s here)."""
+    the collective timeout (600 s here), also when the survivor waits for it at the end of an evaluation
+    (every step evaluates here, so the stop lands in training or in evaluation alike)."""
     out, port = tmp_path / "run", free_port()
     args = tiny_args(tiny_data_dir, out, "train.steps=100000", "checkpoint.every=100000", "parallel.strategy=ddp",
-                     "parallel.timeout_s=600", "parallel.step_timeout_s=3")
+                     "parallel.timeout_s=600", "parallel.step_timeout_s=3", "train.eval_every=1")
     procs = start_agentless_ranks(args, port, stderr=subprocess.PIPE)
     try:
         wait_for_steps(out, 3, procs)

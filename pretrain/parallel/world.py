@@ -150,8 +150,9 @@ class StepWatchdog:
     The collective timeout (`parallel.timeout_s`) must cover slow setup, evaluation and checkpoint
     writes, so it is long; a training step is short and regular. From the second step on (the first
     includes warm-up and compilation) a step may take `parallel.step_timeout_s` or 10x the slowest
-    step so far, whichever is longer; evaluation and checkpoints run `paused()`. A stalled rank
-    prints one line and exits, and the launcher stops the rest. Off in a single process.
+    step so far, whichever is longer. Checkpoints and the first evaluation run `paused()`; later
+    evaluations call `progress()` after every batch. A stalled rank prints one line and exits, and
+    the launcher stops the rest. Off in a single process.
     """
 
     def __init__(self, limit_s: float, rank: int, enabled: bool) -> None:
@@ -174,6 +175,12 @@ class StepWatchdog:
                     self._longest = max(self._longest, now - self._started)
                 self._armed = True
             self._started, self._step = now, step
+
+    def progress(self) -> None:
+        """Work inside a step moved on (a val batch): restart the stall clock, keep the step limit."""
+        with self._lock:
+            if self._started is not None:
+                self._started = time.monotonic()
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
