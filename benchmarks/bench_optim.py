@@ -14,6 +14,10 @@ glibc told to return freed blocks to the system, so that reused heap cannot hide
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_optim.py [--reps 21] [--layers 12] [--threads 1]
         [--cpu-chunk 0]  # ablation: RotationalOptimizer without its CPU tiling
+        [--only lion:fused/rv-lion:fused]  # some comparisons only
+
+An optimizer named `<name>:fused` takes the fused C++ step (`optim.fused=true` on CPU,
+pretrain/optim/cpu_fused.py; built on first use).
 """
 
 from __future__ import annotations
@@ -115,16 +119,20 @@ def compare(name_a: str, opt_a: torch.optim.Optimizer, name_b: str, opt_b: torch
 
 
 def make_optimizer(name: str, shapes: Shapes, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """'torch-adamw', or a RotationalOptimizer: 'rv-<rule>' rotational, '<rule>' plain."""
+    """'torch-adamw', or a RotationalOptimizer: 'rv-<rule>' rotational, '<rule>' plain; ':fused' the C++ step."""
     if name == "torch-adamw":
         return torch.optim.AdamW(make_groups(shapes, weight_decay, None), lr=lr, weight_decay=weight_decay,
                                  foreach=True)
-    rotational = name.startswith("rv-")
-    return RotationalOptimizer(make_groups(shapes, weight_decay, rotational), name.removeprefix("rv-"), lr=lr,
-                               weight_decay=weight_decay)
+    base, _, mode = name.partition(":")
+    rotational = base.startswith("rv-")
+    return RotationalOptimizer(make_groups(shapes, weight_decay, rotational), base.removeprefix("rv-"), lr=lr,
+                               weight_decay=weight_decay, fused=mode == "fused")
 
 
-COMPARISONS = [("torch-adamw", "rv-adamw"), ("adamw", "rv-adamw"), ("lion", "rv-lion")]
+# Eager against eager, fused (C++) against fused, and the fused RV step against the eager plain one.
+COMPARISONS = [("torch-adamw", "rv-adamw"), ("adamw", "rv-adamw"), ("lion", "rv-lion"),
+               ("lion:fused", "rv-lion:fused"), ("adamw:fused", "rv-adamw:fused"), ("lion", "rv-lion:fused"),
+               ("torch-adamw", "rv-adamw:fused"), ("lion", "lion:fused")]
 
 
 def main() -> None:
@@ -136,6 +144,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--cpu-chunk", type=int, default=None,
                         help="ablation: elements per CPU tile of RotationalOptimizer (0: no tiling)")
+    parser.add_argument("--only", help="comma-separated A/B pairs, e.g. lion:fused/rv-lion:fused (default: all)")
     parser.add_argument("--peak-of", help=argparse.SUPPRESS)  # internal: one memory measurement
     args = parser.parse_args()
     if args.threads:
@@ -150,7 +159,10 @@ def main() -> None:
         return
     total = sum(torch.Size(s).numel() for role in shapes.values() for s in role)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {total / 1e6:.1f}M parameters")
+    wanted = set(args.only.split(",")) if args.only else None
     for name_a, name_b in COMPARISONS:
+        if wanted is not None and f"{name_a}/{name_b}" not in wanted:
+            continue
         opt_a = make_optimizer(name_a, shapes, args.lr, args.weight_decay)
         opt_b = make_optimizer(name_b, shapes, args.lr, args.weight_decay)
         result = compare(name_a, opt_a, name_b, opt_b, args.reps)
@@ -161,7 +173,8 @@ def main() -> None:
             print(f"  {name} state MiB: " + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in state_bytes(opt).items()))
         del opt_a, opt_b
     print("\nextra memory of one step (peak RSS over RSS before it, fresh process each):")
-    for name in ("torch-adamw", "adamw", "rv-adamw", "lion", "rv-lion", "sgdm", "rv-sgdm"):
+    for name in ("torch-adamw", "adamw", "rv-adamw", "lion", "rv-lion", "sgdm", "rv-sgdm", "lion:fused",
+                 "rv-lion:fused", "rv-adamw:fused"):
         print(f"  {name:<12} +{peak_in_fresh_process(name, args) / 2**20:7.1f} MiB")
 
 

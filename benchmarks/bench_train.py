@@ -6,6 +6,7 @@ reports medians and ratios measured in this one run.
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/bench_train.py --shape tiny --steps 30
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/bench_train.py --shape llama-125m --steps 4 --micro-batch 2
+    ... --optimizers adamw,rv-adamw,rv-adamw:fused   # NAME:fused takes optim.fused=true (C++ step on CPU)
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def make_setup(shape: str, optimizer: str, micro_batch: int, seq_len: int):
-    overrides = [f"optim.name={optimizer}", f"train.micro_batch_size={micro_batch}", f"data.seq_len={seq_len}"]
+    """`optimizer`: an optim.name, with `:fused` for optim.fused=true (the C++ step on CPU)."""
+    name, _, mode = optimizer.partition(":")
+    overrides = [f"optim.name={name}", f"optim.fused={str(mode == 'fused').lower()}",
+                 f"train.micro_batch_size={micro_batch}", f"data.seq_len={seq_len}"]
     if shape != "tiny":
         overrides.append(f"model.preset={shape}")
     cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", overrides)
@@ -80,7 +84,7 @@ def main() -> None:
     base = statistics.median(times[names[0]])
     for name in names:
         med = statistics.median(times[name])
-        print(f"  {name:<10} step {med * 1e3:8.1f} ms  {tokens / med:9.0f} tokens/s  "
+        print(f"  {name:<16} step {med * 1e3:8.1f} ms  {tokens / med:9.0f} tokens/s  "
               f"throughput ratio vs {names[0]}: {base / med:.3f}")
     load = statistics.median(load_times)
     print(f"  loader get_batch {load * 1e3:.3f} ms = {100 * load / base:.3f}% of the {names[0]} step")

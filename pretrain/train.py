@@ -386,6 +386,9 @@ def _loop(run: Run) -> TrainResult:
             record = dict(outcome.rotation)
             if _due(step, cfg.logging.log_every, end):
                 record.update(_train_scalars(outcome, run.tokens_per_step, *window.take()))
+                fused = getattr(run.engine.optimizer, "fused_fraction", None)  # ours: did its fast path engage?
+                if fused is not None:
+                    record["optim/fused_fraction"] = fused
             if _due(step, cfg.train.eval_every, end):
                 run.val_loss = record["val/loss"] = _evaluate(run)
             if record and run.logger is not None:

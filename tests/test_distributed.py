@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pretrain.logger import read_metrics
 from pretrain.train import train
 from tests.train_utils import REPO, tiny_args, tiny_config
 
@@ -131,7 +132,8 @@ CASES += [("llama", "rv-adamw", s, ACCUM) for s in ("ddp", "fsdp2", "zero2", "ze
 BF16 = "train.precision=bf16"
 # The fused (Triton) optimizer step on FSDP2's local shards, in Triton's interpreter on CPU
 # (tests/conftest.py): against the single-process fused run here, and against the eager
-# single-process run in test_fused_step_under_fsdp2_equals_the_eager_single_process_run.
+# single-process run in test_fused_step_under_fsdp2_equals_the_eager_single_process_run, which
+# also checks the fused C++ step under FSDP2 (Runs.fused_cpp).
 FUSED = "optim.fused=true"
 CASES += [("llama", "rv-adamw", "fsdp2", FUSED)]
 BF16_STRATEGIES = ("ddp", "fsdp2", "zero2")
@@ -155,6 +157,8 @@ class Runs:
         self.dropout = {name: root / f"dropout-{name}" for name in ("straight", "resumed")}
         # DeepSpeed without ZeRO (fp32): it does not report the gradient norm, our engine measures it.
         self.zero0 = root / "zero0-llama-rv-adamw"
+        # The fused C++ step on FSDP2's local shards (Triton's interpreter off, so CPU tensors take it).
+        self.fused_cpp = root / "fsdp2-fused-cpp"
 
     def args(self, out: Path, *overrides: str) -> list[str]:
         return tiny_args(self.data_dir, out, *RUN, *overrides)
@@ -176,6 +180,8 @@ class Runs:
         plan += [[*args, "--stop-at", "10"], [*args, "--resume", "auto"]]
         plan.append(self.args(self.zero0, "optim.name=rv-adamw", "parallel.strategy=deepspeed", "parallel.zero_stage=0",
                               "parallel.world_size=2"))
+        plan.append({"args": self.args(self.fused_cpp, "optim.name=rv-adamw", *STRATEGIES["fsdp2"], FUSED,
+                                       "parallel.world_size=2"), "env": {"TRITON_INTERPRET": "0"}})
         runs_file = self.root / "runs.json"
         runs_file.write_text(json.dumps(plan))
         result = run_torchrun([str(REPO / "tests" / "distributed_driver.py"), str(runs_file)], module=False)
@@ -203,12 +209,16 @@ def test_strategy_equals_single_process(runs, model, optim, strategy, extra):
     assert "world_size: 2" in saved  # the run really had two ranks
 
 
-def test_fused_step_under_fsdp2_equals_the_eager_single_process_run(runs):
-    ref, got = runs.references["llama", "rv-adamw", ""], runs.runs["llama", "rv-adamw", "fsdp2", FUSED]
+@pytest.mark.parametrize("kernel", ["triton", "cpp"])
+def test_fused_step_under_fsdp2_equals_the_eager_single_process_run(runs, kernel):
+    ref = runs.references["llama", "rv-adamw", ""]
+    got = runs.fused_cpp if kernel == "cpp" else runs.runs["llama", "rv-adamw", "fsdp2", FUSED]
     for step, value in losses(ref).items():
         assert losses(got)[step] == pytest.approx(value, rel=LOSS_RTOL), step
     assert_weights_match(final_weights(got), final_weights(ref))
     assert_rotation_match(rotation(got), rotation(ref))
+    fractions = [r["optim/fused_fraction"] for r in read_metrics(got) if "optim/fused_fraction" in r]
+    assert fractions and min(fractions) == 1.0  # every tensor, every step: the fast path really ran
 
 
 @pytest.mark.parametrize("strategy", [*STRATEGIES, "zero0"])

@@ -59,3 +59,18 @@ def test_compiled_loss_matches_eager(small_chunks):
     compiled.backward()
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=0)
     torch.testing.assert_close(compiled_in.grad, eager_in.grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_compiled_region_has_no_graph_break(arch):
+    """Model forward + loss trace as one graph: a break would split the compiled step and keep the
+    loss (or attention) out of the fused kernels (issue 10's suspects; checked with dynamo on CPU)."""
+    from pretrain.config import ModelConfig
+    from pretrain.loss import causal_lm_loss
+    from pretrain.model import build_model
+
+    model = build_model(ModelConfig(arch=arch, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+                        vocab_size=64, seq_len=16, eos_id=0)
+    ids = torch.randint(0, 64, (2, 16))
+    explained = torch._dynamo.explain(causal_lm_loss)(model, ids, ids)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

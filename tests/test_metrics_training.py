@@ -26,7 +26,7 @@ def tiny_gpt2() -> torch.nn.Module:
 
 
 def neuron_rows(t: torch.Tensor, axis: int) -> np.ndarray:
-    return t.detach().double().movedim(axis, 0).flatten(1).numpy().copy()
+    return t.detach().double().movedim(axis, 0).flatten(1).cpu().numpy().copy()
 
 
 def kahan_angle(w0: np.ndarray, w1: np.ndarray) -> np.ndarray:
@@ -39,18 +39,33 @@ def kahan_angle(w0: np.ndarray, w1: np.ndarray) -> np.ndarray:
     return 2 * np.arctan2(np.linalg.norm(u0 - u1, axis=1), np.linalg.norm(u0 + u1, axis=1))
 
 
+@pytest.fixture(params=["per-tensor", "batched"])
+def path(request, monkeypatch) -> tuple[bool, str]:
+    """(batched, device): measure tensor by tensor on CPU, or through fused_sums.Batch (one Triton
+    launch per shape) on CUDA, or on CPU in Triton's interpreter (tests/conftest.py) without a GPU."""
+    if request.param == "per-tensor":
+        monkeypatch.setattr("pretrain.metrics.sources._fused_sums", lambda: None)
+        return False, "cpu"
+    fused_sums = pytest.importorskip("pretrain.metrics.fused_sums", reason="Triton is a dev dependency")
+    if torch.cuda.is_available():
+        return True, "cuda"
+    monkeypatch.setattr(fused_sums, "RUN_ON_CPU", True)
+    return True, "cpu"
+
+
 @pytest.mark.parametrize("build, impl", [(tiny_llama, {"foreach": True}), (tiny_llama, {"foreach": False}),
                                          (tiny_llama, {"fused": True}), (tiny_gpt2, {"foreach": True})])
-def test_tracker_matches_weights_saved_around_the_step(build, impl):
+def test_tracker_matches_weights_saved_around_the_step(build, impl, path):
+    batched, device = path
     torch.manual_seed(0)
-    model = build()
+    model = build().to(device)
     table = classify_parameters(model)
     tracked = [spec for spec in table if spec.tracked]
     cfg = OptimConfig(name="adamw", lr=3e-3, weight_decay=0.1)
     tracker = RotationTracker(model, table, cfg, every=2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
                                   **impl)
-    x = torch.randint(0, 128, (4, 32))
+    x = torch.randint(0, 128, (4, 32)).to(device)
     for step in range(1, 5):
         model(input_ids=x, labels=x).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -69,12 +84,14 @@ def test_tracker_matches_weights_saved_around_the_step(build, impl):
             w0, w1 = before[spec.name], neuron_rows(model.get_parameter(spec.name), spec.neuron_axis)
             theta = kahan_angle(w0, w1)
             measured = tracker.snapshot[layer]
-            np.testing.assert_allclose(measured["theta"].numpy(), theta, rtol=1e-7)
-            np.testing.assert_allclose(measured["grad_norm"].numpy(), np.linalg.norm(grads[spec.name], axis=1),
+            np.testing.assert_allclose(measured["theta"].cpu().numpy(), theta, rtol=1e-7)
+            np.testing.assert_allclose(measured["grad_norm"].cpu().numpy(), np.linalg.norm(grads[spec.name], axis=1),
                                        rtol=1e-5)
             assert scalars[f"rotation/angle/{layer}"] == pytest.approx(theta.mean(), rel=1e-7)
             assert 0 < scalars[f"rotation/ratio/{layer}"] < 100
     assert list(tracker.history.steps) == [1, 2, 4]
+    # Batched: every tracked tensor (all fp32 2-d) went through a Batch, one per shape and axis.
+    assert sum(len(members) for members in tracker.source._batches) == (len(tracked) if batched else 0)
     assert tracker.summary_line().startswith("θ/η ")
     layers = set(tracker.layers)
     assert {"lm_head", "layers.1.mlp.down_proj"} <= layers or {"wte", "h.1.attn.c_attn"} <= layers

@@ -13,7 +13,8 @@ import os
 import pytest
 import torch
 
-from pretrain.optim import RotationalOptimizer
+from pretrain.logger import read_metrics
+from tests.optim_pairs import assert_non_finite_gradient_spreads_alike, assert_same, make_pair, run_steps, set_grads
 from tests.train_utils import tiny_config
 
 triton = pytest.importorskip("triton", reason="Triton is a dev dependency on Linux x86-64 (pip install -e '.[dev]')")
@@ -28,57 +29,14 @@ def device() -> str:
     return "cpu"
 
 
-# Widths >= 16: at step 1 AdamW's direction is ~sign(g), and a narrow neuron whose gradient signs
-# all agree has a zero-mean direction of pure rounding noise, which no two summation orders share.
-SHAPES = [(16, 20), (16, 20), (17, 24), (24, 40)]
-
-
-def _pair(rule: str, rotational: bool, axis: int, zero_mean: bool, device: str, shapes=SHAPES):
-    gen = torch.Generator().manual_seed(0)
-    weights = [torch.randn(s, generator=gen) * 0.1 for s in shapes] + [torch.randn(20, generator=gen) * 0.1]
-    pairs = []
-    for fused in (False, True):
-        params = [torch.nn.Parameter(w.clone().to(device)) for w in weights]
-        groups = [{"params": params[:-1], "rotational": rotational, "neuron_axis": axis},
-                  {"params": params[-1:], "weight_decay": 0.0}]
-        opt = RotationalOptimizer(groups, rule=rule, lr=0.01, weight_decay=0.1, betas=(0.9, 0.95),
-                                  zero_mean=zero_mean, fused=fused)
-        pairs.append((opt, params))
-    return pairs
-
-
-def _set_grads(params: list[torch.Tensor], step: int) -> None:
-    gen = torch.Generator().manual_seed(100 + step)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen).to(p.device)
-
-
-def _assert_same(eager, fused, rtol: float = 2e-5) -> None:
-    (eager_opt, eager_params), (fused_opt, fused_params) = eager, fused
-    for a, b in zip(eager_params, fused_params, strict=True):
-        scale = a.detach().abs().max()
-        torch.testing.assert_close(b.detach().cpu(), a.detach().cpu(), rtol=0, atol=rtol * scale.item())
-        for key, value in eager_opt.state[a].items():
-            if key != "step":
-                other = fused_opt.state[b][key]
-                torch.testing.assert_close(other.cpu(), value.cpu(), rtol=0, atol=rtol * value.abs().max().item())
-
-
-def _run(pairs, steps: int = 4) -> None:
-    for step in range(steps):
-        for opt, params in pairs:
-            _set_grads(params, step)
-            opt.step()
-
-
 @pytest.mark.parametrize("rule", ["adamw", "lion", "sgdm"])
 @pytest.mark.parametrize("rotational", [True, False], ids=["rv", "plain"])
 @pytest.mark.parametrize("axis", [0, 1])
 @pytest.mark.parametrize("zero_mean", [True, False], ids=["zero_mean", "no_mean"])
 def test_fused_step_matches_eager(device, rule, rotational, axis, zero_mean):
-    pairs = _pair(rule, rotational, axis, zero_mean, device)
-    _run(pairs)
-    _assert_same(*pairs)
+    pairs = make_pair(rule, rotational, axis, zero_mean, device)
+    run_steps(pairs)
+    assert_same(*pairs)
 
 
 @pytest.mark.parametrize("axis", [0, 1])
@@ -87,26 +45,26 @@ def test_two_pass_neurons_match_eager(device, monkeypatch, axis):
     import pretrain.optim.fused as fused
 
     monkeypatch.setattr(fused, "_TILE_ELEMENTS", 64)
-    pairs = _pair("adamw", True, axis, True, device, shapes=[(12, 100), (100, 12)])
-    _run(pairs)
-    _assert_same(*pairs)
+    pairs = make_pair("adamw", True, axis, True, device, shapes=[(12, 100), (100, 12)])
+    run_steps(pairs)
+    assert_same(*pairs)
 
 
 @pytest.mark.parametrize("axis", [0, 1])
 def test_model_widths_match_eager(device, axis):
     """The tile shapes of real models: llama/GPT-2 widths 768, 2048, 3072 and a 5000-wide (two-pass) neuron."""
     shapes = [(3, 768), (2, 2048), (2, 3072), (2, 5000)] if axis == 0 else [(768, 9), (3072, 9)]
-    pairs = _pair("adamw", True, axis, True, device, shapes=shapes)
-    _run(pairs, steps=2)
-    _assert_same(*pairs, rtol=1e-4)  # sums over 3072 fp32 products in another order: ~2e-5 apart
+    pairs = make_pair("adamw", True, axis, True, device, shapes=shapes)
+    run_steps(pairs, steps=2)
+    assert_same(*pairs, rtol=1e-4)  # sums over 3072 fp32 products in another order: ~2e-5 apart
 
 
 @pytest.mark.parametrize("rotational", [True, False], ids=["rv", "plain"])
 def test_rotation_sums_equal_a_float64_reference(device, rotational):
-    _, (opt, params) = _pair("adamw", rotational, 1, True, device)
-    _run([(opt, params)], steps=2)
+    _, (opt, params) = make_pair("adamw", rotational, 1, True, device)
+    run_steps([(opt, params)], steps=2)
     matrices = params[:-1]
-    _set_grads(params, 7)
+    set_grads(params, 7)
     before = [p.detach().double().clone() for p in matrices]
     rows = {id(p): (1, torch.zeros(p.shape[1], 4, dtype=torch.float64, device=device)) for p in matrices}
     assert all(opt.fused_covers(p, 1) for p in matrices)
@@ -132,13 +90,17 @@ def test_training_with_the_fused_step_matches_eager(device, tiny_data_dir, tmp_p
     eager, fused = results["false"], results["true"]
     for step, loss in eager.losses.items():
         assert fused.losses[step] == pytest.approx(loss, rel=1e-5), step
+    assert {r.get("optim/fused_fraction") for r in read_metrics(fused.run_dir) if "train/loss" in r} == {1.0}
     history = [_angles(r.run_dir) for r in (eager, fused)]
     torch.testing.assert_close(history[1], history[0], rtol=1e-4, atol=1e-9)
 
 
 def _angles(run_dir) -> torch.Tensor:
-    from pretrain.logger import read_metrics
-
     rows = [r for r in read_metrics(run_dir) if any(k.startswith("rotation/angle/") for k in r)]
     keys = sorted(k for k in rows[0] if k.startswith("rotation/angle/"))
     return torch.tensor([[r[k] for k in keys] for r in rows], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("rule", ["adamw", "lion", "sgdm"])
+def test_a_non_finite_gradient_spreads_as_in_the_eager_step(device, rule):
+    assert_non_finite_gradient_spreads_alike(rule, device)

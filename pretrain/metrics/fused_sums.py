@@ -1,4 +1,4 @@
-"""The per-neuron sums of a measured step as one Triton kernel per tensor (CUDA).
+"""The per-neuron sums of a measured step as Triton kernels (CUDA): per tensor, or per shape (`Batch`).
 
 `neurons.neuron_sums` computes |w_t|^2, <w_t, dw> and |dw|^2 per neuron through float64 slices
 and a batched 2x2 Gram matmul: on a GPU that is a float64 batched matmul of tiny matrices per
@@ -9,6 +9,8 @@ weights) and reduces in float64. tests/test_metrics_fused_sums.py compares it wi
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import triton
@@ -21,10 +23,9 @@ _BLOCK_N, _BLOCK_K = 8, 128
 
 
 @triton.jit
-def _delta_sums_kernel(before, after, out, neurons, width, stride_n, stride_k,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr):
-    n_offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = n_offs < neurons
+def _delta_tile(before, after, n_offs, n_mask, width, stride_n, stride_k,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr):
+    """Per-neuron float64 |w_t|^2, <w_t, dw>, |dw|^2 of a tile of neurons, from w_t at `before`, w_t+1 at `after`."""
     acc_w = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float64)
     acc_dot = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float64)
     acc_dw = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float64)
@@ -37,9 +38,18 @@ def _delta_sums_kernel(before, after, out, neurons, width, stride_n, stride_k,
         acc_w += w0 * w0
         acc_dot += w0 * dw
         acc_dw += dw * dw
-    tl.store(out + n_offs * 3 + 0, tl.sum(acc_w, axis=1), mask=n_mask)
-    tl.store(out + n_offs * 3 + 1, tl.sum(acc_dot, axis=1), mask=n_mask)
-    tl.store(out + n_offs * 3 + 2, tl.sum(acc_dw, axis=1), mask=n_mask)
+    return tl.sum(acc_w, axis=1), tl.sum(acc_dot, axis=1), tl.sum(acc_dw, axis=1)
+
+
+@triton.jit
+def _delta_sums_kernel(before, after, out, neurons, width, stride_n, stride_k,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr):
+    n_offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n_offs < neurons
+    w_sq, dot, dw_sq = _delta_tile(before, after, n_offs, n_mask, width, stride_n, stride_k, BLOCK_N, BLOCK_K, NUM_K)
+    tl.store(out + n_offs * 3 + 0, w_sq, mask=n_mask)
+    tl.store(out + n_offs * 3 + 1, dot, mask=n_mask)
+    tl.store(out + n_offs * 3 + 2, dw_sq, mask=n_mask)
 
 
 def supports(before: Tensor, after: Tensor) -> bool:
@@ -58,3 +68,111 @@ def delta_sums(before: Tensor, after: Tensor, axis: int) -> Tensor:
         before, after, out, neurons, width, before.stride(axis), before.stride(1 - axis),
         BLOCK_N=_BLOCK_N, BLOCK_K=block_k, NUM_K=triton.cdiv(width, block_k), num_warps=4)
     return out
+
+
+# ---------------------------------------------------------------- batched: one launch per shape
+# A measured step of `ModelSource` used to cost ~8 small kernels per tracked tensor (a clone, a
+# gradient norm, the delta sums, two row updates): on a GPU, ~1200 launches for GPT-2 124M. The
+# two kernels below take every fp32 tensor of one shape and layout in one launch, through int64
+# pointer tables as the fused optimizer step does: `_capture_kernel` copies w_t and writes
+# |g|^2 per neuron before the step, `_delta_kernel` writes |w_t|^2, <w_t, dw>, |dw|^2 after it.
+# Both write straight into the tracker's [neurons, 4] float64 rows.
+
+
+@triton.jit
+def _pointer(table, t, DTYPE: tl.constexpr):
+    """The `DTYPE` tensor address at `table[t]`, 16-byte aligned (`Batch` checks it)."""
+    return tl.multiple_of(tl.load(table + t), 16).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def _program_tile(tiles, neurons, BLOCK_N: tl.constexpr):
+    """(tensor index, neuron offsets, their mask) of this program: `tiles` programs per tensor."""
+    pid = tl.program_id(0)
+    n_offs = (pid % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid // tiles, n_offs, n_offs < neurons
+
+
+@triton.jit
+def _capture_kernel(w_tab, g_tab, copy_tab, out_tab, neurons, width, stride_n, stride_k, tiles,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr):
+    t, n_offs, n_mask = _program_tile(tiles, neurons, BLOCK_N)
+    W = _pointer(w_tab, t, tl.float32)
+    G = _pointer(g_tab, t, tl.float32)
+    C = _pointer(copy_tab, t, tl.float32)
+    OUT = _pointer(out_tab, t, tl.float64)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float64)
+    for i in range(NUM_K):
+        k_offs = i * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = n_mask[:, None] & (k_offs < width)[None, :]
+        offs = n_offs[:, None] * stride_n + k_offs[None, :] * stride_k
+        tl.store(C + offs, tl.load(W + offs, mask=mask, other=0.0), mask=mask)
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float64)
+        acc += g * g
+    tl.store(OUT + n_offs * 4 + 3, tl.sum(acc, axis=1), mask=n_mask)
+
+
+@triton.jit
+def _delta_kernel(copy_tab, w_tab, out_tab, neurons, width, stride_n, stride_k, tiles,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr):
+    t, n_offs, n_mask = _program_tile(tiles, neurons, BLOCK_N)
+    OUT = _pointer(out_tab, t, tl.float64)
+    w_sq, dot, dw_sq = _delta_tile(_pointer(copy_tab, t, tl.float32), _pointer(w_tab, t, tl.float32), n_offs, n_mask,
+                                   width, stride_n, stride_k, BLOCK_N, BLOCK_K, NUM_K)
+    tl.store(OUT + n_offs * 4 + 0, w_sq, mask=n_mask)
+    tl.store(OUT + n_offs * 4 + 1, dot, mask=n_mask)
+    tl.store(OUT + n_offs * 4 + 2, dw_sq, mask=n_mask)
+
+
+def batchable(w: Tensor, grad: Tensor | None) -> bool:
+    """Whether `Batch` takes `w`: fp32, non-empty, contiguous, 2-d, 16-byte aligned, with such a gradient, on CUDA."""
+    def ok(t: Tensor) -> bool:
+        return (t.dtype == torch.float32 and t.dim() == 2 and t.numel() > 0 and t.is_contiguous()
+                and t.data_ptr() % 16 == 0)
+
+    return (w.is_cuda or RUN_ON_CPU) and grad is not None and ok(w) and ok(grad) and grad.shape == w.shape
+
+
+class Batch:
+    """Tracked tensors of one shape and neuron axis, measured by one launch before and one after the step.
+
+    The copies of w_t live from `capture` to `measure` only, as a per-tensor clone would (kept
+    between measured steps they would add a weight copy to every step's peak). A pointer table
+    is re-uploaded only when an address in it changes; the caching allocator usually hands out
+    the same blocks again, so a steady measured step uploads little.
+    """
+
+    def __init__(self, weights: list[Tensor], axis: int) -> None:
+        rows, cols = weights[0].shape
+        self.neurons, self.width = (rows, cols) if axis % 2 == 0 else (cols, rows)
+        self.stride_n, self.stride_k = (cols, 1) if axis % 2 == 0 else (1, cols)
+        self.block_k = min(_BLOCK_K, triton.next_power_of_2(self.width))
+        self.tiles = triton.cdiv(self.neurons, _BLOCK_N)
+        self.count = len(weights)
+        self.copies: list[Tensor] = []
+        self._ptrs: dict[str, tuple[int, ...]] = {}
+        self._tables: dict[str, Tensor] = {}
+
+    def _table(self, role: str, tensors: list[Tensor]) -> Tensor:
+        ptrs = tuple(t.data_ptr() for t in tensors)
+        if self._ptrs.get(role) != ptrs:
+            self._tables[role] = torch.tensor(ptrs, dtype=torch.int64, device=tensors[0].device)
+            self._ptrs[role] = ptrs
+        return self._tables[role]
+
+    def _launch(self, kernel: Any, *tables: Tensor) -> None:
+        kernel[(self.tiles * self.count,)](
+            *tables, self.neurons, self.width, self.stride_n, self.stride_k, self.tiles,
+            BLOCK_N=_BLOCK_N, BLOCK_K=self.block_k, NUM_K=triton.cdiv(self.width, self.block_k), num_warps=4)
+
+    def capture(self, weights: list[Tensor], grads: list[Tensor], rows: list[Tensor]) -> None:
+        """Copy the weights and write |g|^2 per neuron into column 3 of `rows` ([neurons, 4] float64 views)."""
+        self.copies = [torch.empty_like(w) for w in weights]
+        self._launch(_capture_kernel, self._table("w", weights), self._table("g", grads),
+                     self._table("copy", self.copies), self._table("out", rows))
+
+    def measure(self, weights: list[Tensor], rows: list[Tensor]) -> None:
+        """Write |w_t|^2, <w_t, dw>, |dw|^2 per neuron into columns 0-2 of `rows`."""
+        self._launch(_delta_kernel, self._table("copy", self.copies), self._table("w", weights),
+                     self._table("out", rows))
+        self.copies = []

@@ -6,7 +6,8 @@ rank holds. Sums of a sharded run are then all-reduced over `group`, which gives
 single-process numbers (docs/design.md §5):
 - `ModelSource` reads the model's parameters by name: whole tensors (single, DDP) or FSDP2
   DTensor shards (rows of a neuron-axis shard land at their global neuron index; a shard along
-  another axis holds part of every neuron and its partial sums add up across ranks).
+  another axis holds part of every neuron and its partial sums add up across ranks). On CUDA
+  its fp32 tensors are measured one launch per shape (pretrain/metrics/fused_sums.py `Batch`).
 - `FusedSource` has the optimizer's fused step (pretrain/optim/fused.py) write the sums from
   the registers it already holds: no copy of the weights and no extra pass over them.
 - `OptimizerSource` watches the optimizer's own step through step hooks, for DeepSpeed, whose
@@ -73,8 +74,10 @@ class ModelSource:
             self.base.append(self.base[-1] + spec.num_neurons)
         self.group = next((p.device_mesh.get_group() for p in self._params() if isinstance(p, DTensor)), None)
         self._workspace = workspace_elements(specs)
-        self._before: list[Tensor] | None = None
-        self._grads: list[Tensor] = []
+        self._before: list[Tensor | None] | None = None  # per tensor: its w_t copy, None where a Batch holds it
+        self._out: Tensor | None = None
+        self._batched: list[tuple[Any, list[int]]] = []
+        self._batches: dict[tuple[int, ...], Any] = {}  # fused_sums.Batch by member tensors
 
     def _params(self) -> list[Tensor]:
         # Looked up by name on every use, so a parameter replaced after construction
@@ -82,29 +85,56 @@ class ModelSource:
         return [self.model.get_parameter(spec.name) for spec in self.specs]
 
     def begin(self) -> None:
-        self._before, self._grads = [], []
-        for p, spec in zip(self._params(), self.specs, strict=True):
+        params = self._params()
+        device = _local_rows(params[0], self.specs[0].neuron_axis)[0].device if params else torch.device("cpu")
+        self._out = torch.zeros(self.base[-1], 4, dtype=torch.float64, device=device)
+        self._before = [None] * len(self.specs)
+        fused = _fused_sums()
+        batched: dict[tuple, list[int]] = {}
+        for i, (p, spec) in enumerate(zip(params, self.specs, strict=True)):
             local, _, _ = _local_rows(p, spec.neuron_axis)
+            grad = p.grad._local_tensor if isinstance(p.grad, DTensor) else p.grad
+            if fused is not None and fused.batchable(local, grad):
+                batched.setdefault((tuple(local.shape), spec.neuron_axis % 2), []).append(i)
+                continue
             # An exact copy in the parameter's own dtype: theta needs w_t bit for bit, since a
             # rounded copy (bf16: ~4e-3 relative per element) would add more angle than the
             # ~1e-3 rad per step being measured, and a wider one would only cost more.
-            self._before.append(local.detach().clone())
-            grad = p.grad._local_tensor if isinstance(p.grad, DTensor) else p.grad
-            self._grads.append(_grad_square_sums(grad, spec.neuron_axis, local.shape[spec.neuron_axis], local.device))
+            self._before[i] = local.detach().clone()
+            self._rows(i, params)[:, 3] += _grad_square_sums(grad, spec.neuron_axis, local.shape[spec.neuron_axis],
+                                                             local.device)
+        self._batched = []
+        for (_, axis), members in batched.items():
+            batch = self._batches.get(tuple(members))
+            if batch is None:
+                batch = self._batches[tuple(members)] = fused.Batch([self._local(i, params) for i in members], axis)
+            grads = [params[i].grad for i in members]
+            batch.capture([self._local(i, params) for i in members],
+                          [g._local_tensor if isinstance(g, DTensor) else g for g in grads],
+                          [self._rows(i, params) for i in members])
+            self._batched.append((batch, members))
+
+    def _local(self, i: int, params: list[Tensor]) -> Tensor:
+        return _local_rows(params[i], self.specs[i].neuron_axis)[0].detach()
+
+    def _rows(self, i: int, params: list[Tensor]) -> Tensor:
+        """Tensor i's rows of the output: its local neurons, at their global index."""
+        local, first, _ = _local_rows(params[i], self.specs[i].neuron_axis)
+        start = self.base[i] + first
+        return self._out[start:start + local.shape[self.specs[i].neuron_axis]]
 
     def end(self) -> Tensor | None:
         if self._before is None:
             return None
         params = self._params()
-        device = params[0].device if params else torch.device("cpu")
-        out = torch.zeros(self.base[-1], 4, dtype=torch.float64, device=device)
-        workspace = torch.empty(self._workspace, dtype=torch.float64, device=device)
-        for i, (p, spec, before) in enumerate(zip(params, self.specs, self._before, strict=True)):
-            local, first, _ = _local_rows(p, spec.neuron_axis)
-            rows = slice(self.base[i] + first, self.base[i] + first + local.shape[spec.neuron_axis])
-            out[rows, :3] += _delta_sums(before, local.detach(), spec.neuron_axis, workspace)
-            out[rows, 3] += self._grads[i]
-        self._before, self._grads = None, []
+        workspace = torch.empty(self._workspace, dtype=torch.float64, device=self._out.device)
+        for i, (spec, before) in enumerate(zip(self.specs, self._before, strict=True)):
+            if before is not None:
+                self._rows(i, params)[:, :3] += _delta_sums(before, self._local(i, params), spec.neuron_axis,
+                                                            workspace)
+        for batch, members in self._batched:
+            batch.measure([self._local(i, params) for i in members], [self._rows(i, params) for i in members])
+        out, self._out, self._before, self._batched = self._out, None, None, []
         return out
 
 

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from pretrain.config import OPTIMIZERS, OptimConfig
-from pretrain.optim.rotational import RotationalOptimizer
+from pretrain.errors import UserError
+from pretrain.optim.rotational import FusedStepUnavailable, RotationalOptimizer
 from pretrain.params import ParamSpec
 
 
@@ -46,7 +47,11 @@ def build_optimizer(model: nn.Module, table: list[ParamSpec], cfg: OptimConfig) 
         fused = cfg.fused if cfg.fused is not None else all(p.is_cuda for p in model.parameters())
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                  weight_decay=cfg.weight_decay, fused=fused, foreach=not fused)
-    return RotationalOptimizer(groups, rule=kind.rule, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
-                               momentum=cfg.momentum, eps=cfg.eps, update_norm_decay=cfg.update_norm_decay,
-                               zero_mean=cfg.zero_mean, per_neuron=cfg.per_neuron, center_init=cfg.center_init,
-                               rotational_eps=cfg.rotational_eps, fused=cfg.fused)
+    try:
+        return RotationalOptimizer(groups, rule=kind.rule, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                   betas=tuple(cfg.betas), momentum=cfg.momentum, eps=cfg.eps,
+                                   update_norm_decay=cfg.update_norm_decay, zero_mean=cfg.zero_mean,
+                                   per_neuron=cfg.per_neuron, center_init=cfg.center_init,
+                                   rotational_eps=cfg.rotational_eps, fused=cfg.fused)
+    except FusedStepUnavailable as exc:
+        raise UserError(f"optim.fused=true: {exc}; set optim.fused=null (the default) or false") from exc

@@ -22,7 +22,6 @@ compares it with (on CPU through Triton's interpreter).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +29,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-RULE_IDS = {"adamw": 0, "lion": 1, "sgdm": 2}
+from pretrain.optim.hyper import RULE_IDS, Hyper
+
+TRACKS = True  # the kernel can write the rotation tracker's sums (FusedSource)
+
 _TINY = torch.finfo(torch.float32).tiny
 # Elements of one tile held in registers (per role); larger neurons loop over their elements.
 _TILE_ELEMENTS = 4096
@@ -235,51 +237,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def supports(t: Tensor, grad: Tensor | None, axis: int | None, cpu: bool = False) -> bool:
+def supports(t: Tensor, grad: Tensor | None, axis: int | None) -> bool:
     """Whether the kernel can update `t` (walked along `axis`, None: flat) in place from `grad` (None: unknown).
 
-    `cpu`: CPU tensors count too (only meaningful under Triton's interpreter, as in tests).
+    CPU tensors count only under Triton's interpreter (as in tests).
     """
-    own = (t.is_cuda or cpu) and t.dtype == torch.float32 and t.is_contiguous() and _aligned(t) and (
-        axis is None or t.dim() == 2)
+    own = (t.is_cuda or (t.device.type == "cpu" and interpreting())) and t.dtype == torch.float32 and (
+        t.is_contiguous() and _aligned(t) and (axis is None or t.dim() == 2))
     return own and (grad is None or (grad.dtype == torch.float32 and grad.is_contiguous()))
 
 
 def _aligned(t: Tensor) -> bool:
     return t.data_ptr() % 16 == 0
-
-
-@dataclass
-class Hyper:
-    """The scalars of one step (host floats: no device sync, no recompilation)."""
-
-    rule: str
-    lr: float
-    weight_decay: float
-    beta1: float  # AdamW/Lion beta1, SGDM momentum
-    beta2: float
-    eps: float  # AdamW eps * sqrt(1 - beta2^t), as the eager rule folds the bias correction
-    scale: float  # u's scalar factor: sqrt(1 - beta2^t) / (1 - beta1^t) for AdamW, else 1
-    eta: float = 0.0  # the equilibrium rotation rate
-    decay: float = 0.9  # update-norm average decay
-    decay_bias: float = 1.0  # 1 - decay^t
-    rot_eps: float = 1e-8
-    zero_mean: bool = True
-
-    @staticmethod
-    def for_step(group: dict, step: int, eta: float = 0.0) -> Hyper:
-        rule = group["rule"]
-        if rule == "adamw":
-            beta1, beta2 = group["betas"]
-            bias2_sqrt = math.sqrt(1.0 - beta2 ** step)
-            eps, scale = group["eps"] * bias2_sqrt, bias2_sqrt / (1.0 - beta1 ** step)
-        elif rule == "lion":
-            (beta1, beta2), eps, scale = group["betas"], 0.0, 1.0
-        else:
-            beta1, beta2, eps, scale = group["momentum"], 0.0, 0.0, 1.0
-        return Hyper(rule, float(group["lr"]), float(group["weight_decay"]), beta1, beta2, eps, scale, eta,
-                     group["update_norm_decay"], 1.0 - group["update_norm_decay"] ** step, group["rotational_eps"],
-                     group["zero_mean"])
 
 
 class Launch:
@@ -333,3 +302,8 @@ class Launch:
             SINGLE_PASS=self.block_k >= layout.width, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
             NUM_K=triton.cdiv(layout.width, self.block_k), num_warps=8 if self.block_n * self.block_k >= 4096 else 4,
         )
+
+
+def make_launch(walk: int | None, rotational: bool, weights: list[Tensor], moments: list[list[Tensor]],
+                norms: list[Tensor] | None, avgs: list[Tensor] | None) -> Launch:
+    return Launch(Layout.of(weights[0], walk), rotational, weights, moments, norms, avgs)

@@ -38,6 +38,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.optim import Optimizer
 
 from pretrain.optim.equilibrium import equilibrium_rate
+from pretrain.optim.hyper import Hyper
 from pretrain.optim.rules import INNER_RULES, Rule
 from pretrain.optim.segments import SegmentMap
 from pretrain.params import sharded_along_neurons
@@ -76,15 +77,18 @@ class RotationalOptimizer(Optimizer):
                         update_norm_decay=update_norm_decay, zero_mean=zero_mean, per_neuron=per_neuron,
                         center_init=center_init, rotational_eps=rotational_eps, rotational=None, neuron_axis=0)
         self._segment_maps: dict[int, SegmentMap] = {}
-        # The Triton step (pretrain/optim/fused.py) for the CUDA tensors it supports: None uses it
-        # when Triton imports, True requires it, False keeps every tensor on the eager path. Under
-        # Triton's interpreter (TRITON_INTERPRET=1, as in tests) True also takes CPU tensors.
-        self._fused = _fused_module(required=fused is True) if fused is not False else None
-        self._fused_cpu = fused is True and self._fused is not None and self._fused.interpreting()
+        # Fused kernels by device type: the Triton step (pretrain/optim/fused.py) for CUDA tensors,
+        # the C++ step (pretrain/optim/cpu_fused.py) for CPU ones. None: Triton where it imports,
+        # eager on CPU; True: both, required; False: every tensor takes the eager path. Under
+        # Triton's interpreter (TRITON_INTERPRET=1, as in tests) True runs Triton on CPU tensors.
+        self._kernels: dict[str, Any] = {}
         # Rotation-tracker requests for the next step: id(param) -> (neuron axis, float64 [neurons, 4] rows).
         self._track: dict[int, tuple[int, Tensor]] = {}
-        self._plans: dict[tuple, tuple] = {}  # fused launches by (group, live tensors, tracked tensors)
+        self._plans: dict[tuple, _Plan] = {}  # how a group steps, by (group, its flags, live and tracked tensors)
+        self._stepped = [0, 0]  # tensors of the last step: [taken by a fused kernel, all]
         super().__init__(params, defaults)
+        if fused is not False:
+            self._kernels = _kernels(fused is True, {p.device.type for g in self.param_groups for p in g["params"]})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -108,6 +112,7 @@ class RotationalOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._stepped = [0, 0]
         try:
             for group in self.param_groups:
                 self._step_group(group)
@@ -117,7 +122,8 @@ class RotationalOptimizer(Optimizer):
 
     def fused_covers(self, p: Tensor, axis: int) -> bool:
         """Whether the fused kernel steps `p` and can report its rotation sums along `axis`."""
-        if self._fused is None or id(p) in self._segment_maps:
+        kernel = self._kernels.get(_local(p).device.type)
+        if kernel is None or not kernel.TRACKS or id(p) in self._segment_maps:
             return False
         group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
         if group is None:
@@ -128,7 +134,13 @@ class RotationalOptimizer(Optimizer):
                 return False
         elif _partial_group(p, axis) is not None:
             return False
-        return self._fused.supports(_local(p), None, axis, self._fused_cpu)
+        return kernel.supports(_local(p), None, axis)
+
+    @property
+    def fused_fraction(self) -> float:
+        """The share of the last step's tensors that a fused kernel stepped (0: all eager, or no step yet)."""
+        fused, total = self._stepped
+        return fused / total if total else 0.0
 
     def request_rotation_sums(self, rows: dict[int, tuple[int, Tensor]]) -> None:
         """Have the next step write per-neuron float64 sums |w_t|^2, <w_t, dw>, |dw|^2, |g|^2 into `rows`.
@@ -210,6 +222,30 @@ class RotationalOptimizer(Optimizer):
         live = [p for p in group["params"] if p.grad is not None]
         if not live:
             return
+        # What a step of these tensors needs is the same every step: after the first, the checks,
+        # flags and fused launches come from the cache (the host time of a fused GPU step).
+        key = (id(group), group["rotational"], group["weight_decay"] > 0, group["per_neuron"], group["neuron_axis"],
+               tuple(map(id, live)), tuple(sorted(self._track)))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._plan(group, rule, live)
+        torch._foreach_add_(plan.steps, 1.0)
+        self._stepped[0] += len(live) - len(plan.rest)
+        self._stepped[1] += len(live)
+        if plan.launches:
+            self._fused_step(group, plan.launches)
+        eager = [p for p, rot in plan.rest if not rot]
+        flat = [p for p, rot in plan.rest if rot and id(p) in self._segment_maps]
+        dense = [p for p, rot in plan.rest if rot and id(p) not in self._segment_maps]
+        for batch in self._batches(group, rule, eager, False):
+            self._plain_step(batch, group, rule)
+        for batch in self._batches(group, rule, dense, True):
+            self._rotational_step(batch, group, rule)
+        for p in flat:
+            self._flat_rotational_step(p, group, rule)
+
+    def _plan(self, group: dict[str, Any], rule: Rule, live: list[Tensor]) -> _Plan:
+        """Check and initialise the state of `live`, and split it between fused launches and the eager path."""
         rotational = [_is_rotational(group, p) for p in live]
         for p, rot in zip(live, rotational, strict=True):
             if "step" not in self.state[p]:
@@ -224,35 +260,21 @@ class RotationalOptimizer(Optimizer):
                     raise RuntimeError("a flat partition has no per-neuron norms; adopt it before switching "
                                        "its group to rotational")
                 self._init_rotational(p, group)
-        torch._foreach_add_([self.state[p]["step"] for p in live], 1.0)
-        if self._fused is not None:
-            live, rotational = self._fused_step(group, rule, live, rotational)
-        flat = [p for p, rot in zip(live, rotational, strict=True) if rot and id(p) in self._segment_maps]
-        dense = [p for p, rot in zip(live, rotational, strict=True) if rot and id(p) not in self._segment_maps]
-        for batch in self._batches(group, rule, [p for p, rot in zip(live, rotational, strict=True) if not rot], False):
-            self._plain_step(batch, group, rule)
-        for batch in self._batches(group, rule, dense, True):
-            self._rotational_step(batch, group, rule)
-        for p in flat:
-            self._flat_rotational_step(p, group, rule)
+        steps = [self.state[p]["step"] for p in live]
+        if not self._kernels:
+            return _Plan(steps, [], list(zip(live, rotational, strict=True)))
+        launches, rest = self._fused_plan(group, rule, live, rotational)
+        return _Plan(steps, launches, rest)
 
-    def _fused_step(self, group: dict[str, Any], rule: Rule, live: list[Tensor],
-                    rotational: list[bool]) -> tuple[list[Tensor], list[bool]]:
-        """Step every tensor the Triton kernel supports; returns the others (and their flags) for the eager path."""
-        key = (id(group), tuple(map(id, live)), tuple(rotational), tuple(sorted(self._track)))
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = self._fused_plan(group, rule, live, rotational)
-        launches, rest = plan
-        step = None
+    def _fused_step(self, group: dict[str, Any], launches: list[tuple]) -> None:
+        """Run the fused launches of a group; all its live tensors share one step count (they step together)."""
+        step = int(self.state[launches[0][1][0]]["step"])
+        eta = equilibrium_rate(group["rule"], float(group["lr"]), group["weight_decay"], group["betas"],
+                               group["momentum"])  # used by rotational launches only
+        hyper = Hyper.for_step(group, step, eta)
         for launch, params, tracked in launches:
-            step = int(self.state[params[0]]["step"]) if step is None else step
-            eta = equilibrium_rate(group["rule"], float(group["lr"]), group["weight_decay"], group["betas"],
-                                   group["momentum"]) if launch.rotational else 0.0
-            launch.run([_local(p) for p in params], [_local(p.grad) for p in params],
-                       self._fused.Hyper.for_step(group, step, eta),
+            launch.run([_local(p) for p in params], [_local(p.grad) for p in params], hyper,
                        [self._track[id(p)][1] for p in params] if tracked else None)
-        return [p for p, _ in rest], [rot for _, rot in rest]
 
     def _fused_plan(self, group: dict[str, Any], rule: Rule, live: list[Tensor], rotational: list[bool]) -> tuple:
         """([(Launch, params, tracked)], [(param, rotational)] left to the eager path) for these live tensors.
@@ -260,7 +282,6 @@ class RotationalOptimizer(Optimizer):
         A launch holds tensors of one shape, walk and kind; tracked tensors are walked along the
         tracker's neuron axis. All live tensors of a group share their step count (they step together).
         """
-        fused = self._fused
         members: dict[tuple, list[Tensor]] = {}
         rest = []
         for p, rot in zip(live, rotational, strict=True):
@@ -271,9 +292,10 @@ class RotationalOptimizer(Optimizer):
             else:
                 axis = tracked[0] if tracked is not None else None
                 ok = tracked is None or _partial_group(p, axis) is None
-            if ok and fused.supports(_local(p), _local(p.grad), axis, self._fused_cpu):
+            kernel = self._kernels.get(_local(p).device.type)
+            if ok and kernel is not None and kernel.supports(_local(p), _local(p.grad), axis):
                 walk = axis % p.dim() if axis is not None else None
-                members.setdefault((tuple(_local(p).shape), walk, rot, tracked is not None), []).append(p)
+                members.setdefault((kernel, tuple(_local(p).shape), walk, rot, tracked is not None), []).append(p)
             elif tracked is not None:
                 raise RuntimeError("rotation sums were requested for a tensor the fused step does not cover")
             else:
@@ -281,13 +303,12 @@ class RotationalOptimizer(Optimizer):
         if len({int(self.state[p]["step"]) for params in members.values() for p in params}) > 1:
             return [], [(p, rot) for p, rot in zip(live, rotational, strict=True)]  # e.g. a partial resume
         launches = []
-        for (_, walk, rot, tracked), params in members.items():
+        for (kernel, _, walk, rot, tracked), params in members.items():
             states = [self.state[p] for p in params]
-            local = [_local(p) for p in params]
-            launch = fused.Launch(fused.Layout.of(local[0], walk), rot, local,
-                                  [[_local(st[name]) for st in states] for name in rule.buffers],
-                                  [_local(st["neuron_norm"]) for st in states] if rot else None,
-                                  [_local(st["update_norm_avg"]) for st in states] if rot else None)
+            launch = kernel.make_launch(walk, rot, [_local(p) for p in params],
+                                        [[_local(st[name]) for st in states] for name in rule.buffers],
+                                        [_local(st["neuron_norm"]) for st in states] if rot else None,
+                                        [_local(st["update_norm_avg"]) for st in states] if rot else None)
             launches.append((launch, params, tracked))
         return launches, rest
 
@@ -370,6 +391,15 @@ class RotationalOptimizer(Optimizer):
 
 
 _PER_NEURON = ("neuron_norm", "update_norm_avg")
+
+
+@dataclass
+class _Plan:
+    """How a group's live tensors step: their step counters, the fused launches, the rest (param, rotational)."""
+
+    steps: list[Tensor]
+    launches: list[tuple]  # (Launch, params, tracked)
+    rest: list[tuple[Tensor, bool]]
 
 
 class _Batch:
@@ -456,15 +486,37 @@ def _neuron_sums(weights: list[Tensor], updates: list[Tensor], zero_mean: bool) 
     return sums
 
 
-def _fused_module(required: bool) -> Any:
-    """pretrain.optim.fused, or None where Triton is not installed (and not `required`)."""
+class FusedStepUnavailable(RuntimeError):
+    """fused=True, but a device's fused kernel cannot run here (no Triton, or the C++ step does not build)."""
+
+
+def _kernels(required: bool, device_types: set[str]) -> dict[str, Any]:
+    """The fused kernel module per device type; `required`: every device type must have one (else raise)."""
+    kernels: dict[str, Any] = {}
     try:
         from pretrain.optim import fused
-    except ImportError:
-        if required:
-            raise
-        return None
-    return fused
+    except ImportError as exc:
+        if required and "cuda" in device_types:
+            raise FusedStepUnavailable(f"the fused step on CUDA needs Triton, which does not import: {exc}") from exc
+        fused = None
+    if fused is not None:
+        kernels["cuda"] = fused
+    if required and "cpu" in device_types:
+        if fused is not None and fused.interpreting():
+            kernels["cpu"] = fused
+        else:
+            from pretrain.optim import cpu_fused
+
+            try:
+                cpu_fused.load()
+            except cpu_fused.BuildError as exc:
+                raise FusedStepUnavailable(f"the fused CPU step needs a C++ compiler with OpenMP (g++, or $CXX), "
+                                           f"and its build failed: {exc}") from exc
+            kernels["cpu"] = cpu_fused
+    unknown = device_types - set(kernels) - {"cuda", "cpu"}
+    if required and unknown:
+        raise FusedStepUnavailable(f"no fused step for {', '.join(sorted(unknown))} tensors")
+    return kernels
 
 
 def _per_neuron(values: Tensor, like: list[Tensor]) -> list[Tensor]:
