@@ -134,8 +134,7 @@ class OptimConfig:
     rotational_embeddings: bool = True
     """RV only: rotate the token embedding per row, as the paper's code does every decayed matrix; default true."""
     fused: Optional[bool] = None
-    """Fused step. torch AdamW: fused or foreach. Ours: true runs Triton on CUDA and a C++ kernel on CPU (built on first
-    use, needs g++); null: Triton on CUDA where it imports, eager on CPU; false: eager; default null."""
+    """Fused step (torch AdamW: fused; ours: true = Triton on CUDA + C++ on CPU, null = CUDA only); default null."""
 
 
 @dataclass
