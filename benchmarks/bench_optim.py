@@ -118,21 +118,42 @@ def compare(name_a: str, opt_a: torch.optim.Optimizer, name_b: str, opt_b: torch
             **{f"{name} min s": min(ts) for name, ts in times.items()}}
 
 
-def make_optimizer(name: str, shapes: Shapes, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """'torch-adamw', or a RotationalOptimizer: 'rv-<rule>' rotational, '<rule>' plain; ':fused' the C++ step."""
+class Tracked:
+    """An optimizer whose every step also writes the rotation tracker's sums of its matrices (a
+    `logging.rotation_every=1` step, as `FusedSource` asks for them)."""
+
+    def __init__(self, opt: RotationalOptimizer) -> None:
+        self.opt = opt
+        matrices = [p for group in opt.param_groups for p in group["params"] if p.dim() == 2]
+        self.rows = {id(p): (0, torch.zeros(p.shape[0], 4, dtype=torch.float64)) for p in matrices}
+
+    def step(self) -> None:
+        self.opt.request_rotation_sums(self.rows)
+        self.opt.step()
+
+    @property
+    def state(self) -> dict:
+        return self.opt.state
+
+
+def make_optimizer(name: str, shapes: Shapes, lr: float, weight_decay: float) -> torch.optim.Optimizer | Tracked:
+    """'torch-adamw', or a RotationalOptimizer: 'rv-<rule>' rotational, '<rule>' plain; ':fused' the C++ step,
+    ':fused-tracked' that step writing the rotation metrics' sums every step."""
     if name == "torch-adamw":
         return torch.optim.AdamW(make_groups(shapes, weight_decay, None), lr=lr, weight_decay=weight_decay,
                                  foreach=True)
     base, _, mode = name.partition(":")
     rotational = base.startswith("rv-")
-    return RotationalOptimizer(make_groups(shapes, weight_decay, rotational), base.removeprefix("rv-"), lr=lr,
-                               weight_decay=weight_decay, fused=mode == "fused")
+    opt = RotationalOptimizer(make_groups(shapes, weight_decay, rotational), base.removeprefix("rv-"), lr=lr,
+                              weight_decay=weight_decay, fused=mode.startswith("fused"))
+    return Tracked(opt) if mode == "fused-tracked" else opt
 
 
 # Eager against eager, fused (C++) against fused, and the fused RV step against the eager plain one.
 COMPARISONS = [("torch-adamw", "rv-adamw"), ("adamw", "rv-adamw"), ("lion", "rv-lion"),
                ("lion:fused", "rv-lion:fused"), ("adamw:fused", "rv-adamw:fused"), ("lion", "rv-lion:fused"),
-               ("torch-adamw", "rv-adamw:fused"), ("lion", "lion:fused")]
+               ("torch-adamw", "rv-adamw:fused"), ("lion", "lion:fused"),
+               ("rv-adamw:fused", "rv-adamw:fused-tracked"), ("adamw:fused", "adamw:fused-tracked")]
 
 
 def main() -> None:

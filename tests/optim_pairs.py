@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from pretrain.logger import read_metrics
 from pretrain.optim import RotationalOptimizer
 
 # Widths >= 16: at step 1 AdamW's direction is ~sign(g), and a narrow neuron whose gradient signs
@@ -62,3 +65,30 @@ def assert_non_finite_gradient_spreads_alike(rule: str, device: str) -> None:
         assert torch.equal(a.detach().isnan().cpu(), b.detach().isnan().cpu())
     assert eager[0].detach()[3].isnan().all() == (rule != "lion")
     assert not eager[0].detach()[4:].isnan().any()
+
+
+def assert_rotation_sums_equal_a_float64_reference(device: str, rotational: bool, axis: int) -> None:
+    """The fused step's rotation-tracker sums of a step (|w_t|^2, <w_t, dw>, |dw|^2, |g|^2 per neuron
+    along `axis`) against float64 sums of the weights saved around that step."""
+    _, (opt, params) = make_pair("adamw", rotational, axis, True, device)
+    run_steps([(opt, params)], steps=2)
+    matrices = params[:-1]
+    set_grads(params, 7)
+    before = [p.detach().double().clone() for p in matrices]
+    rows = {id(p): (axis, torch.zeros(p.shape[axis], 4, dtype=torch.float64, device=device)) for p in matrices}
+    assert all(opt.fused_covers(p, axis) for p in matrices)
+    opt.request_rotation_sums(rows)
+    opt.step()
+    other = 1 - axis
+    for w0, p in zip(before, matrices, strict=True):
+        dw = p.detach().double() - w0
+        expected = torch.stack([(w0 * w0).sum(other), (w0 * dw).sum(other), (dw * dw).sum(other),
+                                p.grad.double().square().sum(other)], dim=1)
+        torch.testing.assert_close(rows[id(p)][1], expected, rtol=1e-12, atol=1e-18)
+
+
+def angle_history(run_dir: Path) -> torch.Tensor:
+    """[measured steps, layers] of a run's logged per-layer angles."""
+    rows = [r for r in read_metrics(run_dir) if any(k.startswith("rotation/angle/") for k in r)]
+    keys = sorted(k for k in rows[0] if k.startswith("rotation/angle/"))
+    return torch.tensor([[r[k] for k in keys] for r in rows], dtype=torch.float64)

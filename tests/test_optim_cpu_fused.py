@@ -16,7 +16,14 @@ import torch
 
 from pretrain.logger import read_metrics
 from pretrain.optim import cpu_fused
-from tests.optim_pairs import assert_non_finite_gradient_spreads_alike, assert_same, make_pair, run_steps
+from tests.optim_pairs import (
+    angle_history,
+    assert_non_finite_gradient_spreads_alike,
+    assert_rotation_sums_equal_a_float64_reference,
+    assert_same,
+    make_pair,
+    run_steps,
+)
 from tests.train_utils import REPO, tiny_args, tiny_config
 
 
@@ -89,10 +96,15 @@ def cpu_fused_optimizer(params, fused: bool):
 
 
 @pytest.mark.parametrize("optim", ["rv-adamw", "rv-lion", "rv-sgdm", "lion"])
-def test_training_with_the_cpu_kernel_matches_eager(optim, tiny_data_dir, tmp_path):
-    """20 steps of the tiny recipe (fp32, rotational embeddings): losses within 1e-5 relative."""
+def test_training_with_the_cpu_kernel_matches_eager(optim, tiny_data_dir, tmp_path, monkeypatch):
+    """20 steps of the tiny recipe (fp32, rotational embeddings, rotation metrics every step): losses
+    within 1e-5 relative, the same angles, and the kernel writes the metrics' sums itself."""
+    import pretrain.train as train_module
     from pretrain.train import train
 
+    sources = []
+    build = train_module.FusedSource.build
+    monkeypatch.setattr(train_module.FusedSource, "build", lambda *a: sources.append(build(*a)) or sources[-1])
     results = {}
     for fused in ("false", "true"):
         cfg = tiny_config(tiny_data_dir, tmp_path / fused, "train.steps=20", "checkpoint.every=100",
@@ -105,6 +117,9 @@ def test_training_with_the_cpu_kernel_matches_eager(optim, tiny_data_dir, tmp_pa
     fractions = [r.get("optim/fused_fraction") for r in read_metrics(fused.run_dir) if "train/loss" in r]
     assert fractions and set(fractions) == {1.0}  # every tensor took the kernel
     assert {r.get("optim/fused_fraction") for r in read_metrics(eager.run_dir) if "train/loss" in r} == {0.0}
+    history = [angle_history(r.run_dir) for r in (eager, fused)]
+    torch.testing.assert_close(history[1], history[0], rtol=1e-4, atol=1e-9)
+    assert sources[0] is None and sources[-1] is not None  # eager: copy and compare; fused: the kernel's sums
 
 
 def test_a_kernel_that_does_not_build_is_one_line(tiny_data_dir, tmp_path):
@@ -124,3 +139,9 @@ def test_a_kernel_that_does_not_build_is_one_line(tiny_data_dir, tmp_path):
 @pytest.mark.parametrize("rule", ["adamw", "lion", "sgdm"])
 def test_a_non_finite_gradient_spreads_as_in_the_eager_step(rule):
     assert_non_finite_gradient_spreads_alike(rule, "cpu")
+
+
+@pytest.mark.parametrize("rotational", [True, False], ids=["rv", "plain"])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_rotation_sums_equal_a_float64_reference(rotational, axis):
+    assert_rotation_sums_equal_a_float64_reference("cpu", rotational, axis)

@@ -14,7 +14,14 @@ import pytest
 import torch
 
 from pretrain.logger import read_metrics
-from tests.optim_pairs import assert_non_finite_gradient_spreads_alike, assert_same, make_pair, run_steps, set_grads
+from tests.optim_pairs import (
+    angle_history,
+    assert_non_finite_gradient_spreads_alike,
+    assert_rotation_sums_equal_a_float64_reference,
+    assert_same,
+    make_pair,
+    run_steps,
+)
 from tests.train_utils import tiny_config
 
 triton = pytest.importorskip("triton", reason="Triton is a dev dependency on Linux x86-64 (pip install -e '.[dev]')")
@@ -61,20 +68,7 @@ def test_model_widths_match_eager(device, axis):
 
 @pytest.mark.parametrize("rotational", [True, False], ids=["rv", "plain"])
 def test_rotation_sums_equal_a_float64_reference(device, rotational):
-    _, (opt, params) = make_pair("adamw", rotational, 1, True, device)
-    run_steps([(opt, params)], steps=2)
-    matrices = params[:-1]
-    set_grads(params, 7)
-    before = [p.detach().double().clone() for p in matrices]
-    rows = {id(p): (1, torch.zeros(p.shape[1], 4, dtype=torch.float64, device=device)) for p in matrices}
-    assert all(opt.fused_covers(p, 1) for p in matrices)
-    opt.request_rotation_sums(rows)
-    opt.step()
-    for w0, p in zip(before, matrices, strict=True):
-        dw = p.detach().double() - w0
-        expected = torch.stack([(w0 * w0).sum(0), (w0 * dw).sum(0), (dw * dw).sum(0),
-                                p.grad.double().square().sum(0)], dim=1)
-        torch.testing.assert_close(rows[id(p)][1], expected, rtol=1e-12, atol=1e-18)
+    assert_rotation_sums_equal_a_float64_reference(device, rotational, axis=1)
 
 
 def test_training_with_the_fused_step_matches_eager(device, tiny_data_dir, tmp_path):
@@ -91,14 +85,8 @@ def test_training_with_the_fused_step_matches_eager(device, tiny_data_dir, tmp_p
     for step, loss in eager.losses.items():
         assert fused.losses[step] == pytest.approx(loss, rel=1e-5), step
     assert {r.get("optim/fused_fraction") for r in read_metrics(fused.run_dir) if "train/loss" in r} == {1.0}
-    history = [_angles(r.run_dir) for r in (eager, fused)]
+    history = [angle_history(r.run_dir) for r in (eager, fused)]
     torch.testing.assert_close(history[1], history[0], rtol=1e-4, atol=1e-9)
-
-
-def _angles(run_dir) -> torch.Tensor:
-    rows = [r for r in read_metrics(run_dir) if any(k.startswith("rotation/angle/") for k in r)]
-    keys = sorted(k for k in rows[0] if k.startswith("rotation/angle/"))
-    return torch.tensor([[r[k] for k in keys] for r in rows], dtype=torch.float64)
 
 
 @pytest.mark.parametrize("rule", ["adamw", "lion", "sgdm"])

@@ -14,8 +14,9 @@ extension loader locks the build folder.
 It covers fp32 contiguous tensors: plain ones of any shape, and rotational ones with whole
 neurons along dim 0 (any rank) or along dim 1 of a 2-d tensor (GPT-2's Conv1D). The rest
 (ZeRO flat partitions, neurons split across ranks, other dtypes) take the eager step, which
-tests/test_optim_cpu_fused.py checks it against. It does not write rotation-tracker sums
-(`TRACKS`): measured steps keep the copy-and-compare source.
+tests/test_optim_cpu_fused.py checks it against. On a measured step it also writes the rotation
+tracker's float64 sums from the values it already holds, as the Triton kernel does
+(`FusedSource`): the metrics add no copy and no pass over the weights.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from torch import Tensor
 
 from pretrain.optim.hyper import RULE_IDS, Hyper
 
-TRACKS = False  # the kernel does not write the rotation tracker's sums
 _SOURCE = Path(__file__).with_name("cpu_step.cpp")
 # -fno-math-errno lets the loops vectorise sqrt (AdamW: 2x faster); the step never reads errno.
 _CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
@@ -46,23 +46,25 @@ def supports(t: Tensor, grad: Tensor | None, axis: int | None) -> bool:
 
 
 class Launch:
-    """Same-rule tensors the kernel steps in one call: walked along `walk` (0, 1; None: plain)."""
+    """Same-rule tensors the kernel steps in one call, walked by neurons along `walk` (0, 1; None: flat)."""
 
     def __init__(self, walk: int | None, rotational: bool, weights: list[Tensor], moments: list[list[Tensor]],
                  norms: list[Tensor] | None, avgs: list[Tensor] | None) -> None:
         self.rotational = rotational
-        self.axis = -1 if not rotational else walk
+        self.axis = -1 if walk is None else walk
         self.moments = moments
         self.norms, self.avgs = norms or [], avgs or []
         self.kernel = load()
 
     def run(self, weights: list[Tensor], grads: list[Tensor], hyper: Hyper, sums: list[Tensor] | None = None) -> None:
-        if sums is not None:
-            raise ValueError("the CPU kernel does not write rotation sums (TRACKS is False)")
+        """One step; `sums`: per tensor a float64 [neurons, 4] contiguous view for the rotation tracker."""
+        if sums is not None and self.axis < 0:
+            raise ValueError("rotation sums need a neuron axis to walk")
         m, v = self.moments[0], self.moments[-1]
-        self.kernel.step(weights, grads, m, v, self.norms, self.avgs, RULE_IDS[hyper.rule], self.axis, hyper.lr,
-                         hyper.weight_decay, hyper.beta1, hyper.beta2, hyper.eps, hyper.scale, hyper.eta,
-                         hyper.decay, hyper.decay_bias, hyper.rot_eps, hyper.zero_mean, torch.get_num_threads())
+        self.kernel.step(weights, grads, m, v, self.norms, self.avgs, sums or [], RULE_IDS[hyper.rule], self.axis,
+                         self.rotational, hyper.lr, hyper.weight_decay, hyper.beta1, hyper.beta2, hyper.eps,
+                         hyper.scale, hyper.eta, hyper.decay, hyper.decay_bias, hyper.rot_eps, hyper.zero_mean,
+                         torch.get_num_threads())
 
 
 def make_launch(walk: int | None, rotational: bool, weights: list[Tensor], moments: list[list[Tensor]],

@@ -31,8 +31,6 @@ from torch import Tensor
 
 from pretrain.optim.hyper import RULE_IDS, Hyper
 
-TRACKS = True  # the kernel can write the rotation tracker's sums (FusedSource)
-
 _TINY = torch.finfo(torch.float32).tiny
 # Elements of one tile held in registers (per role); larger neurons loop over their elements.
 _TILE_ELEMENTS = 4096

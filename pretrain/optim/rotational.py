@@ -123,7 +123,7 @@ class RotationalOptimizer(Optimizer):
     def fused_covers(self, p: Tensor, axis: int) -> bool:
         """Whether the fused kernel steps `p` and can report its rotation sums along `axis`."""
         kernel = self._kernels.get(_local(p).device.type)
-        if kernel is None or not kernel.TRACKS or id(p) in self._segment_maps:
+        if kernel is None or id(p) in self._segment_maps:
             return False
         group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
         if group is None:
