@@ -90,12 +90,12 @@ class ModelSource:
         self._out = torch.zeros(self.base[-1], 4, dtype=torch.float64, device=device)
         self._before = [None] * len(self.specs)
         fused = _fused_sums()
-        batched: dict[tuple, list[int]] = {}
+        batched: dict[tuple, list[tuple[int, Tensor, Tensor]]] = {}  # (shape, axis) -> (index, w, grad)
         for i, (p, spec) in enumerate(zip(params, self.specs, strict=True)):
             local, _, _ = _local_rows(p, spec.neuron_axis)
             grad = p.grad._local_tensor if isinstance(p.grad, DTensor) else p.grad
             if fused is not None and fused.batchable(local, grad):
-                batched.setdefault((tuple(local.shape), spec.neuron_axis % 2), []).append(i)
+                batched.setdefault((tuple(local.shape), spec.neuron_axis % 2), []).append((i, local.detach(), grad))
                 continue
             # An exact copy in the parameter's own dtype: theta needs w_t bit for bit, since a
             # rounded copy (bf16: ~4e-3 relative per element) would add more angle than the
@@ -104,14 +104,13 @@ class ModelSource:
             self._rows(i, params)[:, 3] += _grad_square_sums(grad, spec.neuron_axis, local.shape[spec.neuron_axis],
                                                              local.device)
         self._batched = []
-        for (_, axis), members in batched.items():
+        for (_, axis), entries in batched.items():
+            members = [i for i, _, _ in entries]
+            weights = [w for _, w, _ in entries]
             batch = self._batches.get(tuple(members))
             if batch is None:
-                batch = self._batches[tuple(members)] = fused.Batch([self._local(i, params) for i in members], axis)
-            grads = [params[i].grad for i in members]
-            batch.capture([self._local(i, params) for i in members],
-                          [g._local_tensor if isinstance(g, DTensor) else g for g in grads],
-                          [self._rows(i, params) for i in members])
+                batch = self._batches[tuple(members)] = fused.Batch(weights, axis)
+            batch.capture(weights, [g for _, _, g in entries], [self._rows(i, params) for i in members])
             self._batched.append((batch, members))
 
     def _local(self, i: int, params: list[Tensor]) -> Tensor:
