@@ -115,7 +115,7 @@ def main() -> None:
         optim_name, _, mode = spec.partition(":")
         run_cfg = load_config(args.config, [*base, f"optim.name={optim_name}",
                                             *(["optim.fused=false"] if mode == "eager" else [])])
-        table = classify_parameters(model, run_cfg.optim.rotational_embeddings)
+        table = classify_parameters(model, rotational_embeddings=run_cfg.optim.rotational_embeddings)
         engine = build_engine(run_cfg, model, table, World(0, 1, 0), dtype)
         tracked = [s for s in table if s.tracked]
         for every in (int(e) for e in args.rotation_every.split(",")):

@@ -7,6 +7,10 @@ reports medians and ratios measured in this one run.
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/bench_train.py --shape tiny --steps 30
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/bench_train.py --shape llama-125m --steps 4 --micro-batch 2
     ... --optimizers adamw,rv-adamw,rv-adamw:fused   # NAME:fused takes optim.fused=true (C++ step on CPU)
+    ... --overrides optim.lr=1e-3                    # any config override, e.g. an lr for a larger shape
+
+The recipe is configs/tiny-cpu.yaml. Its lr suits the tiny model: at llama-125m, plain AdamW and
+Lion diverge at it, and a step over non-finite numbers is not a representative step: give an lr.
 """
 
 from __future__ import annotations
@@ -29,18 +33,20 @@ from pretrain.train import forward_backward
 REPO = Path(__file__).resolve().parent.parent
 
 
-def make_setup(shape: str, optimizer: str, micro_batch: int, seq_len: int):
+def make_setup(shape: str, optimizer: str, micro_batch: int, seq_len: int, extra: list[str]):
     """`optimizer`: an optim.name, with `:fused` for optim.fused=true (the C++ step on CPU)."""
     name, _, mode = optimizer.partition(":")
     overrides = [f"optim.name={name}", f"optim.fused={str(mode == 'fused').lower()}",
                  f"train.micro_batch_size={micro_batch}", f"data.seq_len={seq_len}"]
     if shape != "tiny":
         overrides.append(f"model.preset={shape}")
+    overrides += extra
     cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", overrides)
     tokenizer = load_tokenizer(cfg.data.dir)
     torch.manual_seed(0)
     model = build_model(cfg.model, len(tokenizer), seq_len, tokenizer.eos_token_id)
-    engine = build_engine(cfg, model, classify_parameters(model), World(0, 1, 0), torch.float32)
+    table = classify_parameters(model, rotational_embeddings=cfg.optim.rotational_embeddings)
+    engine = build_engine(cfg, model, table, World(0, 1, 0), torch.float32)
     loader = TrainLoader(cfg.data.dir, seq_len, micro_batch, 1, cfg.train.seed)
     return cfg, engine, loader
 
@@ -60,10 +66,11 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--optimizers", default="adamw,rv-adamw")
+    parser.add_argument("--overrides", nargs="*", default=[], help="extra dotted config overrides")
     args = parser.parse_args()
 
     names = args.optimizers.split(",")
-    setups = {name: make_setup(args.shape, name, args.micro_batch, args.seq_len) for name in names}
+    setups = {name: make_setup(args.shape, name, args.micro_batch, args.seq_len, args.overrides) for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
     for step in range(1, args.steps + 2):
         for name in names:

@@ -141,7 +141,7 @@ def build(args: argparse.Namespace, optim_name: str) -> tuple[Engine, Any]:
     cfg = load_config(args.config, overrides)
     torch.manual_seed(cfg.train.seed)  # the same initial weights for every optimizer
     model = build_model(cfg.model, args.vocab, cfg.data.seq_len, eos_id=0)
-    table = classify_parameters(model, cfg.optim.rotational_embeddings)
+    table = classify_parameters(model, rotational_embeddings=cfg.optim.rotational_embeddings)
     engine = build_engine(cfg, model, table, launched_world(), torch.float32)
     wrap_client_step(engine.optimizer)
     return engine, cfg

@@ -86,8 +86,12 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith("RMSNorm")
 
 
-def classify_parameters(model: nn.Module, rotational_embeddings: bool = False) -> list[ParamSpec]:
-    """One ParamSpec per unique parameter of `model`, in `named_parameters()` order."""
+def classify_parameters(model: nn.Module, *, rotational_embeddings: bool) -> list[ParamSpec]:
+    """One ParamSpec per unique parameter of `model`, in `named_parameters()` order.
+
+    `rotational_embeddings` has no default: it is `optim.rotational_embeddings` of the run, and a
+    benchmark or tool that left it out would measure another optimizer than training runs.
+    """
     by_id: dict[int, tuple[str, int | None, bool]] = {}  # id -> (kind, axis, rotational)
     for module in model.modules():
         matrix = _matrix_axis(module)

@@ -305,7 +305,7 @@ def _build_engine_and_tracker(cfg: Config, world: World, device: torch.device,
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, len(tokenizer), cfg.data.seq_len, tokenizer.eos_token_id).to(device)
     match_model(tokenizer, model)  # config.json's special ids and the tokenizer's max length agree
-    table = classify_parameters(model, cfg.optim.rotational_embeddings)
+    table = classify_parameters(model, rotational_embeddings=cfg.optim.rotational_embeddings)
     engine = build_engine(cfg, model, table, world, dtype)
     # From here on each rank draws its own dropout masks.
     torch.manual_seed(cfg.train.seed + world.rank)

@@ -52,7 +52,8 @@ def measure_known(dtype: torch.dtype) -> tuple[RotationTracker, dict, dict, dict
     """Set w_t, capture, set w_{t+1} (known rotations), measure; returns the tracker and the inputs."""
     rng = np.random.default_rng(0)
     model = TwoLayouts().to(dtype)
-    tracker = RotationTracker(model, classify_parameters(model), OptimConfig(name="adamw", lr=LR), every=1)
+    table = classify_parameters(model, rotational_embeddings=False)
+    tracker = RotationTracker(model, table, OptimConfig(name="adamw", lr=LR), every=1)
     angles = {"fc.weight": np.geomspace(1e-4, 0.5, 6), "conv.weight": np.array([1e-4, 3e-4, 2e-3, 0.05, 1.0])}
     axes = {"fc.weight": 0, "conv.weight": 1}
     before = {n: model.get_parameter(n).detach().double().numpy().copy() for n in angles}
@@ -110,7 +111,8 @@ def test_float32_weights_match_float64_arccos_of_the_stored_vectors():
 def test_zero_neuron_is_left_out_of_the_layer_numbers():
     """A neuron with no direction (zero weights, e.g. a padding embedding row) has no angle."""
     model = nn.Linear(8, 3, bias=False).double()
-    tracker = RotationTracker(model, classify_parameters(model), OptimConfig(lr=LR), every=1)
+    table = classify_parameters(model, rotational_embeddings=False)
+    tracker = RotationTracker(model, table, OptimConfig(lr=LR), every=1)
     with torch.no_grad():
         model.weight[1] = 0.0
     tracker.capture()
@@ -126,14 +128,14 @@ def test_zero_neuron_is_left_out_of_the_layer_numbers():
 
 def test_should_measure_and_protocol_errors():
     model = nn.Linear(4, 4)
-    tracker = RotationTracker(model, classify_parameters(model), OptimConfig(), every=10)
+    tracker = RotationTracker(model, classify_parameters(model, rotational_embeddings=False), OptimConfig(), every=10)
     assert [s for s in range(1, 31) if tracker.should_measure(s)] == [1, 10, 20, 30]
-    off = RotationTracker(model, classify_parameters(model), OptimConfig(), every=0)
+    off = RotationTracker(model, classify_parameters(model, rotational_embeddings=False), OptimConfig(), every=0)
     assert not any(off.should_measure(s) for s in range(1, 50))
     with pytest.raises(RuntimeError, match="capture"):
         tracker.measure(10, LR)
     with pytest.raises(ValueError):
-        RotationTracker(model, classify_parameters(model), OptimConfig(), every=-1)
+        RotationTracker(model, classify_parameters(model, rotational_embeddings=False), OptimConfig(), every=-1)
 
 
 @pytest.mark.parametrize("param, layer", [

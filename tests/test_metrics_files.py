@@ -35,7 +35,7 @@ def train_tiny(optim_name: str, seed: int) -> tuple[RotationTracker, dict[str, f
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, vocab_size=64, tie_word_embeddings=False))
     cfg = OptimConfig(name=optim_name, lr=1e-2, weight_decay=0.1)
-    tracker = RotationTracker(model, classify_parameters(model), cfg, every=1)
+    tracker = RotationTracker(model, classify_parameters(model, rotational_embeddings=False), cfg, every=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     x = torch.randint(0, 64, (4, 16))
     for step in range(1, STEPS + 1):
@@ -160,7 +160,7 @@ def test_model_card_section(trained):
 
 def test_save_before_any_measurement_writes_a_readable_folder(tmp_path):
     model = torch.nn.Linear(4, 3)
-    tracker = RotationTracker(model, classify_parameters(model), OptimConfig(), every=10)
+    tracker = RotationTracker(model, classify_parameters(model, rotational_embeddings=False), OptimConfig(), every=10)
     tracker.save(tmp_path / "rotation")
     data = load_rotation(tmp_path / "rotation")
     assert data.step is None and len(data.history) == 0 and data.snapshot == {}
@@ -170,7 +170,8 @@ def test_save_before_any_measurement_writes_a_readable_folder(tmp_path):
 
 def test_run_without_weight_decay_has_no_ratio_but_still_plots(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4))
-    tracker = RotationTracker(model, classify_parameters(model), OptimConfig(weight_decay=0.0), every=1)
+    table = classify_parameters(model, rotational_embeddings=False)
+    tracker = RotationTracker(model, table, OptimConfig(weight_decay=0.0), every=1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in (1, 2, 3):
         model(torch.randn(5, 16)).square().sum().backward()

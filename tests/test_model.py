@@ -17,7 +17,7 @@ VOCAB, SEQ, EOS = 300, 32, 299
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_parameter_table_axes_follow_module_types(arch):
     model = build_model(ModelConfig(arch=arch, preset="tiny"), VOCAB, SEQ, EOS)
-    table = {spec.name: spec for spec in classify_parameters(model)}
+    table = {spec.name: spec for spec in classify_parameters(model, rotational_embeddings=False)}
     assert len(table) == len(list(model.parameters()))
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and module is not model.get_output_embeddings():
@@ -90,7 +90,7 @@ def test_causal_sdpa_passes_no_mask_even_when_compiled_and_saves_as_plain_sdpa(a
 def test_gains_fold_into_a_plain_transformers_checkpoint(arch, tmp_path):
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch=arch, preset="tiny", linear_gains=True), VOCAB, SEQ, EOS).eval()
-    table = classify_parameters(model)
+    table = classify_parameters(model, rotational_embeddings=False)
     gains = [s for s in table if s.kind == "gain"]
     assert gains and all(not s.weight_decay and not s.rotational for s in gains)
     with torch.no_grad():  # non-trivial gains, so folding is really exercised

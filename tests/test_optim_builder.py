@@ -31,7 +31,7 @@ def _names_by_group(opt: torch.optim.Optimizer) -> list[tuple[dict, set[str]]]:
 @pytest.mark.parametrize("make,axis", [(_llama, 0), (_gpt2, 1)])
 def test_rv_groups_follow_the_parameter_table(make, axis: int) -> None:
     model = make()
-    table = classify_parameters(model)
+    table = classify_parameters(model, rotational_embeddings=False)
     opt = build_optimizer(model, table, OptimConfig(name="rv-adamw", weight_decay=0.1))
     assert isinstance(opt, RotationalOptimizer)
     groups = _names_by_group(opt)
@@ -55,7 +55,8 @@ def test_rv_groups_follow_the_parameter_table(make, axis: int) -> None:
 @pytest.mark.parametrize("name", ["adamw-plain", "lion", "sgdm"])
 def test_plain_names_never_rotate(name: str) -> None:
     model = _llama()
-    opt = build_optimizer(model, classify_parameters(model), OptimConfig(name=name, weight_decay=0.1))
+    table = classify_parameters(model, rotational_embeddings=False)
+    opt = build_optimizer(model, table, OptimConfig(name=name, weight_decay=0.1))
     assert isinstance(opt, RotationalOptimizer)
     assert all(g["rotational"] is False for g in opt.param_groups)
     assert {g["rule"] for g in opt.param_groups} == {name.removesuffix("-plain")}
@@ -64,7 +65,8 @@ def test_plain_names_never_rotate(name: str) -> None:
 
 def test_adamw_is_torch_adamw_foreach_on_cpu() -> None:
     model = _llama()
-    opt = build_optimizer(model, classify_parameters(model), OptimConfig(name="adamw", weight_decay=0.1))
+    table = classify_parameters(model, rotational_embeddings=False)
+    opt = build_optimizer(model, table, OptimConfig(name="adamw", weight_decay=0.1))
     assert type(opt) is torch.optim.AdamW
     assert all(g["foreach"] and not g["fused"] for g in opt.param_groups)
     assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.1]
@@ -74,7 +76,7 @@ def test_gains_are_undecayed_and_their_weights_rotate() -> None:
     model = _llama()
     linear = model.model.layers[0].mlp.up_proj
     parametrize.register_parametrization(linear, "weight", LinearGain(linear.weight.shape[0], 0))
-    table = classify_parameters(model)
+    table = classify_parameters(model, rotational_embeddings=False)
     opt = build_optimizer(model, table, OptimConfig(name="rv-lion", weight_decay=0.1))
     groups = _names_by_group(opt)
     rotational = next(names for g, names in groups if g["rotational"])
@@ -87,7 +89,7 @@ def test_gains_are_undecayed_and_their_weights_rotate() -> None:
 @pytest.mark.parametrize("make", [_llama, _gpt2])
 def test_every_optimizer_trains_a_real_model(name: str, make) -> None:
     model = make()
-    table = classify_parameters(model)
+    table = classify_parameters(model, rotational_embeddings=False)
     opt = build_optimizer(model, table, OptimConfig(name=name, lr=1e-3, weight_decay=0.1))
     rotational = [model.get_parameter(s.name) for s in table if s.rotational and name.startswith("rv-")]
     axes = [s.neuron_axis for s in table if s.rotational and name.startswith("rv-")]

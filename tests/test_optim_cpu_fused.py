@@ -23,6 +23,7 @@ from tests.optim_pairs import (
     assert_same,
     make_pair,
     run_steps,
+    set_grads,
 )
 from tests.train_utils import REPO, tiny_args, tiny_config
 
@@ -42,7 +43,7 @@ def _assert_all_fused(opt) -> None:
     assert opt._plans, "no fused plan was made"
     for plan in opt._plans.values():
         assert plan.launches and not plan.rest
-        assert all(isinstance(launch, cpu_fused.Launch) for launch, _, _ in plan.launches)
+        assert all(isinstance(entry.launch, cpu_fused.Launch) for entry in plan.launches)
 
 
 @pytest.mark.parametrize("rule", ["adamw", "lion", "sgdm"])
@@ -85,7 +86,7 @@ def test_tensors_the_kernel_does_not_cover_take_the_eager_step():
         torch.testing.assert_close(fused.float(), eager.float(), rtol=0, atol=2e-6)
     for plan in results[1][3]._plans.values():
         assert [p.shape for p, _ in plan.rest] == [(16, 24), (24, 16)]  # odd and half
-        assert [params for _, params, _ in plan.launches] == [[results[1][2]]]
+        assert [entry.params for entry in plan.launches] == [[results[1][2]]]
 
 
 def cpu_fused_optimizer(params, fused: bool):
@@ -145,3 +146,32 @@ def test_a_non_finite_gradient_spreads_as_in_the_eager_step(rule):
 @pytest.mark.parametrize("axis", [0, 1])
 def test_rotation_sums_equal_a_float64_reference(rotational, axis):
     assert_rotation_sums_equal_a_float64_reference("cpu", rotational, axis)
+
+
+def test_measured_and_plain_steps_keep_their_plans_and_a_replaced_counter_replans():
+    """Steps that alternate with and without rotation sums reuse both cached plans (their step counters
+    are one tensor), and a counter replaced from outside (as a checkpoint restore does) is followed."""
+    pairs = make_pair("adamw", True, 0, True, "cpu")
+    (eager_opt, eager_params), (opt, params) = pairs
+    plans = {}
+    for step in range(6):
+        for _, group_params in pairs:
+            set_grads(group_params, step)
+        eager_opt.step()
+        if step % 2:
+            opt.request_rotation_sums({id(p): (0, torch.zeros(p.shape[0], 4, dtype=torch.float64))
+                                       for p in params[:-1]})
+        opt.step()
+        if step == 1:
+            plans = {key: id(plan) for key, plan in opt._plans.items()}
+    assert len(plans) == 4 and {key: id(plan) for key, plan in opt._plans.items()} == plans
+    assert [float(opt.state[p]["step"]) for p in params] == [6.0] * len(params)
+    assert_same(*pairs)
+
+    for o, group_params in pairs:
+        o.state[group_params[0]]["step"] = torch.tensor(2.0)
+        set_grads(group_params, 6)
+        o.step()
+    assert [float(opt.state[p]["step"]) for p in params] == [3.0] + [7.0] * (len(params) - 1)
+    assert opt.fused_fraction < 1.0  # the group's counters differ now: its tensors take the eager step
+    assert_same(*pairs)

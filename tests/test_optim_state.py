@@ -76,6 +76,24 @@ def test_state_dict_round_trips_and_resume_is_bit_identical(rule: str) -> None:
     _assert_states_equal(resumed_opt.state_dict(), opt.state_dict())
 
 
+def test_step_counters_advance_together_and_follow_replaced_entries() -> None:
+    """A group's counters are views of one tensor (one add a step); an entry replaced from outside is followed."""
+    params = _model()
+    opt = RotationalOptimizer([{"params": params, "rotational": False}], rule="adamw", lr=1e-2)
+    for seed in range(3):
+        _step(opt, params, seed)
+    steps = [opt.state[p]["step"] for p in params]
+    assert [float(s) for s in steps] == [3.0] * 4
+    assert len({s.untyped_storage().data_ptr() for s in steps}) == 1
+    opt.state[params[1]]["step"] = torch.tensor(10.0)  # as DeepSpeed restoring a partition's counter does
+    opt.state[params[2]]["step"] = torch.tensor(7.0, dtype=torch.float64)  # a kind that is not packed
+    _step(opt, params, 3)
+    assert [float(opt.state[p]["step"]) for p in params] == [4.0, 11.0, 8.0, 4.0]
+    assert opt.state[params[2]]["step"].dtype == torch.float64
+    reloaded = _saved(opt.state_dict())
+    assert [float(reloaded["state"][i]["step"]) for i in range(4)] == [4.0, 11.0, 8.0, 4.0]
+
+
 def test_resume_over_loaded_weights_is_bit_identical_too() -> None:
     """Building the optimizer over already trained (centred) weights leaves them untouched."""
     params = _model()

@@ -276,8 +276,8 @@ class Launch:
                        self._table("norm", norms or weights), self._table("avg", avgs or weights)]
         self._no_sums = torch.zeros(len(weights), dtype=torch.int64, device=self.device)
 
-    def _table(self, role: str, tensors: list[Tensor]) -> Tensor:
-        ptrs = tuple(t.data_ptr() for t in tensors)
+    def _table(self, role: str, tensors: list[Tensor], ptrs: tuple[int, ...] | None = None) -> Tensor:
+        ptrs = ptrs or tuple(t.data_ptr() for t in tensors)
         if self._ptrs.get(role) != ptrs:
             self._tables[role] = torch.tensor(ptrs, dtype=torch.int64, device=self.device)
             self._ptrs[role] = ptrs
@@ -286,13 +286,14 @@ class Launch:
     def run(self, weights: list[Tensor], grads: list[Tensor], hyper: Hyper, sums: list[Tensor] | None = None) -> None:
         """One step; `sums`: per tensor a float64 [neurons, 4] view (rows contiguous) for the rotation tracker."""
         layout = self.layout
-        if tuple(g.data_ptr() for g in grads) != self._ptrs.get("g"):
+        grad_ptrs: tuple[int, ...] | None = tuple(g.data_ptr() for g in grads)
+        if grad_ptrs != self._ptrs.get("g") and any(ptr % 16 for ptr in grad_ptrs):
             # A gradient that is a view into a flat buffer (FSDP2's reduce-scatter output, say) may
             # not be 16-byte aligned; the kernel only reads gradients, so an aligned copy will do.
-            grads = [g if _aligned(g) else g.clone() for g in grads]
+            grads, grad_ptrs = [g if _aligned(g) else g.clone() for g in grads], None
         sums_table = self._table("sums", sums) if sums is not None else self._no_sums
         _step_kernel[(self.tiles * self.count,)](
-            self._table("w", weights), self._table("g", grads), *self._fixed, sums_table,
+            self._table("w", weights), self._table("g", grads, grad_ptrs), *self._fixed, sums_table,
             self.numel, layout.neurons, layout.width, layout.stride_n, layout.stride_k, self.tiles,
             hyper.lr, hyper.weight_decay, hyper.beta1, hyper.beta2, hyper.eps, hyper.scale, hyper.eta, hyper.decay,
             hyper.decay_bias, hyper.rot_eps,

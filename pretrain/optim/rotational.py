@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -227,9 +227,9 @@ class RotationalOptimizer(Optimizer):
         key = (id(group), group["rotational"], group["weight_decay"] > 0, group["per_neuron"], group["neuron_axis"],
                tuple(map(id, live)), tuple(sorted(self._track)))
         plan = self._plans.get(key)
-        if plan is None:
+        if plan is None or not plan.steps.holds([self.state[p] for p in live]):
             plan = self._plans[key] = self._plan(group, rule, live)
-        torch._foreach_add_(plan.steps, 1.0)
+        plan.steps.advance()
         self._stepped[0] += len(live) - len(plan.rest)
         self._stepped[1] += len(live)
         if plan.launches:
@@ -260,24 +260,27 @@ class RotationalOptimizer(Optimizer):
                     raise RuntimeError("a flat partition has no per-neuron norms; adopt it before switching "
                                        "its group to rotational")
                 self._init_rotational(p, group)
-        steps = [self.state[p]["step"] for p in live]
+        steps = _StepCounts([self.state[p] for p in live])
         if not self._kernels:
             return _Plan(steps, [], list(zip(live, rotational, strict=True)))
         launches, rest = self._fused_plan(group, rule, live, rotational)
         return _Plan(steps, launches, rest)
 
-    def _fused_step(self, group: dict[str, Any], launches: list[tuple]) -> None:
+    def _fused_step(self, group: dict[str, Any], launches: list[_FusedLaunch]) -> None:
         """Run the fused launches of a group; all its live tensors share one step count (they step together)."""
-        step = int(self.state[launches[0][1][0]]["step"])
+        step = int(self.state[launches[0].params[0]]["step"])
         eta = equilibrium_rate(group["rule"], float(group["lr"]), group["weight_decay"], group["betas"],
                                group["momentum"])  # used by rotational launches only
         hyper = Hyper.for_step(group, step, eta)
-        for launch, params, tracked in launches:
-            launch.run([_local(p) for p in params], [_local(p.grad) for p in params], hyper,
-                       [self._track[id(p)][1] for p in params] if tracked else None)
+        for launch, params, tracked, sharded in launches:
+            if sharded:
+                weights, grads = [_local(p) for p in params], [_local(p.grad) for p in params]
+            else:
+                weights, grads = params, [p.grad for p in params]
+            launch.run(weights, grads, hyper, [self._track[id(p)][1] for p in params] if tracked else None)
 
     def _fused_plan(self, group: dict[str, Any], rule: Rule, live: list[Tensor], rotational: list[bool]) -> tuple:
-        """([(Launch, params, tracked)], [(param, rotational)] left to the eager path) for these live tensors.
+        """([_FusedLaunch], [(param, rotational)] left to the eager path) for these live tensors.
 
         A launch holds tensors of one shape, walk and kind; tracked tensors are walked along the
         tracker's neuron axis. All live tensors of a group share their step count (they step together).
@@ -309,7 +312,7 @@ class RotationalOptimizer(Optimizer):
                                         [[_local(st[name]) for st in states] for name in rule.buffers],
                                         [_local(st["neuron_norm"]) for st in states] if rot else None,
                                         [_local(st["update_norm_avg"]) for st in states] if rot else None)
-            launches.append((launch, params, tracked))
+            launches.append(_FusedLaunch(launch, params, tracked, any(isinstance(p, DTensor) for p in params)))
         return launches, rest
 
     def _batches(self, group: dict[str, Any], rule: Rule, params: list[Tensor], rotational: bool) -> Iterator[_Batch]:
@@ -393,13 +396,61 @@ class RotationalOptimizer(Optimizer):
 _PER_NEURON = ("neuron_norm", "update_norm_avg")
 
 
+class _FusedLaunch(NamedTuple):
+    """One kernel launch of a group's step and the parameters it steps."""
+
+    launch: Any  # a Launch of pretrain/optim/fused.py (Triton) or cpu_fused.py (C++)
+    params: list[Tensor]
+    tracked: bool  # it also writes the rotation tracker's sums
+    sharded: bool  # DTensor parameters: their local shards are looked up every step
+
+
 @dataclass
 class _Plan:
     """How a group's live tensors step: their step counters, the fused launches, the rest (param, rotational)."""
 
-    steps: list[Tensor]
-    launches: list[tuple]  # (Launch, params, tracked)
+    steps: _StepCounts
+    launches: list[_FusedLaunch]
     rest: list[tuple[Tensor, bool]]
+
+
+class _StepCounts:
+    """A group's per-parameter step counters as views into one tensor, so a step advances them with one add.
+
+    The counters stay ordinary `state[p]["step"]` entries (0-d float32 host tensors, as in
+    torch.optim) that checkpoints save and load. An entry replaced from outside (DeepSpeed
+    restoring its partitions' state, say) no longer `holds`, and the group is planned again.
+    """
+
+    def __init__(self, states: list[dict[str, Any]]) -> None:
+        steps = [st["step"] for st in states]
+        # Packed already, by another plan of these tensors (a measured step's, say): share it.
+        self.storage = _packed_base(steps)
+        if self.storage is None and all(s.dtype == torch.float32 and s.device.type == "cpu" and s.dim() == 0
+                                        for s in steps):
+            self.storage = torch.tensor([float(s) for s in steps], dtype=torch.float32)
+            for i, st in enumerate(states):
+                st["step"] = self.storage[i]
+        # Otherwise (counters of another kind, e.g. loaded onto a device) they are advanced where they are.
+        self.views = [st["step"] for st in states]
+
+    def holds(self, states: list[dict[str, Any]]) -> bool:
+        """Whether these are still the counters of `states` (the live tensors' state, in plan order)."""
+        return all(st["step"] is view for st, view in zip(states, self.views, strict=True))
+
+    def advance(self) -> None:
+        if self.storage is None:
+            torch._foreach_add_(self.views, 1.0)
+        else:
+            self.storage.add_(1.0)
+
+
+def _packed_base(steps: list[Tensor]) -> Tensor | None:
+    """The 1-d tensor whose elements `steps` are, in order, if they are views of one."""
+    base = steps[0]._base if steps else None
+    if base is None or base.shape != (len(steps),):
+        return None
+    return base if all(s._base is base and s.storage_offset() == i for i, s in enumerate(steps)) else None
 
 
 class _Batch:
