@@ -44,6 +44,14 @@ def llama_shapes(layers: int, hidden: int = 768, intermediate: int = 2048, vocab
     return {"matrices": block * layers, "embedding": [(vocab, hidden)], "norms": [(hidden,)] * (2 * layers + 1)}
 
 
+def gpt2_shapes(layers: int, hidden: int = 768, vocab: int = 50304, context: int = 1024) -> Shapes:
+    """Tensor shapes of GPT-2 by role: its Conv1D weights are [in, out], so their neurons are columns."""
+    block = [(hidden, 3 * hidden), (hidden, hidden), (hidden, 4 * hidden), (4 * hidden, hidden)]
+    flat = [(hidden,)] * 4 + [(3 * hidden,), (hidden,), (4 * hidden,), (hidden,)]  # 2 layer norms, 4 biases
+    return {"columns": block * layers, "embedding": [(vocab, hidden), (context, hidden)],
+            "norms": flat * layers + [(hidden,)] * 2}
+
+
 def make_groups(shapes: Shapes, weight_decay: float, rotational: bool | None, seed: int = 0) -> list[dict]:
     """Fresh tensors with gradients, grouped like `build_optimizer` (rotational None: torch AdamW groups)."""
     gen = torch.Generator().manual_seed(seed)

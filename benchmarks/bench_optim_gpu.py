@@ -1,16 +1,19 @@
 """Optimizer step time on one GPU: our fused (Triton) and eager steps against torch's fused AdamW.
 
-    PYTHONPATH=. python benchmarks/bench_optim_gpu.py [--reps 50] [--layers 12]
+    PYTHONPATH=. python benchmarks/bench_optim_gpu.py [--reps 50] [--layers 12] [--set gpt2]
 
-The llama-125m parameter set (benchmarks/bench_optim.py `llama_shapes`: 84 block matrices, the
-32000 x 768 embedding, 25 norms) as fp32 CUDA tensors with fixed random gradients. RV rows make
-the block matrices and the embedding rotational (per neuron / per token row, as the paper's
-code); plain rows decay the same tensors. Every optimizer is built once; each repetition steps
+`--set llama` (default): the llama-125m parameter set (benchmarks/bench_optim.py `llama_shapes`:
+84 block matrices, the 32000 x 768 embedding, 25 norms). `--set gpt2`: GPT-2 124M's
+(`gpt2_shapes`: 48 Conv1D matrices whose neurons are columns, two embeddings, 98 biases and
+norms), the layout whose fused kernel walks column neurons. fp32 CUDA tensors with fixed
+random gradients. RV rows make the matrices and the embeddings rotational (per neuron / per
+token row, as the paper's code); plain rows decay the same tensors. Every optimizer is built once; each repetition steps
 every optimizer once, in an order that rotates, and CUDA events time each step. Reported:
 median step time (CUDA events) and its ratio to torch's `AdamW(fused=True)`, and the host time of
 the `step()` call (when it nears the step time, Python and launches bound the step, not the GPU).
 `+sums` rows also write the rotation tracker's per-neuron sums for every matrix (a
-`logging.rotation_every=1` step).
+`logging.rotation_every=1` step). `NAME@32x64` plans NAME's kernel launches with column tiles of
+32 columns x 64 rows (`pretrain.optim.fused.COLUMN_TILE`), to compare the column walk's tiles.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import time
 
 import torch
 
-from benchmarks.bench_optim import llama_shapes
+import pretrain.optim.fused as fused
+from benchmarks.bench_optim import gpt2_shapes, llama_shapes
 from pretrain.optim import RotationalOptimizer
 
 
@@ -39,14 +43,17 @@ def make_params(shapes: dict[str, list[tuple[int, ...]]], seed: int = 0) -> dict
 
 def build(name: str, shapes: dict, wd: float = 0.1) -> tuple[torch.optim.Optimizer, dict]:
     params = make_params(shapes)
-    matrices = params["matrices"] + params["embedding"]
+    matrices, columns = params.get("matrices", []) + params["embedding"], params.get("columns", [])
     if name == "torch-fused":
-        groups = [{"params": matrices, "weight_decay": wd}, {"params": params["norms"], "weight_decay": 0.0}]
+        groups = [{"params": matrices + columns, "weight_decay": wd},
+                  {"params": params["norms"], "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), fused=True), params
     rule, _, mode = name.partition(":")
     rv = rule.startswith("rv-")
     groups = [{"params": matrices, "weight_decay": wd, "rotational": rv},
               {"params": params["norms"], "weight_decay": 0.0, "rotational": False}]
+    if columns:
+        groups.append({"params": columns, "weight_decay": wd, "rotational": rv, "neuron_axis": 1})
     opt = RotationalOptimizer(groups, rule=rule.removeprefix("rv-"), lr=1e-3, betas=(0.9, 0.95),
                               fused=mode != "eager")
     return opt, params
@@ -56,21 +63,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--set", default="llama", choices=["llama", "gpt2"], help="whose parameter set")
     parser.add_argument("--names", default="torch-fused,adamw,adamw:eager,rv-adamw,rv-adamw:eager,rv-adamw+sums,"
                                           "lion,lion:eager,rv-lion,rv-lion:eager,sgdm,rv-sgdm")
     args = parser.parse_args()
-    shapes = llama_shapes(args.layers)
+    shapes = (llama_shapes if args.set == "llama" else gpt2_shapes)(args.layers)
     optimizers = {}
+    default_tile = fused.COLUMN_TILE
     for name in args.names.split(","):
-        opt, params = build(name.removesuffix("+sums"), shapes)
+        spec, _, tile = name.partition("@")
+        fused.COLUMN_TILE = tuple(int(n) for n in tile.split("x")) if tile else default_tile
+        opt, params = build(spec.removesuffix("+sums"), shapes)
         rows = None
-        if name.endswith("+sums"):
-            tensors = params["matrices"] + params["embedding"]
-            sums = torch.zeros(sum(t.shape[0] for t in tensors), 4, dtype=torch.float64, device="cuda")
+        if spec.endswith("+sums"):
+            axes = [(t, 0) for t in params.get("matrices", []) + params["embedding"]]
+            axes += [(t, 1) for t in params.get("columns", [])]
+            sums = torch.zeros(sum(t.shape[axis] for t, axis in axes), 4, dtype=torch.float64, device="cuda")
             rows, start = {}, 0
-            for t in tensors:
-                rows[id(t)] = (0, sums[start:start + t.shape[0]])
-                start += t.shape[0]
+            for t, axis in axes:
+                rows[id(t)] = (axis, sums[start:start + t.shape[axis]])
+                start += t.shape[axis]
         optimizers[name] = (opt, rows)
         for _ in range(3):  # compile the kernels, settle the allocator
             if rows is not None:
@@ -96,7 +108,7 @@ def main() -> None:
             times[name].append(start.elapsed_time(end))
     numel = sum(torch.Size(s).numel() for role in shapes.values() for s in role)
     base = statistics.median(times["torch-fused"]) if "torch-fused" in times else None
-    print(f"optimizer step, llama-125m parameter set ({numel / 1e6:.1f}M fp32), {torch.cuda.get_device_name()}, "
+    print(f"optimizer step, {args.set} parameter set ({numel / 1e6:.1f}M fp32), {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}, median of {args.reps}")
     print("| optimizer | step ms | vs torch fused AdamW | host ms |")
     print("|---|---|---|---|")

@@ -56,8 +56,9 @@ if want 2; then
 fi
 
 if want 4; then
-  section "4. Optimizer step alone, llama-125m parameter set"
+  section "4. Optimizer step alone, llama-125m parameter set; then GPT-2 124M's (Conv1D: column neurons)"
   run 180 $py benchmarks/bench_optim_gpu.py --reps 40
+  run 90 $py benchmarks/bench_optim_gpu.py --set gpt2 --reps 30 --names torch-fused,adamw,rv-adamw,rv-adamw+sums,rv-lion
 fi
 
 if want 3; then

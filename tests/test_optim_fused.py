@@ -66,6 +66,18 @@ def test_model_widths_match_eager(device, axis):
     assert_same(*pairs, rtol=1e-4)  # sums over 3072 fp32 products in another order: ~2e-5 apart
 
 
+@pytest.mark.parametrize("tile", [(32, 64), (64, 32), (16, 128)], ids=lambda t: f"{t[0]}x{t[1]}")
+def test_column_tiles_match_eager(device, monkeypatch, tile):
+    """The column tiles the GPU benchmark compares (one and two passes, masked edges), with rotation sums."""
+    import pretrain.optim.fused as fused
+
+    monkeypatch.setattr(fused, "COLUMN_TILE", tile)
+    pairs = make_pair("adamw", True, 1, True, device, shapes=[(40, 70), (130, 24)])
+    run_steps(pairs, steps=2)
+    assert_same(*pairs)
+    assert_rotation_sums_equal_a_float64_reference(device, True, axis=1)
+
+
 @pytest.mark.parametrize("rotational", [True, False], ids=["rv", "plain"])
 def test_rotation_sums_equal_a_float64_reference(device, rotational):
     assert_rotation_sums_equal_a_float64_reference(device, rotational, axis=1)

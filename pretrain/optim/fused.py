@@ -36,6 +36,10 @@ _TINY = torch.finfo(torch.float32).tiny
 _TILE_ELEMENTS = 4096
 # Elements per program for flat (non-neuron) tensors: norms, biases.
 _FLAT_BLOCK = 2048
+# Column neurons (GPT-2's Conv1D [in, out]) are walked (adjacent columns, rows) at a time, in two
+# passes over rows. 8 columns fill a 32-byte sector; whether wider tiles are faster is unmeasured
+# (benchmarks/bench_optim_gpu.py --set gpt2 --column-tiles compares them on a GPU).
+COLUMN_TILE = (8, 256)
 
 
 @triton.jit
@@ -261,9 +265,9 @@ class Launch:
                  norms: list[Tensor] | None, avgs: list[Tensor] | None) -> None:
         self.layout, self.rotational, self.count = layout, rotational, len(weights)
         self.block_k = triton.next_power_of_2(layout.width) if layout.width <= _TILE_ELEMENTS else 1024
-        if layout.stride_k != 1:  # column neurons: 8 adjacent columns make full 32-byte sectors
-            self.block_n = 8
-            self.block_k = min(self.block_k, max(16, _TILE_ELEMENTS // self.block_n // 2))
+        if layout.stride_k != 1:  # column neurons
+            self.block_n = COLUMN_TILE[0]
+            self.block_k = min(self.block_k, COLUMN_TILE[1])
         else:
             self.block_n = max(1, min(16, _TILE_ELEMENTS // self.block_k))
         self.tiles = triton.cdiv(layout.neurons, self.block_n)
