@@ -59,6 +59,12 @@ class Engine(Protocol):
     raw_model: nn.Module  # the plain `transformers` model (parameters may be sharded)
     model: nn.Module  # what the forward pass runs through (wrapped for the strategy)
     optimizer: torch.optim.Optimizer
+    # fp16 with a dynamic loss scaler: a step whose gradient overflowed (non-finite norm, finite
+    # loss) was skipped and the scale lowered; that is the scaler's search, not a divergence.
+    scales_loss: bool
+
+    def loss_scale(self) -> float:
+        """The current loss scale (1.0 where the engine does not scale the loss); a host sync."""
 
     def autocast(self) -> AbstractContextManager[None]:
         """The forward pass's mixed precision (nothing where the engine casts parameters itself)."""
@@ -74,7 +80,8 @@ class Engine(Protocol):
 
         `before_update`, if given, runs after clipping, right before the parameters change (the
         rotation tracker's capture). A non-finite norm means no update was applied, except under
-        DeepSpeed ZeRO 0 and ZeRO 1/2 in bf16 mode, which apply it; the loop stops such a run.
+        DeepSpeed ZeRO 0 and ZeRO 1/2 in bf16 mode, which apply it; the loop stops such a run. Where
+        the engine `scales_loss`, it has also lowered the loss scale.
         """
 
     def skip(self) -> None:
@@ -105,6 +112,10 @@ class TorchEngine:
         self.device = next(model.parameters()).device
         self.dtype, self.max_norm = dtype, max_norm
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
+        self.scales_loss = self.scaler.is_enabled()
+
+    def loss_scale(self) -> float:
+        return self.scaler.get_scale()
 
     def autocast(self) -> AbstractContextManager[None]:
         if self.dtype == torch.float32 or self.casts_parameters:
