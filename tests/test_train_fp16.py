@@ -110,3 +110,19 @@ def test_a_non_finite_loss_in_fp16_still_stops_under_nan_policy_stop(tiny_data_d
     assert not overflow_lines(captured.out)
     latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
     assert latest in err[0]
+
+
+def test_an_fp16_run_resumes_exactly_with_its_loss_scale(tiny_data_dir, tmp_path, monkeypatch, capsys):
+    start_scale(monkeypatch, 2.0 ** 24)  # a fresh scaler would overflow again after the resume
+    run = ["train.steps=12", "optim.lr=0.1", "checkpoint.every=5"]
+    straight = train(tiny_config(tiny_data_dir, tmp_path / "a", FP16, *run))
+    cfg = tiny_config(tiny_data_dir, tmp_path / "b", FP16, *run)
+    first = train(cfg, stop_at=5)
+    second = train(cfg, resume="auto")
+    assert len(overflow_lines(capsys.readouterr().out)) >= 2  # the scale really moved
+    assert {**first.losses, **second.losses} == straight.losses
+    a = load_file(straight.checkpoint / "state" / "model.safetensors")
+    b = load_file(second.checkpoint / "state" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    scaler = torch.load(second.checkpoint / "state" / "scaler.pt", weights_only=True)
+    assert scaler["scale"] == torch.load(straight.checkpoint / "state" / "scaler.pt", weights_only=True)["scale"]

@@ -159,6 +159,7 @@ class TorchEngine:
             state_dir.mkdir(parents=True, exist_ok=True)
             save_model(unwrap(self.raw_model), str(state_dir / "model.safetensors"))
             torch.save(self.optimizer.state_dict(), state_dir / "optimizer.pt")
+        self._save_scaler(state_dir)
 
     def load_state(self, state_dir: Path) -> None:
         if not (state_dir / "model.safetensors").is_file():
@@ -166,6 +167,17 @@ class TorchEngine:
                             "the parallel.strategy it was trained with")
         load_model(unwrap(self.raw_model), str(state_dir / "model.safetensors"))
         self.optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))
+        self._load_scaler(state_dir)
+
+    def _save_scaler(self, state_dir: Path) -> None:
+        """fp16: the loss scale and its growth count (the same on every rank), so a resume is exact."""
+        if self.scales_loss and self.world.is_main:
+            torch.save(self.scaler.state_dict(), state_dir / "scaler.pt")
+
+    def _load_scaler(self, state_dir: Path) -> None:
+        """A checkpoint without scaler.pt (not fp16, or written before it was saved) leaves the scaler fresh."""
+        if self.scales_loss and (state_dir / "scaler.pt").is_file():
+            self.scaler.load_state_dict(torch.load(state_dir / "scaler.pt", weights_only=True))
 
 
 class SingleEngine(TorchEngine):
@@ -235,6 +247,7 @@ class FSDPEngine(TorchEngine):
         import torch.distributed.checkpoint as dcp
 
         dcp.save(self._state(), checkpoint_id=str(state_dir / "dcp"))
+        self._save_scaler(state_dir)
 
     def load_state(self, state_dir: Path) -> None:
         import torch.distributed.checkpoint as dcp
@@ -249,6 +262,7 @@ class FSDPEngine(TorchEngine):
         dcp.load(state, checkpoint_id=str(state_dir / "dcp"))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
+        self._load_scaler(state_dir)
 
 
 def _transformer_blocks(model: nn.Module) -> list[nn.Module]:
