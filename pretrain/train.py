@@ -385,7 +385,8 @@ def _loop(run: Run) -> TrainResult:
             result.step = step
             if not outcome.applied:
                 skips = _count_skip(run, outcome, skips)
-                progress.write(_skip_line(run, outcome, skips))
+                if run.world.is_main:  # one line per launch, not one per rank
+                    progress.write(_skip_line(run, outcome, skips))
                 if _due(step, cfg.checkpoint.every, end if cfg.checkpoint.save_final else None):
                     result.checkpoint = save_checkpoint(run, step)  # the last good weights, under this step
                 continue

@@ -439,3 +439,44 @@ def test_a_hung_rank_stops_the_job_through_the_step_watchdog(tiny_data_dir, tmp_
                 proc.kill()
             proc.communicate()
     assert (out / "metrics.jsonl").is_file()  # the run is kept
+
+
+# fp16 under each strategy's loss scaler, started at a scale the tiny model's fp16 gradients cannot
+# hold: torch's GradScaler (DDP, FSDP2) through a launch script that sets its initial scale,
+# DeepSpeed's own scaler (ZeRO 2, 3) through the JSON (hysteresis 1: it halves on every overflow).
+FP16_START = 2.0 ** 26
+FP16_LAUNCH = """import functools, runpy, sys, torch
+torch.amp.GradScaler = functools.partial(torch.amp.GradScaler, init_scale={scale})
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_fp16_overflows_are_skipped_steps_under_every_strategy(tiny_data_dir, tmp_path):
+    (tmp_path / "fp16.json").write_text(json.dumps({"fp16": {"initial_scale_power": 26, "hysteresis": 1}}))
+    ds_json = f"parallel.deepspeed_config={tmp_path / 'fp16.json'}"
+    strategies = {"ddp": [], "fsdp2": [], "zero2": [ds_json], "zero3": [ds_json]}
+    launch = tmp_path / "launch.py"
+    launch.write_text(FP16_LAUNCH.format(scale=FP16_START))
+    fp16 = [*RUN, "optim.lr=0.1", "train.precision=fp16", "parallel.world_size=2"]
+    plan = [tiny_args(tiny_data_dir, tmp_path / s, *fp16, *STRATEGIES[s], *extra) for s, extra in strategies.items()]
+    # Last (the driver stops at the first failing run): a loss that really diverges still stops the run.
+    plan.append(tiny_args(tiny_data_dir, tmp_path / "diverged", *fp16, *STRATEGIES["zero2"], "optim.name=adamw",
+                          "optim.lr=1e30", "train.grad_clip=0", "checkpoint.every=1"))
+    (tmp_path / "runs.json").write_text(json.dumps(plan))
+    result = run_torchrun([str(launch), str(REPO / "tests" / "distributed_driver.py"), str(tmp_path / "runs.json")],
+                          module=False)
+    assert result.returncode != 0, result.stdout[-4000:]  # the last run, as it should
+    for strategy in strategies:
+        out = tmp_path / strategy
+        assert (out / "checkpoints" / "step_000020").is_dir(), strategy  # it ran to the end
+        logged = {r["step"]: r for r in records(out) if "train/loss" in r}
+        skipped = sorted(set(range(1, STEPS + 1)) - set(logged))
+        assert skipped[:3] == [1, 2, 3], (strategy, skipped)
+        for step, record in logged.items():  # halved once per overflow so far (no growth within 1000 steps)
+            assert record["train/loss_scale"] == FP16_START / 2 ** sum(1 for s in skipped if s < step), (strategy, step)
+        assert logged[max(logged)]["train/loss"] < logged[min(logged)]["train/loss"] - 0.05, strategy
+    lines = [line for line in result.stdout.splitlines() if line.startswith("fp16 loss-scale overflow at step 1,")]
+    assert len(lines) == len(strategies)  # said once per run, by rank 0
+    assert "loss became" in result.stdout and "train.nan_policy=stop" in result.stdout
+    assert (tmp_path / "diverged" / "checkpoints" / "latest").is_file()
