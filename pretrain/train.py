@@ -394,12 +394,7 @@ def _loop(run: Run) -> TrainResult:
             window.add(run.tokens_per_step, outcome.loss)
             record = dict(outcome.rotation)
             if _due(step, cfg.logging.log_every, end):
-                record.update(_train_scalars(outcome, run.tokens_per_step, *window.take()))
-                if outcome.loss_scaled:
-                    record["train/loss_scale"] = run.engine.loss_scale()
-                fused = getattr(run.engine.optimizer, "fused_fraction", None)  # ours: did its fast path engage?
-                if fused is not None:
-                    record["optim/fused_fraction"] = fused
+                record.update(_train_scalars(run, outcome, *window.take()))
             if _due(step, cfg.train.eval_every, end):
                 run.val_loss = record["val/loss"] = _evaluate(run)
             if record and run.logger is not None:
@@ -420,11 +415,16 @@ def _due(step: int, every: int, end: int | None) -> bool:
     return step % every == 0 or step == end
 
 
-def _train_scalars(outcome: StepOutcome, tokens_per_step: int, tokens_per_s: float,
-                   mean_loss: float) -> dict[str, float]:
+def _train_scalars(run: Run, outcome: StepOutcome, tokens_per_s: float, mean_loss: float) -> dict[str, float]:
     """The logged train scalars: the loss is the mean over the logging window's steps."""
-    return {"train/loss": mean_loss, "train/lr": outcome.lr, "train/tokens": outcome.step * tokens_per_step,
-            "perf/tokens_per_s": tokens_per_s, "train/grad_norm": outcome.grad_norm}
+    scalars = {"train/loss": mean_loss, "train/lr": outcome.lr, "train/tokens": outcome.step * run.tokens_per_step,
+               "perf/tokens_per_s": tokens_per_s, "train/grad_norm": outcome.grad_norm}
+    if outcome.loss_scaled:
+        scalars["train/loss_scale"] = run.engine.loss_scale()
+    fused = getattr(run.engine.optimizer, "fused_fraction", None)  # ours: did its fast path engage?
+    if fused is not None:
+        scalars["optim/fused_fraction"] = fused
+    return scalars
 
 
 def _count_skip(run: Run, outcome: StepOutcome, skips: int) -> int:

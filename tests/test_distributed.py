@@ -480,3 +480,19 @@ def test_fp16_overflows_are_skipped_steps_under_every_strategy(tiny_data_dir, tm
     assert len(lines) == len(strategies)  # said once per run, by rank 0
     assert "loss became" in result.stdout and "train.nan_policy=stop" in result.stdout
     assert (tmp_path / "diverged" / "checkpoints" / "latest").is_file()
+
+
+def test_deepspeed_fp16_overflowing_at_its_minimum_scale_stops_after_max_skips(tiny_data_dir, tmp_path):
+    """DeepSpeed would raise a bare Exception at its minimum scale; the run stops with the loop's one line."""
+    (tmp_path / "fp16.json").write_text(json.dumps({"fp16": {"initial_scale_power": 40, "min_loss_scale": 2 ** 39,
+                                                             "hysteresis": 1}}))
+    out = tmp_path / "run"
+    result = run_torchrun(tiny_args(tiny_data_dir, out, *STRATEGIES["zero2"], "train.precision=fp16",
+                                    f"parallel.deepspeed_config={tmp_path / 'fp16.json'}", "train.max_skips=3",
+                                    "checkpoint.every=2"))
+    assert result.returncode != 0
+    errors = [line for line in result.stdout.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: the fp16 gradient overflowed on 4 steps in a row"), \
+        result.stdout[-3000:]
+    assert f"loss scale now {2.0 ** 39}" in errors[0] and "already at minimum" not in result.stdout
+    assert (out / "checkpoints" / "step_000002").is_dir() and str(out / "checkpoints" / "step_000002") in errors[0]

@@ -118,11 +118,6 @@ class DeepSpeedEngine:
             raise UserError(f"{exc} (parallel.strategy=deepspeed, zero_stage={self.stage})") from None
         self._last = True
         self.scales_loss = self.ds.fp16_enabled()
-        scaler = getattr(self.ds.optimizer, "loss_scaler", None)
-        if hasattr(scaler, "raise_error_at_min_scale"):
-            # An overflow at the minimum scale would raise a bare Exception; the scale stays there instead
-            # and the loop stops the run after train.max_skips overflows in a row, with one line.
-            scaler.raise_error_at_min_scale = False
 
     def loss_scale(self) -> float:
         return float(self.ds.optimizer.loss_scale) if self.scales_loss else 1.0
@@ -147,6 +142,11 @@ class DeepSpeedEngine:
                 if self.stage == 0 else None)
         if before_update is not None:
             before_update()
+        scaler = getattr(self.ds.optimizer, "loss_scaler", None)  # replaced by DeepSpeed's load_checkpoint
+        if hasattr(scaler, "raise_error_at_min_scale"):
+            # An overflow at the minimum scale would raise a bare Exception; the scale stays there instead
+            # and the loop stops the run after train.max_skips overflows in a row, with one line.
+            scaler.raise_error_at_min_scale = False
         self.ds.step()
         return float(norm if norm is not None else self.ds.get_global_grad_norm())
 
