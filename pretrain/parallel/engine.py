@@ -64,7 +64,7 @@ class Engine(Protocol):
     scales_loss: bool
 
     def loss_scale(self) -> float:
-        """The current loss scale (1.0 where the engine does not scale the loss); a host sync."""
+        """The current loss scale (1.0 where the engine does not scale the loss); may be a host sync."""
 
     def autocast(self) -> AbstractContextManager[None]:
         """The forward pass's mixed precision (nothing where the engine casts parameters itself)."""
