@@ -8,6 +8,7 @@ Layout of `<run>/checkpoints/step_NNNNNN/`:
                 distributed runs) and the strategy's training state:
                 single/DDP: model.safetensors (raw weights, gains unfolded) + optimizer.pt;
                 FSDP2: dcp/ (torch distributed checkpoint, one shard file per rank, reshardable);
+                both in fp16 also scaler.pt (the GradScaler's loss scale and growth count);
                 DeepSpeed: deepspeed/ (its own per-rank files, with DeepSpeed's `latest`) and, under
                 ZeRO 1-3, portable/ (per-tensor runs of master weights and optimizer state plus
                 the RV per-neuron state, safetensors: resumes on another world size or stage)

@@ -174,9 +174,9 @@ class TrainConfig:
     out_dir: str = "runs/tiny"
     """Run folder: config, metrics log, tracker output and checkpoints; default runs/tiny."""
     nan_policy: Literal["stop", "skip"] = "stop"
-    """On a non-finite loss or gradient: stop (keep the last good checkpoint) or skip the update; default stop."""
+    """Non-finite loss or gradient: stop (keep the last good checkpoint) or skip; fp16 overflows skip; default stop."""
     max_skips: int = 10
-    """Skipped non-finite steps tolerated in a row before stopping anyway; default 10."""
+    """Skipped steps (under nan_policy=skip, or fp16 overflows) tolerated in a row before stopping; default 10."""
 
 
 @dataclass

@@ -59,7 +59,7 @@ from pretrain.schedule import lr_at
 
 
 class TrainingDiverged(UserError):
-    """The loss or gradient became non-finite and the policy says stop."""
+    """The loss or gradient became non-finite and the policy says stop, or fp16 overflowed too long."""
 
 
 @dataclass
@@ -127,12 +127,19 @@ class StepOutcome:
     lr: float
     loss: float  # mean over the global batch
     grad_norm: float  # global, before clipping; NaN when the loss was already non-finite
+    loss_scaled: bool = False  # the engine scales the loss (fp16): see `overflowed`
     rotation: dict[str, float] = field(default_factory=dict)  # `rotation/...` scalars of a measured step
 
     @property
     def applied(self) -> bool:
         """Whether the update was applied (a non-finite loss or gradient drops it)."""
         return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
+
+    @property
+    def overflowed(self) -> bool:
+        """A loss-scaler overflow: finite loss, non-finite scaled gradient; the scaler skipped the update
+        and lowered the scale. Without loss scaling a non-finite gradient is a divergence."""
+        return self.loss_scaled and math.isfinite(self.loss) and not math.isfinite(self.grad_norm)
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -180,7 +187,8 @@ def forward_backward(engine: Engine, loader: TrainLoader, step: int, grad_accum:
 def train_step(run: Run, step: int) -> StepOutcome:
     """One optimizer step: scheduled lr, forward/backward, update, and the rotation metrics when due.
 
-    A non-finite loss or gradient drops the step's gradients and changes nothing.
+    A non-finite loss or gradient drops the step's gradients and changes nothing (an fp16 overflow
+    also lowers the loss scale).
     """
     cfg, engine = run.cfg, run.engine
     lr = lr_at(step, cfg.optim.lr, cfg.train.steps, cfg.schedule)
@@ -189,10 +197,10 @@ def train_step(run: Run, step: int) -> StepOutcome:
     loss = forward_backward(engine, run.loader, step, cfg.train.grad_accum, run.device, run.loss_fn)
     if not math.isfinite(loss):
         engine.skip()
-        return StepOutcome(step, lr, loss, math.nan)
+        return StepOutcome(step, lr, loss, math.nan, engine.scales_loss)
     measuring = run.tracker.should_measure(step)
     grad_norm = engine.step(run.tracker.capture if measuring else None)
-    outcome = StepOutcome(step, lr, loss, grad_norm)
+    outcome = StepOutcome(step, lr, loss, grad_norm, engine.scales_loss)
     if measuring and outcome.applied:
         outcome.rotation = run.tracker.measure(step, lr)
     return outcome
@@ -377,7 +385,8 @@ def _loop(run: Run) -> TrainResult:
             result.step = step
             if not outcome.applied:
                 skips = _count_skip(run, outcome, skips)
-                progress.write(f"step {step}: non-finite loss or gradient, update skipped ({skips} in a row)")
+                if run.world.is_main:  # one line per launch, not one per rank
+                    progress.write(_skip_line(run, outcome, skips))
                 if _due(step, cfg.checkpoint.every, end if cfg.checkpoint.save_final else None):
                     result.checkpoint = save_checkpoint(run, step)  # the last good weights, under this step
                 continue
@@ -385,10 +394,7 @@ def _loop(run: Run) -> TrainResult:
             window.add(run.tokens_per_step, outcome.loss)
             record = dict(outcome.rotation)
             if _due(step, cfg.logging.log_every, end):
-                record.update(_train_scalars(outcome, run.tokens_per_step, *window.take()))
-                fused = getattr(run.engine.optimizer, "fused_fraction", None)  # ours: did its fast path engage?
-                if fused is not None:
-                    record["optim/fused_fraction"] = fused
+                record.update(_train_scalars(run, outcome, *window.take()))
             if _due(step, cfg.train.eval_every, end):
                 run.val_loss = record["val/loss"] = _evaluate(run)
             if record and run.logger is not None:
@@ -409,24 +415,47 @@ def _due(step: int, every: int, end: int | None) -> bool:
     return step % every == 0 or step == end
 
 
-def _train_scalars(outcome: StepOutcome, tokens_per_step: int, tokens_per_s: float,
-                   mean_loss: float) -> dict[str, float]:
+def _train_scalars(run: Run, outcome: StepOutcome, tokens_per_s: float, mean_loss: float) -> dict[str, float]:
     """The logged train scalars: the loss is the mean over the logging window's steps."""
-    return {"train/loss": mean_loss, "train/lr": outcome.lr, "train/tokens": outcome.step * tokens_per_step,
-            "perf/tokens_per_s": tokens_per_s, "train/grad_norm": outcome.grad_norm}
+    scalars = {"train/loss": mean_loss, "train/lr": outcome.lr, "train/tokens": outcome.step * run.tokens_per_step,
+               "perf/tokens_per_s": tokens_per_s, "train/grad_norm": outcome.grad_norm}
+    if outcome.loss_scaled:
+        scalars["train/loss_scale"] = run.engine.loss_scale()
+    fused = getattr(run.engine.optimizer, "fused_fraction", None)  # ours: did its fast path engage?
+    if fused is not None:
+        scalars["optim/fused_fraction"] = fused
+    return scalars
 
 
 def _count_skip(run: Run, outcome: StepOutcome, skips: int) -> int:
-    """One more skipped step in a row; stop the run where `train.nan_policy` says so."""
+    """One more skipped step in a row; stop the run where `train.nan_policy` says so.
+
+    One count serves both kinds of skip: steps skipped in a row, whatever the reason. An fp16 loss-scale
+    overflow never stops the run by itself, but more than `train.max_skips` of them in a row (the
+    gradient overflows at every scale tried) do, under either policy.
+    """
     skips += 1
     t = run.cfg.train
-    if t.nan_policy == "stop" or skips > t.max_skips:
-        last = find_latest(run.run_dir)
+    if skips <= t.max_skips and (outcome.overflowed or t.nan_policy == "skip"):
+        return skips
+    last = find_latest(run.run_dir)
+    if outcome.overflowed:
         raise TrainingDiverged(
-            f"loss became {outcome.loss} (grad norm {outcome.grad_norm}) at step {outcome.step}; stopped by "
-            f"train.nan_policy={t.nan_policy}; the last good checkpoint is "
-            f"{last if last else 'none (lower optim.lr or add schedule.warmup_steps)'}")
-    return skips
+            f"the fp16 gradient overflowed on {skips} steps in a row, up to step {outcome.step} (loss scale now "
+            f"{run.engine.loss_scale()}); stopped by train.max_skips={t.max_skips}; use train.precision=bf16 or "
+            f"fp32, lower optim.lr or raise train.max_skips; the last good checkpoint is {last if last else 'none'}")
+    raise TrainingDiverged(
+        f"loss became {outcome.loss} (grad norm {outcome.grad_norm}) at step {outcome.step}; stopped by "
+        f"train.nan_policy={t.nan_policy}; the last good checkpoint is "
+        f"{last if last else 'none (lower optim.lr or add schedule.warmup_steps)'}")
+
+
+def _skip_line(run: Run, outcome: StepOutcome, skips: int) -> str:
+    """The progress output's line for a skipped step."""
+    if outcome.overflowed:
+        return (f"fp16 loss-scale overflow at step {outcome.step}, update skipped, loss scale now "
+                f"{run.engine.loss_scale()} ({skips} skipped in a row)")
+    return f"step {outcome.step}: non-finite loss or gradient, update skipped ({skips} in a row)"
 
 
 class Window:

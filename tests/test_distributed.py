@@ -439,3 +439,85 @@ def test_a_hung_rank_stops_the_job_through_the_step_watchdog(tiny_data_dir, tmp_
                 proc.kill()
             proc.communicate()
     assert (out / "metrics.jsonl").is_file()  # the run is kept
+
+
+# fp16 under each strategy's loss scaler, started at a scale the tiny model's fp16 gradients cannot
+# hold: torch's GradScaler (DDP, FSDP2) through a launch script that sets its initial scale,
+# DeepSpeed's own scaler (ZeRO 2, 3) through the JSON (hysteresis 1: it halves on every overflow).
+FP16_START = 2.0 ** 26
+FP16 = [*RUN, "optim.lr=0.1", "train.precision=fp16", "parallel.world_size=2"]
+FP16_LAUNCH = """import functools, runpy, sys, torch
+torch.amp.GradScaler = functools.partial(torch.amp.GradScaler, init_scale={scale})
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+# DeepSpeed's CPU accelerator refuses fp16 unless oneDNN runs fp16 on this CPU (AVX512-FP16 or AMX-FP16).
+deepspeed_fp16 = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_fp16_supported(),
+                                    reason="DeepSpeed's CPU accelerator supports fp16 only on CPUs with fp16 units")
+
+
+def assert_overflows_skipped(out: Path) -> None:
+    """Steps 1-3 (at least) overflowed and were skipped, the logged scale halved once per overflow so
+    far (neither scaler grows it within 1000 clean steps), and the run went on to the end and learned."""
+    assert (out / "checkpoints" / f"step_{STEPS:06d}").is_dir()
+    logged = {r["step"]: r for r in records(out) if "train/loss" in r}
+    skipped = sorted(set(range(1, STEPS + 1)) - set(logged))
+    assert skipped[:3] == [1, 2, 3], skipped
+    for step, record in logged.items():
+        assert record["train/loss_scale"] == FP16_START / 2 ** sum(1 for s in skipped if s < step), step
+    assert logged[max(logged)]["train/loss"] < logged[min(logged)]["train/loss"] - 0.05
+
+
+def overflow_lines_of_step_1(log: str) -> list[str]:
+    return [line for line in log.splitlines() if line.startswith("fp16 loss-scale overflow at step 1,")]
+
+
+def test_fp16_overflows_are_skipped_steps_under_ddp_and_fsdp2(tiny_data_dir, tmp_path):
+    launch = tmp_path / "launch.py"
+    launch.write_text(FP16_LAUNCH.format(scale=FP16_START))
+    strategies = ("ddp", "fsdp2")
+    (tmp_path / "runs.json").write_text(json.dumps([tiny_args(tiny_data_dir, tmp_path / s, *FP16, *STRATEGIES[s])
+                                                    for s in strategies]))
+    result = run_torchrun([str(launch), str(REPO / "tests" / "distributed_driver.py"), str(tmp_path / "runs.json")],
+                          module=False)
+    assert result.returncode == 0, result.stdout[-4000:]
+    for strategy in strategies:
+        assert_overflows_skipped(tmp_path / strategy)
+    assert len(overflow_lines_of_step_1(result.stdout)) == len(strategies)  # said once per run, by rank 0
+
+
+@deepspeed_fp16
+def test_deepspeed_fp16_overflows_are_skipped_steps_and_a_non_finite_loss_stops(tiny_data_dir, tmp_path):
+    (tmp_path / "fp16.json").write_text(json.dumps({"fp16": {"initial_scale_power": 26, "hysteresis": 1}}))
+    ds_json = f"parallel.deepspeed_config={tmp_path / 'fp16.json'}"
+    strategies = ("zero2", "zero3")
+    plan = [tiny_args(tiny_data_dir, tmp_path / s, *FP16, *STRATEGIES[s], ds_json) for s in strategies]
+    # Last (the driver stops at the first failing run): a loss that really diverges still stops the run.
+    plan.append(tiny_args(tiny_data_dir, tmp_path / "diverged", *FP16, *STRATEGIES["zero2"], "optim.name=adamw",
+                          "optim.lr=1e30", "train.grad_clip=0", "checkpoint.every=1"))
+    (tmp_path / "runs.json").write_text(json.dumps(plan))
+    result = run_torchrun([str(REPO / "tests" / "distributed_driver.py"), str(tmp_path / "runs.json")], module=False)
+    assert result.returncode != 0, result.stdout[-4000:]  # the last run, as it should
+    for strategy in strategies:
+        assert_overflows_skipped(tmp_path / strategy)
+    assert len(overflow_lines_of_step_1(result.stdout)) == len(strategies)
+    errors = [line for line in result.stdout.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "loss became" in errors[0] and "train.nan_policy=stop" in errors[0], errors
+    assert (tmp_path / "diverged" / "checkpoints" / "step_000001").is_dir()
+
+
+@deepspeed_fp16
+def test_deepspeed_fp16_overflowing_at_its_minimum_scale_stops_after_max_skips(tiny_data_dir, tmp_path):
+    """DeepSpeed would raise a bare Exception at its minimum scale; the run stops with the loop's one line."""
+    (tmp_path / "fp16.json").write_text(json.dumps({"fp16": {"initial_scale_power": 40, "min_loss_scale": 2 ** 39,
+                                                             "hysteresis": 1}}))
+    out = tmp_path / "run"
+    result = run_torchrun(tiny_args(tiny_data_dir, out, *STRATEGIES["zero2"], "train.precision=fp16",
+                                    f"parallel.deepspeed_config={tmp_path / 'fp16.json'}", "train.max_skips=3",
+                                    "checkpoint.every=2"))
+    assert result.returncode != 0
+    errors = [line for line in result.stdout.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: the fp16 gradient overflowed on 4 steps in a row"), \
+        result.stdout[-3000:]
+    assert f"loss scale now {2.0 ** 39}" in errors[0] and "already at minimum" not in result.stdout
+    assert (out / "checkpoints" / "step_000002").is_dir() and str(out / "checkpoints" / "step_000002") in errors[0]

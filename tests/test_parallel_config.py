@@ -79,6 +79,18 @@ def test_deepspeed_config_follows_the_run_config_and_merges_the_json(tmp_path):
     assert ds["steps_per_print"] == 7
 
 
+def test_deepspeed_fp16_loss_scaling_keys_pass_through_and_the_run_config_owns_enabled(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"fp16": {"initial_scale_power": 12, "hysteresis": 1}}))
+    cfg = config("parallel.strategy=deepspeed", "parallel.zero_stage=1", f"parallel.deepspeed_config={path}")
+    ds = deepspeed_config(cfg, World(0, 2, 0), torch.float16)
+    assert ds["fp16"] == {"initial_scale_power": 12, "hysteresis": 1, "enabled": True}
+    assert ds["bf16"] == {"enabled": False}
+    path.write_text(json.dumps({"fp16": {"enabled": False, "initial_scale_power": 12}}))
+    with pytest.raises(UserError, match="sets fp16.enabled=False but the run config gives True"):
+        deepspeed_config(cfg, World(0, 2, 0), torch.float16)
+
+
 @pytest.mark.parametrize(("content", "message"), [
     ({"gradient_clipping": 2.0}, "gradient_clipping=2.0 but the run config gives 1.0"),
     ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage=3 but parallel.zero_stage=1"),

@@ -59,6 +59,12 @@ class Engine(Protocol):
     raw_model: nn.Module  # the plain `transformers` model (parameters may be sharded)
     model: nn.Module  # what the forward pass runs through (wrapped for the strategy)
     optimizer: torch.optim.Optimizer
+    # fp16 with a dynamic loss scaler: a step whose gradient overflowed (non-finite norm, finite
+    # loss) was skipped and the scale lowered; that is the scaler's search, not a divergence.
+    scales_loss: bool
+
+    def loss_scale(self) -> float:
+        """The current loss scale (1.0 where the engine does not scale the loss); may be a host sync."""
 
     def autocast(self) -> AbstractContextManager[None]:
         """The forward pass's mixed precision (nothing where the engine casts parameters itself)."""
@@ -74,7 +80,8 @@ class Engine(Protocol):
 
         `before_update`, if given, runs after clipping, right before the parameters change (the
         rotation tracker's capture). A non-finite norm means no update was applied, except under
-        DeepSpeed ZeRO 0 and ZeRO 1/2 in bf16 mode, which apply it; the loop stops such a run.
+        DeepSpeed ZeRO 0 and ZeRO 1/2 in bf16 mode, which apply it; the loop stops such a run. Where
+        the engine `scales_loss`, it has also lowered the loss scale.
         """
 
     def skip(self) -> None:
@@ -105,6 +112,10 @@ class TorchEngine:
         self.device = next(model.parameters()).device
         self.dtype, self.max_norm = dtype, max_norm
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
+        self.scales_loss = self.scaler.is_enabled()
+
+    def loss_scale(self) -> float:
+        return self.scaler.get_scale()
 
     def autocast(self) -> AbstractContextManager[None]:
         if self.dtype == torch.float32 or self.casts_parameters:
@@ -148,6 +159,7 @@ class TorchEngine:
             state_dir.mkdir(parents=True, exist_ok=True)
             save_model(unwrap(self.raw_model), str(state_dir / "model.safetensors"))
             torch.save(self.optimizer.state_dict(), state_dir / "optimizer.pt")
+        self._save_scaler(state_dir)
 
     def load_state(self, state_dir: Path) -> None:
         if not (state_dir / "model.safetensors").is_file():
@@ -155,6 +167,17 @@ class TorchEngine:
                             "the parallel.strategy it was trained with")
         load_model(unwrap(self.raw_model), str(state_dir / "model.safetensors"))
         self.optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))
+        self._load_scaler(state_dir)
+
+    def _save_scaler(self, state_dir: Path) -> None:
+        """fp16: the loss scale and its growth count (the same on every rank), so a resume is exact."""
+        if self.scales_loss and self.world.is_main:
+            torch.save(self.scaler.state_dict(), state_dir / "scaler.pt")
+
+    def _load_scaler(self, state_dir: Path) -> None:
+        """A checkpoint without scaler.pt (not fp16, or written before it was saved) leaves the scaler fresh."""
+        if self.scales_loss and (state_dir / "scaler.pt").is_file():
+            self.scaler.load_state_dict(torch.load(state_dir / "scaler.pt", weights_only=True))
 
 
 class SingleEngine(TorchEngine):
@@ -224,6 +247,7 @@ class FSDPEngine(TorchEngine):
         import torch.distributed.checkpoint as dcp
 
         dcp.save(self._state(), checkpoint_id=str(state_dir / "dcp"))
+        self._save_scaler(state_dir)
 
     def load_state(self, state_dir: Path) -> None:
         import torch.distributed.checkpoint as dcp
@@ -238,6 +262,7 @@ class FSDPEngine(TorchEngine):
         dcp.load(state, checkpoint_id=str(state_dir / "dcp"))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
+        self._load_scaler(state_dir)
 
 
 def _transformer_blocks(model: nn.Module) -> list[nn.Module]:

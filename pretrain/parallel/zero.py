@@ -62,9 +62,13 @@ def deepspeed_config(cfg: Config, world: World, dtype: torch.dtype) -> dict[str,
             raise UserError(f"parallel.deepspeed_config sets {key!r}, which the run config owns (optim / schedule "
                             "sections); remove it from the JSON")
     for key, value in ours.items():
-        if key in user and user[key] not in (value, "auto"):
-            raise UserError(f"parallel.deepspeed_config sets {key}={user[key]!r} but the run config gives "
-                            f"{value!r}; remove it from the JSON (the run config is the source of truth)")
+        given = user.get(key)
+        if isinstance(value, dict) and isinstance(given, dict):  # bf16 / fp16: DeepSpeed's loss-scaling keys pass
+            for sub, wanted in value.items():
+                _refuse_clash(f"{key}.{sub}", given.get(sub, wanted), wanted)
+            ours[key] = {**given, **value}
+        elif key in user:
+            _refuse_clash(key, given, value)
     zero = dict(user.get("zero_optimization", {}))
     if zero.get("stage", cfg.parallel.zero_stage) != cfg.parallel.zero_stage:
         raise UserError(f"parallel.deepspeed_config sets zero_optimization.stage={zero['stage']} but "
@@ -76,11 +80,19 @@ def deepspeed_config(cfg: Config, world: World, dtype: torch.dtype) -> dict[str,
     return {**user, **ours, "zero_optimization": zero}
 
 
+def _refuse_clash(key: str, given: Any, wanted: Any) -> None:
+    if given not in (wanted, "auto"):
+        raise UserError(f"parallel.deepspeed_config sets {key}={given!r} but the run config gives {wanted!r}; "
+                        "remove it from the JSON (the run config is the source of truth)")
+
+
 class DeepSpeedEngine:
     """`deepspeed.initialize` around the model and our optimizer; the loop's vocabulary on top.
 
     DeepSpeed casts the model itself (its bf16 / fp16 modes) and clips inside its step with
     `gradient_clipping` from the run config, so `autocast` is empty and `step` only reads the norm.
+    In fp16 its ZeRO optimizer scales the loss: on an overflow its step skips the update, lowers the
+    scale (after `fp16.hysteresis` overflows, 2 by default) and reports an infinite norm.
     """
 
     strategy = "deepspeed"
@@ -105,6 +117,10 @@ class DeepSpeedEngine:
         except ValueError as exc:  # an RV configuration the flat partitions cannot honour
             raise UserError(f"{exc} (parallel.strategy=deepspeed, zero_stage={self.stage})") from None
         self._last = True
+        self.scales_loss = self.ds.fp16_enabled()
+
+    def loss_scale(self) -> float:
+        return float(self.ds.optimizer.loss_scale) if self.scales_loss else 1.0
 
     def autocast(self) -> AbstractContextManager[None]:
         return contextlib.nullcontext()
@@ -126,13 +142,19 @@ class DeepSpeedEngine:
                 if self.stage == 0 else None)
         if before_update is not None:
             before_update()
+        scaler = getattr(self.ds.optimizer, "loss_scaler", None)  # replaced by DeepSpeed's load_checkpoint
+        if hasattr(scaler, "raise_error_at_min_scale"):
+            # An overflow at the minimum scale would raise a bare Exception; the scale stays there instead
+            # and the loop stops the run after train.max_skips overflows in a row, with one line.
+            scaler.raise_error_at_min_scale = False
         self.ds.step()
         return float(norm if norm is not None else self.ds.get_global_grad_norm())
 
     def skip(self) -> None:
-        # Unreachable: config.validate refuses train.nan_policy=skip under DeepSpeed, whose
-        # gradients already sit in its own reduced buffers and whose micro-step count would drift.
-        raise RuntimeError("DeepSpeed cannot drop an accumulated step; train.nan_policy=skip is refused for it")
+        # Nothing to drop: a non-finite loss stops the run (config.validate refuses train.nan_policy=skip
+        # under DeepSpeed, whose gradients already sit in its own reduced buffers and whose micro-step
+        # count would drift), so the gradients DeepSpeed holds are never applied.
+        pass
 
     def optimizer_view(self) -> OptimizerView:
         maps = {id(flat): m for flat, (m, _, _) in self.maps.items()}
