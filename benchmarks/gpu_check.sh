@@ -3,7 +3,7 @@
 # rotation-metrics cost, peak memory and the realistic recipe, as one markdown report.
 #
 #   mkdir -p .gpu/nanogpt && cp ../shared/anchors/nanogpt/* .gpu/nanogpt/   # bench.py, model.py, configurator.py
-#   bash benchmarks/gpu_check.sh [OUT_DIR]                                    # ~7 min on an H200
+#   bash benchmarks/gpu_check.sh [OUT_DIR]                                    # ~7-8 min on an H200
 #   SECTIONS="1 2" bash benchmarks/gpu_check.sh                               # some sections only
 #
 # Needs torch, transformers and Triton only (no installs, no network): run from the checkout.
@@ -58,7 +58,8 @@ fi
 if want 4; then
   section "4. Optimizer step alone, llama-125m parameter set; then GPT-2 124M's (Conv1D: column neurons)"
   run 180 $py benchmarks/bench_optim_gpu.py --reps 40
-  run 90 $py benchmarks/bench_optim_gpu.py --set gpt2 --reps 30 --names torch-fused,adamw,rv-adamw,rv-adamw+sums,rv-lion
+  run 120 $py benchmarks/bench_optim_gpu.py --set gpt2 --reps 30 \
+    --names torch-fused,adamw,rv-adamw,rv-adamw+sums,rv-lion,rv-adamw@32x64,rv-adamw@64x32,rv-adamw@16x128
 fi
 
 if want 3; then
