@@ -50,6 +50,7 @@ class RunLock:
     def __init__(self, run_dir: Path, fd: int | None, created_dir: bool) -> None:
         self.run_dir, self.created_dir = run_dir, created_dir  # created_dir: the folder did not exist before
         self._fd = fd  # None: held without an OS lock (see the module docstring)
+        self._held = True
 
     @classmethod
     def acquire(cls, run_dir: Path) -> RunLock:
@@ -65,7 +66,10 @@ class RunLock:
 
     def release(self, remove_created_dir: bool = False) -> None:
         """Delete the lock file and unlock; with `remove_created_dir`, remove the whole folder if this lock
-        created it (a run that never started leaves no trace). Safe to call twice."""
+        created it (a run that never started leaves no trace). Calls after the first do nothing."""
+        if not self._held:
+            return
+        self._held = False
         if remove_created_dir and self.created_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         elif self._fd is not None:
@@ -86,7 +90,7 @@ def holder(run_dir: Path) -> str | None:
     try:
         fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
     except OSError:
-        return None  # no lock file: no run holds the folder
+        return None  # no lock file (or none we may read): no run holds the folder
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
