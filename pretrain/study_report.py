@@ -15,7 +15,7 @@ from pathlib import Path
 from pretrain.metrics import EQUILIBRIUM_TOLERANCE
 from pretrain.study import Study
 from pretrain.study_figures import FIGURES, least_warmup_groups, write_figures
-from pretrain.study_run import cell_status
+from pretrain.study_run import RUNNING_ELSEWHERE, cell_status
 from pretrain.study_stats import CONFIDENCE, PairedDifference, mean_std, paired_difference
 from pretrain.study_summary import EARLY_FRACTION, SPIKE_FACTOR, CellSummary, finite, group_by, summarize_cell
 
@@ -33,8 +33,8 @@ def write_report(study: Study) -> Path:
 
 
 def report_text(study: Study, summaries: list[CellSummary]) -> str:
-    counts = {status: sum(s.status == status for s in summaries) for status in ("done", "diverged", "partial",
-                                                                               "pending")}
+    counts = {status: sum(s.status == status for s in summaries)
+              for status in ("done", "diverged", RUNNING_ELSEWHERE, "partial", "pending")}
     seeds = sorted({s.seed for s in summaries})
     lines = [
         f"# Study `{study.name}`", "",

@@ -3,7 +3,9 @@
 Every cell is a normal run directory written by `pretrain.train.train`, so it has checkpoints,
 a metrics log and rotation metrics. A cell is finished when its final checkpoint exists (or
 when it stopped on a non-finite loss); finished cells are skipped and interrupted ones
-continue from their newest checkpoint, whether they were run here or by `--print-commands`.
+continue from their newest checkpoint, whether they were run here or by `--print-commands`. A cell
+whose run folder another process holds (pretrain/run_lock.py: a second study, a scheduler task) is
+"running elsewhere" and left to that process.
 Torch-heavy modules (checkpoint, train, data) are imported inside the functions that need them.
 """
 
@@ -21,46 +23,60 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pretrain.errors import UserError
+from pretrain.run_lock import RunDirInUse, holder
 from pretrain.study import Cell, Study
 
 DIVERGED_FILE = "study-diverged.json"
 LOG_FILE = "train.log"
+RUNNING_ELSEWHERE = "running elsewhere"
 
 
 def cell_status(cell: Cell) -> str:
-    """'done' (final checkpoint written), 'diverged' (stopped on a non-finite loss), 'partial' (has a
-    checkpoint, resumable) or 'pending'."""
+    """'done' (final checkpoint written), 'diverged' (stopped on a non-finite loss), 'running elsewhere'
+    (another process holds its run folder), 'partial' (has a checkpoint, resumable) or 'pending'."""
     from pretrain.checkpoint import find_latest, step_dir_name
 
     if (cell.run_dir / DIVERGED_FILE).is_file():
         return "diverged"
     latest = find_latest(cell.run_dir)
-    if latest is None:
-        return "pending"
-    return "done" if latest.name == step_dir_name(cell.config.train.steps) else "partial"
+    if latest is not None and latest.name == step_dir_name(cell.config.train.steps):
+        return "done"
+    if holder(cell.run_dir) is not None:
+        return RUNNING_ELSEWHERE
+    return "pending" if latest is None else "partial"
 
 
 @dataclass(frozen=True)
 class CellOutcome:
     name: str
-    status: str  # done | diverged | failed
+    status: str  # done | diverged | failed | running elsewhere
     seconds: float
     message: str = ""
 
 
 def run_cell(cell: Cell) -> CellOutcome:
-    """Train (or continue) one cell, its output going to `<cell>/train.log`."""
+    """Train (or continue) one cell, its output going to `<cell>/train.log`; a cell another process holds is
+    left alone, its folder untouched."""
     from pretrain.train import TrainingDiverged, train  # the loop pulls in torch, data and optim
 
-    cell.run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with (cell.run_dir / LOG_FILE).open("a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    who = holder(cell.run_dir)
+    if who is not None:
+        return CellOutcome(cell.name, RUNNING_ELSEWHERE, 0.0, who)
+    cell.run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = cell.run_dir / LOG_FILE
+    new_log = not log_path.exists()
+    with log_path.open("a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
             result = train(cell.config, resume="auto")
         except TrainingDiverged as exc:
             # Deterministic: re-running would diverge again, so the cell counts as finished.
             (cell.run_dir / DIVERGED_FILE).write_text(json.dumps({"message": str(exc)}) + "\n")
             return CellOutcome(cell.name, "diverged", time.perf_counter() - start, str(exc))
+        except RunDirInUse as exc:  # taken since the check above: leave its folder as it was
+            if new_log:
+                log_path.unlink(missing_ok=True)
+            return CellOutcome(cell.name, RUNNING_ELSEWHERE, time.perf_counter() - start, str(exc))
         except Exception as exc:  # one broken cell must not stop the others; the traceback is in its log
             traceback.print_exc()
             reason = str(exc).partition("\n")[0]
@@ -81,18 +97,22 @@ def run_study(study: Study, jobs: int = 1) -> list[CellOutcome]:
 
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}")
-    todo = []
+    todo, elsewhere = [], 0
     for cell in study.cells:
         if (cell.run_dir / "config.yaml").is_file():  # a cell changed since it ran must not be mixed up
             check_compatible(cell.run_dir, cell.config)
         status = cell_status(cell)
         if status in ("done", "diverged"):
             print(f"skip {cell.name}: {status}")
+        elif status == RUNNING_ELSEWHERE:
+            print(f"skip {cell.name}: {status} ({holder(cell.run_dir) or 'just finished'})")
+            elsewhere += 1
         else:
             todo.append(cell)
     _check_data(todo)
-    print(f"study {study.name}: {len(study.cells)} cells, {len(study.cells) - len(todo)} finished, "
-          f"{len(todo)} to run with {jobs} job(s); logs in <cell>/{LOG_FILE}")
+    others = f"{elsewhere} {RUNNING_ELSEWHERE}, " if elsewhere else ""
+    print(f"study {study.name}: {len(study.cells)} cells, {len(study.cells) - len(todo) - elsewhere} finished, "
+          f"{others}{len(todo)} to run with {jobs} job(s); logs in <cell>/{LOG_FILE}")
     outcomes = []
 
     def report(outcome: CellOutcome) -> None:

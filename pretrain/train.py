@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ from pretrain.parallel import (
     mean_over_ranks,
 )
 from pretrain.params import ParamSpec, classify_parameters, summarize_table
+from pretrain.run_lock import RunLock
 from pretrain.schedule import lr_at
 
 
@@ -76,9 +76,9 @@ class TrainResult:
 class Run:
     """Everything a training run builds once, before its first step.
 
-    Used as a context manager: leaving it stops the step watchdog and closes the logger. A run that
-    fails keeps its folder once it holds anything (a checkpoint, a logged metric) and says how to
-    continue it; only a folder this run created and never wrote into is removed.
+    Used as a context manager: leaving it stops the step watchdog, closes the logger and lets go of the
+    run folder's lock. A run that fails keeps its folder once it holds anything (a checkpoint, a logged
+    metric) and says how to continue it; only a folder this run created and never wrote into is removed.
     """
 
     cfg: Config  # resolved: parallel.world_size is the launched world size
@@ -93,7 +93,7 @@ class Run:
     logger: MetricsLogger | None  # rank 0 only
     start_step: int
     end_step: int  # train.steps, or --stop-at
-    created_dir: bool  # whether this run created run_dir
+    lock: RunLock | None  # rank 0's hold on run_dir (pretrain/run_lock.py); it knows whether this run created it
     val_loss: float | None = None  # the latest evaluation
     loss_fn: LossFn = causal_lm_loss  # model forward + loss; compiled as one region under train.compile
     watchdog: StepWatchdog | None = None  # ends a rank whose step stalls (a hung peer); multi-rank runs only
@@ -111,12 +111,14 @@ class Run:
             self.watchdog.stop()
         if self.logger is not None:
             self.logger.close()
-        if exc is None or not self.world.is_main:
-            return
-        if holds_run(self.run_dir):
+        if self.lock is None:
+            return  # not rank 0: the run folder is rank 0's
+        failed = exc is not None
+        kept = failed and bool(holds_run(self.run_dir))
+        if kept:
             print(f"run kept in {self.run_dir}; continue it with --resume auto")
-        elif self.created_dir:
-            shutil.rmtree(self.run_dir, ignore_errors=True)  # it wrote nothing: no trace of a run that never started
+        # A failed run that wrote nothing leaves no trace of a run that never started (if it created the folder).
+        self.lock.release(remove_created_dir=failed and not kept)
 
 
 @dataclass
@@ -272,10 +274,30 @@ def _checkpoint_contents(run: Run, step: int, tmp: Path) -> None:
 
 
 def setup(cfg: Config, world: World, device: torch.device, resume: str | None, stop_at: int | None) -> Run:
-    """Check the inputs, then build the run; nothing is written before the inputs are known good."""
+    """Take the run folder, check the inputs, then build the run; nothing is written before the inputs are
+    known good, and a setup that fails lets the folder go as it found it."""
     check_trackers_available(cfg)
     # The saved config records the world size: the global batch depends on it.
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, world_size=world.size))
+    lock = lock_run_dir(Path(cfg.train.out_dir), world)
+    try:
+        return _build_run(cfg, world, device, resume, stop_at, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release(remove_created_dir=True)
+        raise
+
+
+def lock_run_dir(run_dir: Path, world: World) -> RunLock | None:
+    """Rank 0 locks the run folder before anything in it is read or written, and holds it for the whole run
+    (None on the other ranks); a folder in use by another process stops every rank with one line."""
+    held: list[RunLock] = []
+    decided_by_main(lambda: held.append(RunLock.acquire(run_dir)))
+    return held[0] if held else None
+
+
+def _build_run(cfg: Config, world: World, device: torch.device, resume: str | None, stop_at: int | None,
+               lock: RunLock | None) -> Run:
     run_dir = Path(cfg.train.out_dir)
     ckpt_in = resolve_resume(run_dir, resume, cfg)
 
@@ -293,17 +315,14 @@ def setup(cfg: Config, world: World, device: torch.device, resume: str | None, s
     elif cfg.model.init_from:
         _say(world, f"initialised from {cfg.model.init_from}")
 
-    created_dir = not run_dir.exists()
-    barrier()  # every rank has seen whether the run dir existed before rank 0 creates it
     logger = None
     if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         logger = MetricsLogger(run_dir, cfg, resume_step=start_step)
     end_step = min(t.steps, stop_at) if stop_at is not None else t.steps
     watchdog = StepWatchdog(cfg.parallel.step_timeout_s, world.rank, enabled=world.size > 1)
     return Run(cfg, world, device, run_dir, engine, loader, val_loader, tokenizer, tracker, logger, start_step,
-               end_step, created_dir, val_loss, build_loss(cfg.train.compile), watchdog)
+               end_step, lock, val_loss, build_loss(cfg.train.compile), watchdog)
 
 
 def _build_engine_and_tracker(cfg: Config, world: World, device: torch.device,
@@ -363,8 +382,8 @@ def train(cfg: Config, resume: str | None = None, stop_at: int | None = None) ->
     try:
         with setup(cfg, world, device, resume, stop_at) as run:
             result = _loop(run)
-        if world.is_main:
-            plot_loss_curves(read_metrics(run.run_dir), run.run_dir / "loss.png")
+            if world.is_main:
+                plot_loss_curves(read_metrics(run.run_dir), run.run_dir / "loss.png")
         return result
     finally:
         if created_group:
