@@ -14,6 +14,11 @@ same weights, so their ratios come from one process on one device.
 - `--loss plain`: the path before issue 10, for before/after rows: only the model is compiled,
   and the loss is `F.cross_entropy(logits.float())` outside the compiled region.
 
+`fwd+bwd ms` is the forward and backward passes with their loss read (a device sync), `update ms`
+the rest of the step: clipping (its norm read, a sync), the optimizer step until the device is
+done, and the rotation metrics on a measured step. Each column is the median of its own part, so
+they add up to `step ms` only approximately.
+
 MFU = achieved model FLOP/s / `--peak-tflops` (the device's dense bf16 peak: H100 SXM and H200
 989, A100 312). Model FLOPs per token follow the usual 6 N + 12 L d T (N parameters counted
 once, tied embeddings included as the output matmul; attention as if not causal-masked).
@@ -108,8 +113,9 @@ def main() -> None:
     print(f"{args.config} ({num_params / 1e6:.1f}M params), {name}, {str(dtype).removeprefix('torch.')}, "
           f"{'compiled' if args.compile else 'eager'}, loss {args.loss}, batch {args.micro_batch} x {args.seq_len}"
           f" x {args.grad_accum} accumulation, torch {torch.__version__}")
-    print("| optimizer | rotation_every | step ms | tokens/s | MFU | peak GiB | vs first row |")
-    print("|---|---|---|---|---|---|---|")
+    print("| optimizer | rotation_every | step ms | fwd+bwd ms | update ms | tokens/s | MFU | peak GiB "
+          "| vs first row |")
+    print("|---|---|---|---|---|---|---|---|---|")
     first = None
     for spec in args.optims.split(","):
         optim_name, _, mode = spec.partition(":")
@@ -121,7 +127,7 @@ def main() -> None:
         for every in (int(e) for e in args.rotation_every.split(",")):
             tracker = RotationTracker(model, table, run_cfg.optim, every,
                                       FusedSource.build(model, engine.optimizer, tracked))
-            times = []
+            times, passes = [], []
             profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                            torch.profiler.ProfilerActivity.CUDA])
                         if args.profile and first is None else contextlib.nullcontext())
@@ -131,7 +137,8 @@ def main() -> None:
                 sync()
                 start = time.perf_counter()
                 with profiler if step == args.warmup + args.steps else contextlib.nullcontext():
-                    forward_backward(engine, loader, step, args.grad_accum, device, loss_fn)
+                    forward_backward(engine, loader, step, args.grad_accum, device, loss_fn)  # ends in a sync
+                    passed = time.perf_counter()
                     measuring = tracker.should_measure(step)
                     engine.step(tracker.capture if measuring else None)
                     if measuring:
@@ -139,14 +146,17 @@ def main() -> None:
                     sync()
                 if step > args.warmup:
                     times.append(time.perf_counter() - start)
+                    passes.append(passed - start)
             if args.profile and first is None:
                 sort_by = "self_device_time_total" if cuda else "cpu_time_total"
                 with open(args.profile, "w") as out:
                     out.write(profiler.key_averages().table(sort_by=sort_by, row_limit=40))
-            step_time = statistics.median(times)
+            step_time, pass_time = statistics.median(times), statistics.median(passes)
+            update_time = statistics.median(t - p for t, p in zip(times, passes, strict=True))
             first = first or step_time
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
-            print(f"| {spec} | {every} | {step_time * 1e3:.1f} | {tokens / step_time:,.0f} | "
+            print(f"| {spec} | {every} | {step_time * 1e3:.1f} | {pass_time * 1e3:.1f} | "
+                  f"{update_time * 1e3:.1f} | {tokens / step_time:,.0f} | "
                   f"{100 * model_flops * tokens / step_time / (args.peak_tflops * 1e12):.1f}% | {peak:.2f} | "
                   f"{first / step_time:.3f}x |", flush=True)
         del engine
