@@ -64,12 +64,17 @@ def make_groups(shapes: Shapes, weight_decay: float, rotational: bool | None, se
             out.append(p)
         return out
 
-    groups = [{"params": tensors("matrices"), "weight_decay": weight_decay},
-              {"params": tensors("embedding"), "weight_decay": weight_decay},
-              {"params": tensors("norms"), "weight_decay": 0.0}]
-    if rotational is not None:
-        for group, rot in zip(groups, (rotational, False, False), strict=True):
-            group["rotational"] = rot
+    groups = []
+    # (role, decayed, rotational in an RV run, neuron axis); GPT-2's Conv1D "columns" have theirs on axis 1
+    for role, decayed, rot, axis in (("matrices", True, True, 0), ("columns", True, True, 1),
+                                     ("embedding", True, False, 0), ("norms", False, False, 0)):
+        if role in shapes:
+            group = {"params": tensors(role), "weight_decay": weight_decay if decayed else 0.0}
+            if axis:
+                group["neuron_axis"] = axis
+            if rotational is not None:
+                group["rotational"] = rot and rotational
+            groups.append(group)
     return groups
 
 

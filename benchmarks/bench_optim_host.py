@@ -2,11 +2,11 @@
 
 On a GPU the fused step is host-bound (benchmarks/RESULTS.md § GPU): what the optimizer does in
 Python around its launches matters as much as the kernels. This measures that part on any
-machine: the llama-125m parameter set on CPU, the optimizer built with `fused=True` under
+machine: the llama-125m parameter set (GPT-2 124M's with --set gpt2) on CPU, the optimizer built with `fused=True` under
 Triton's interpreter (so the Triton path is planned), and the kernel replaced by a no-op.
 Triton's own launch cost is not included.
 
-    PYTHONPATH=. python benchmarks/bench_optim_host.py [--steps 50] [rv-adamw adamw rv-lion ...]
+    PYTHONPATH=. python benchmarks/bench_optim_host.py [--steps 50] [--set gpt2] [rv-adamw adamw rv-lion ...]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: CPU tensors take the Triton path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_optim import llama_shapes, make_groups  # noqa: E402
+from bench_optim import gpt2_shapes, llama_shapes, make_groups  # noqa: E402
 
 import pretrain.optim.fused as fused  # noqa: E402
 from pretrain.optim import RotationalOptimizer  # noqa: E402
@@ -43,9 +43,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("optimizers", nargs="*", default=["rv-adamw", "adamw", "rv-lion"])
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--set", default="llama", choices=["llama", "gpt2"], help="whose parameter set")
     args = parser.parse_args()
     fused._step_kernel = NoLaunch()
-    shapes = llama_shapes(12)
+    shapes = (llama_shapes if args.set == "llama" else gpt2_shapes)(12)
     for name in args.optimizers:
         rotational = name.startswith("rv-")
         opt = RotationalOptimizer(make_groups(shapes, 0.1, rotational), name.removeprefix("rv-"), lr=1e-3,
