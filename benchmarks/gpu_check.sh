@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-call GPU check (issue 10): nanoGPT's bench.py and ours on the same GPU, the optimizer step,
-# rotation-metrics cost, peak memory and the realistic recipe, as one markdown report.
+# rotation-metrics cost, peak memory and the realistic recipe, as one markdown report that ends in
+# one table of the issue's figures against their goals.
 #
 #   mkdir -p .gpu/nanogpt && cp ../shared/anchors/nanogpt/* .gpu/nanogpt/   # bench.py, model.py, configurator.py
 #   bash benchmarks/gpu_check.sh [OUT_DIR]                                    # ~7-8 min on an H200
@@ -86,5 +87,8 @@ if want 5; then
   run 200 $py benchmarks/bench_mfu.py --config configs/llama-125m.yaml --device cuda --precision bf16 \
     --micro-batch 16 --seq-len 512 --steps 15 --warmup 3 --optims rv-adamw,adamw --rotation-every 0,1,10
 fi
+
+section "Summary: issue 10's figures from this report (benchmarks/gpu_summary.py)"
+$py benchmarks/gpu_summary.py "$report" | tee -a "$report"  # reads the whole report before it appends
 
 echo "report: $report"

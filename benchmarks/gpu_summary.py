@@ -1,0 +1,177 @@
+"""Issue 10's measurements as one table, read from a `benchmarks/gpu_check.sh` report.
+
+    python benchmarks/gpu_summary.py OUT_DIR/gpu_check.md      # gpu_check.sh runs it last
+
+Each row is one figure of the issue (a ratio within the same run, an MFU, a memory peak) with
+its goal and whether the report meets it. A row whose section was not run, or failed, says
+so instead of a number. Only the report is read: the figures are the benchmarks' own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+Table = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Report:
+    """A gpu_check report: the device lines and, per section number, its text and its tables."""
+
+    device: str
+    texts: dict[str, str]
+    tables: dict[str, list[Table]]
+
+    @staticmethod
+    def parse(text: str) -> Report:
+        sections: dict[str, list[str]] = {}
+        key = ""
+        for line in text.splitlines():
+            heading = re.match(r"## (?:(\d+)\.|(Device))", line)
+            if heading:
+                key = heading.group(1) or "device"
+                sections[key] = []
+            elif key:
+                sections[key].append(line)
+        device = " | ".join(line.strip() for line in sections.get("device", []) if line.strip())
+        return Report(device, {k: "\n".join(v) for k, v in sections.items()},
+                      {k: _tables(v) for k, v in sections.items()})
+
+    def rows(self, section: str, table: int = 0) -> Table:
+        tables = self.tables.get(section, [])
+        return tables[table] if len(tables) > table else []
+
+
+def _tables(lines: list[str]) -> list[Table]:
+    """Markdown tables (header, separator, rows) as lists of {column: cell}."""
+    tables, block = [], []
+    for line in [*lines, ""]:
+        if line.startswith("|"):
+            block.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif block:
+            if len(block) > 2:
+                tables.append([dict(zip(block[0], row, strict=False)) for row in block[2:]])
+            block = []
+    return tables
+
+
+def _number(cell: str | None) -> float | None:
+    """The first number in a cell ('37.2', '440,210', '40.4%', '1.53x'), or None."""
+    found = re.search(r"-?\d[\d,]*\.?\d*", cell or "")
+    return float(found.group().replace(",", "")) if found else None
+
+
+def _row(table: Table, **match: str) -> dict[str, str] | None:
+    return next((r for r in table if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def _value(table: Table, column: str, **match: str) -> float | None:
+    row = _row(table, **match)
+    return _number(row.get(column)) if row else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str
+    value: float | None
+    unit: str  # a key of _FORMATS
+    goal: str  # e.g. ">= 1.0", "< 10", or "" (reported only)
+
+    def met(self) -> str:
+        if self.value is None or not self.goal:
+            return ""
+        op, bound = self.goal.split()
+        ok = {">=": self.value >= float(bound), "<=": self.value <= float(bound), "<": self.value < float(bound)}[op]
+        return "met" if ok else "**not met**"
+
+    def cell(self) -> str:
+        if self.value is None:
+            return "not in the report (section not run or failed)"
+        return _FORMATS[self.unit].format(self.value)
+
+    def goal_cell(self) -> str:
+        if not self.goal:
+            return "reported"
+        op, bound = self.goal.split()
+        return f"{op} {_FORMATS[self.unit].format(float(bound)).lstrip('+')}"
+
+
+# How a figure of each kind is written: a ratio, a change in step time, an MFU, memory, throughput.
+_FORMATS = {"x": "{:.3f}x", "cost": "{:+.1f}%", "mfu": "{:.1f}%", "GiB": "{:.2f} GiB", "tokens/s": "{:,.0f} tokens/s"}
+
+
+def _cost(table: Table, optimizer: str, every: str) -> float | None:
+    """Percent more step time with `logging.rotation_every=every` than with 0."""
+    off, on = (_value(table, "step ms", optimizer=optimizer, rotation_every=e) for e in ("0", every))
+    return 100 * (on / off - 1) if on is not None and off else None
+
+
+def figures(report: Report) -> list[Figure]:
+    """Issue 10's rows, in its order."""
+    nano = re.search(r"time per iteration: ([\d.]+)ms", report.texts.get("1", ""))
+    gpt2, llama, before = report.rows("2"), report.rows("3"), report.rows("7")
+    opt_llama, opt_gpt2 = report.rows("4", 0), report.rows("4", 1)
+    recipe, metrics = report.rows("6"), report.rows("5")
+    adamw_ms = _value(gpt2, "step ms", optimizer="adamw", rotation_every="0")
+    fused_llama = _value(opt_llama, "step ms", optimizer="torch-fused")
+    tiles = [(_ratio(_number(r.get("step ms")), _value(opt_gpt2, "step ms", optimizer="torch-fused")), r["optimizer"])
+             for r in opt_gpt2 if r.get("optimizer", "").startswith("rv-adamw") and "+" not in r["optimizer"]]
+    best_tile = min((t for t in tiles if t[0] is not None), default=(None, ""))
+    rows = [
+        Figure("GPT-2 124M adamw, tokens/s against nanoGPT bench.py", _ratio(_number(nano and nano.group(1)),
+                                                                            adamw_ms), "x", ">= 1.0"),
+        Figure("GPT-2 124M rv-adamw, tokens/s against adamw", _ratio(_value(
+            gpt2, "tokens/s", optimizer="rv-adamw", rotation_every="0"), _value(
+            gpt2, "tokens/s", optimizer="adamw", rotation_every="0")), "x", ">= 0.97"),
+        Figure("llama-125m 32 x 1024 compiled, MFU of adamw before (section 7: the pre-issue loss and RV step)",
+               _value(before, "MFU", optimizer="adamw"), "mfu", ""),
+        Figure("llama-125m 32 x 1024 compiled, MFU of adamw", _value(llama, "MFU", optimizer="adamw"), "mfu", ">= 45"),
+        Figure("llama-125m, rv-adamw tokens/s against adamw", _ratio(
+            _value(llama, "tokens/s", optimizer="rv-adamw"), _value(llama, "tokens/s", optimizer="adamw")), "x",
+            ">= 0.97"),
+        Figure("llama-125m 32 x 1024, peak memory before (section 7)", _value(before, "peak GiB", optimizer="adamw"),
+               "GiB", ""),
+        Figure("llama-125m 32 x 1024, peak memory now", _value(llama, "peak GiB", optimizer="adamw"), "GiB", ""),
+        Figure("optimizer step, llama set: rv-adamw against torch fused AdamW", _ratio(
+            _value(opt_llama, "step ms", optimizer="rv-adamw"), fused_llama), "x", "<= 1.10"),
+        Figure("optimizer step, llama set: rv-lion against torch fused AdamW", _ratio(
+            _value(opt_llama, "step ms", optimizer="rv-lion"), fused_llama), "x", "<= 1.10"),
+        Figure(f"optimizer step, GPT-2 set: best rv-adamw column tile ({best_tile[1] or '-'}) against torch fused "
+               "AdamW", best_tile[0], "x", "<= 1.10"),
+        Figure("rotation_every=1, llama 16 x 512 eager: adamw step time", _cost(metrics, "adamw", "1"), "cost", "< 10"),
+        Figure("rotation_every=1, llama 16 x 512 eager: rv-adamw step time", _cost(metrics, "rv-adamw", "1"), "cost",
+               "< 10"),
+        Figure("rotation_every=1, GPT-2 compiled: adamw step time", _cost(gpt2, "adamw", "1"), "cost", "< 10"),
+        Figure("rotation_every=1, GPT-2 compiled: rv-adamw step time", _cost(gpt2, "rv-adamw", "1"), "cost", "< 10"),
+        Figure("rotation_every=10, GPT-2 compiled: adamw step time", _cost(gpt2, "adamw", "10"), "cost", "< 1"),
+        Figure("rotation_every=10, GPT-2 compiled: rv-adamw step time", _cost(gpt2, "rv-adamw", "10"), "cost", "< 1"),
+        Figure("shipped gpt2-124m recipe (0.5M tokens/step): adamw", _value(recipe, "tokens/s", optimizer="adamw"),
+               "tokens/s", ""),
+        Figure("shipped gpt2-124m recipe (0.5M tokens/step): rv-adamw", _value(recipe, "tokens/s",
+                                                                              optimizer="rv-adamw"), "tokens/s", ""),
+    ]
+    return rows
+
+
+def summary(report: Report) -> str:
+    lines = [f"Device: {report.device or 'unknown'}", "", "| measurement | value | goal | |", "|---|---|---|---|"]
+    for f in figures(report):
+        lines.append(f"| {f.name} | {f.cell()} | {f.goal_cell()} | {f.met()} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("report", type=Path)
+    print(summary(Report.parse(parser.parse_args().report.read_text())))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""benchmarks/gpu_summary.py reads a gpu_check report into issue 10's one table (no GPU needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.gpu_summary import Report, figures, summary
+from tests.train_utils import REPO
+
+SYNTHETIC = """## Device
+
+NVIDIA H100 80GB HBM3, 570.0, 81559 MiB
+torch 2.11.0 | transformers 5.17.0 | triton 3.6.0
+
+## 1. nanoGPT bench.py
+
+time per iteration: 30.0000ms, MFU: 140.00%
+
+## 2. Ours, gpt2
+
+| optimizer | rotation_every | step ms | fwd+bwd ms | update ms | tokens/s | MFU | peak GiB | vs first row |
+|---|---|---|---|---|---|---|---|---|
+| adamw | 0 | 32.0 | 30.0 | 2.0 | 500,000 | 40.0% | 12.00 | 1.000x |
+| adamw | 1 | 35.2 | 30.0 | 5.2 | 454,545 | 36.4% | 12.00 | 0.909x |
+| rv-adamw | 0 | 33.0 | 30.0 | 3.0 | 490,000 | 39.2% | 12.00 | 0.980x |
+
+## 4. Optimizer step alone
+
+| optimizer | step ms | vs torch fused AdamW | host ms |
+|---|---|---|---|
+| torch-fused | 1.000 | 1.00x | 0.500 |
+| rv-adamw | 1.200 | 1.20x | 0.400 |
+
+| optimizer | step ms | vs torch fused AdamW | host ms |
+|---|---|---|---|
+| torch-fused | 1.000 | 1.00x | 0.500 |
+| rv-adamw | 3.000 | 3.00x | 0.400 |
+| rv-adamw+sums | 0.500 | 0.50x | 0.400 |
+| rv-adamw@32x64 | 1.050 | 1.05x | 0.400 |
+| rv-adamw@64x32 | 1.500 | 1.50x | 0.400 |
+
+## 3. Ours, llama
+
+FAILED rc=1: out of memory
+
+## 7. Before
+
+| optimizer | rotation_every | step ms | fwd+bwd ms | update ms | tokens/s | MFU | peak GiB | vs first row |
+|---|---|---|---|---|---|---|---|---|
+| adamw | 0 | 80.0 | 70.0 | 10.0 | 400,000 | 31.0% | 23.81 | 1.000x |
+"""
+
+
+def _by_name(report: Report) -> dict[str, float | None]:
+    return {f.name: f.value for f in figures(report)}
+
+
+def test_the_committed_h200_report_gives_the_figures_in_results_md():
+    """The figures RESULTS.md quotes for run 2, read back from its unedited report."""
+    values = list(_by_name(Report.parse((REPO / "benchmarks" / "gpu_check_h200.md").read_text())).values())
+    nano, rv_gpt2, mfu_before, mfu, rv_llama, peak_before, peak = values[:7]
+    assert nano == pytest.approx(34.3688 / 37.2) and rv_gpt2 == pytest.approx(390_111 / 440_210)
+    assert mfu == 40.4 and rv_llama == pytest.approx(508_067 / 516_528) and peak == 17.75
+    assert mfu_before is None and peak_before is None  # run 2 did not run section 7
+    step_rv_adamw, step_rv_lion, best_tile = values[7:10]
+    assert step_rv_adamw == pytest.approx(2.591 / 1.692) and step_rv_lion == pytest.approx(2.216 / 1.692)
+    assert best_tile is None  # the GPT-2 parameter set came later
+    table = summary(Report.parse((REPO / "benchmarks" / "gpu_check_h200.md").read_text()))
+    assert table.startswith("Device: NVIDIA H200") and "| 0.924x | >= 1.000x | **not met** |" in table
+    assert "+47.3%" in table  # rotation_every=1 on compiled GPT-2, adamw: 54.8 / 37.2 ms
+
+
+def test_tiles_before_rows_and_failed_sections():
+    report = Report.parse(SYNTHETIC)
+    rows = {f.name: f for f in figures(report)}
+    assert report.device.startswith("NVIDIA H100")
+    assert rows["GPT-2 124M adamw, tokens/s against nanoGPT bench.py"].value == pytest.approx(30 / 32)
+    assert rows["GPT-2 124M rv-adamw, tokens/s against adamw"].met() == "met"  # 0.98 >= 0.97
+    tile = next(f for name, f in rows.items() if "column tile" in name)
+    assert "rv-adamw@32x64" in tile.name and tile.value == pytest.approx(1.05) and tile.met() == "met"
+    assert rows["rotation_every=1, GPT-2 compiled: adamw step time"].value == pytest.approx(10.0)
+    assert rows["rotation_every=1, GPT-2 compiled: adamw step time"].met() == "**not met**"  # 10% is not < 10%
+    assert rows["llama-125m 32 x 1024, peak memory before (section 7)"].cell() == "23.81 GiB"
+    failed = rows["llama-125m 32 x 1024 compiled, MFU of adamw"]  # section 3 failed: no number, no verdict
+    assert failed.value is None and failed.met() == "" and "not in the report" in failed.cell()
