@@ -30,9 +30,9 @@ class Report:
         sections: dict[str, list[str]] = {}
         key = ""
         for line in text.splitlines():
-            heading = re.match(r"## (?:(\d+)\.|(Device))", line)
-            if heading:
-                key = heading.group(1) or "device"
+            if line.startswith("## "):  # "## 3. Ours, ...", "## Device", or any other heading
+                number = re.match(r"## (\d+)\.", line)
+                key = number.group(1) if number else line[3:].strip().lower()
                 sections[key] = []
             elif key:
                 sections[key].append(line)
