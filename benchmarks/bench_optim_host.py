@@ -28,7 +28,7 @@ from pretrain.optim import RotationalOptimizer  # noqa: E402
 
 
 class NoLaunch:
-    """Stands in for the Triton kernel: `kernel[grid](...)` counts the launch and returns."""
+    """Stands in for the Triton kernel: `kernel[grid](...)` counts the launch and returns; nothing compiles."""
 
     launches = 0
 
@@ -37,6 +37,9 @@ class NoLaunch:
             NoLaunch.launches += 1
 
         return launch
+
+    def warmup(self, *args: object, **kwargs: object) -> None:
+        pass
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from tests.optim_pairs import (
     assert_same,
     make_pair,
     run_steps,
+    set_grads,
 )
 from tests.train_utils import tiny_config
 
@@ -104,3 +105,53 @@ def test_training_with_the_fused_step_matches_eager(device, tiny_data_dir, tmp_p
 @pytest.mark.parametrize("rule", ["adamw", "lion", "sgdm"])
 def test_a_non_finite_gradient_spreads_as_in_the_eager_step(device, rule):
     assert_non_finite_gradient_spreads_alike(rule, device)
+
+
+class _RejectingCompiler:
+    """The step kernel on a device whose compiler rejects it: `warmup` (compile only) raises, as Triton's
+    does when a lowering pass fails; a launch would still go to the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        return self.kernel[grid]
+
+    def warmup(self, *args, **kwargs):
+        raise RuntimeError("PassManager::run failed")
+
+
+def test_a_kernel_the_compiler_rejects_takes_the_eager_step_or_stops_in_one_line(device, monkeypatch, capsys):
+    import pretrain.optim.fused as fused
+    from pretrain.errors import UserError
+
+    monkeypatch.setattr(fused, "_step_kernel", _RejectingCompiler(fused._step_kernel))
+    # Required (optim.fused=true): the first step stops before anything changes.
+    (_, _), (required, params) = make_pair("adamw", True, 0, True, device)
+    before = [p.detach().clone() for p in params]
+    set_grads(params, 0)
+    with pytest.raises(UserError, match=r"did not compile .*PassManager::run failed.*optim.fused=false") as caught:
+        required.step()
+    assert "\n" not in str(caught.value)
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before, strict=True))
+
+    # Not required (optim.fused=null, the default on CUDA; on CPU only fused=True reaches Triton): the eager
+    # step, the same numbers, one notice per launch that did not compile.
+    pairs = make_pair("adamw", True, 0, True, device)
+    pairs[1][0]._fused_required = False
+    capsys.readouterr()
+    run_steps(pairs)
+    assert_same(*pairs)
+    assert pairs[1][0].fused_fraction == 0.0
+    notices = capsys.readouterr().err.strip().splitlines()
+    assert len(notices) == 4  # one per shape (three matrix shapes, one vector), at the first step only
+    assert all("did not compile" in line and "eager step" in line for line in notices)
+
+    # Rotation sums asked of a kernel that does not compile: no silent gap in the metrics, one line.
+    (_, _), (tracked, params) = make_pair("adamw", True, 0, True, device)
+    tracked._fused_required = False
+    set_grads(params, 0)
+    tracked.request_rotation_sums({id(p): (0, torch.zeros(p.shape[0], 4, dtype=torch.float64, device=device))
+                                   for p in params[:-1]})
+    with pytest.raises(UserError, match="did not compile"):
+        tracked.step()

@@ -160,10 +160,23 @@ class Batch:
             self._ptrs[role] = ptrs
         return self._tables[role]
 
-    def _launch(self, kernel: Any, *tables: Tensor) -> None:
-        kernel[(self.tiles * self.count,)](
-            *tables, self.neurons, self.width, self.stride_n, self.stride_k, self.tiles,
-            BLOCK_N=_BLOCK_N, BLOCK_K=self.block_k, NUM_K=triton.cdiv(self.width, self.block_k), num_warps=4)
+    def _launch(self, kernel: Any, *tables: Tensor, warmup: bool = False) -> None:
+        grid = (self.tiles * self.count,)
+        args = (*tables, self.neurons, self.width, self.stride_n, self.stride_k, self.tiles)
+        constants = dict(BLOCK_N=_BLOCK_N, BLOCK_K=self.block_k, NUM_K=triton.cdiv(self.width, self.block_k),
+                         num_warps=4)
+        if warmup:
+            kernel.warmup(*args, grid=grid, **constants)
+        else:
+            kernel[grid](*args, **constants)
+
+    def compile(self, weights: list[Tensor], grads: list[Tensor], rows: list[Tensor]) -> None:
+        """Compile both kernels for these tensors and run nothing (a compiler error surfaces here)."""
+        copies = [torch.empty_like(w) for w in weights]
+        self._launch(_capture_kernel, self._table("w", weights), self._table("g", grads), self._table("copy", copies),
+                     self._table("out", rows), warmup=True)
+        self._launch(_delta_kernel, self._table("copy", copies), self._table("w", weights), self._table("out", rows),
+                     warmup=True)
 
     def capture(self, weights: list[Tensor], grads: list[Tensor], rows: list[Tensor]) -> None:
         """Copy the weights and write |g|^2 per neuron into column 3 of `rows` ([neurons, 4] float64 views)."""

@@ -18,9 +18,11 @@ single-process numbers (docs/design.md §5):
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 
@@ -64,6 +66,21 @@ def _grad_square_sums(grad: Tensor | None, axis: int, rows: int, device: torch.d
                                     ).double().square()
 
 
+def _compiled_batch(fused: Any, weights: list[Tensor], grads: list[Tensor], rows: list[Tensor], axis: int) -> Any:
+    """A `fused_sums.Batch` of these tensors with its kernels compiled, or None (with a notice) where the device's
+    compiler rejects them: the tensors are then measured one at a time, with the same numbers."""
+    batch = fused.Batch(weights, axis)
+    try:
+        batch.compile(weights, grads, rows)
+    except Exception as exc:  # noqa: BLE001 (Triton's compiler raises several kinds; nothing has run yet)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"notice: the batched rotation-metric kernels did not compile for {len(weights)} tensors of shape "
+                  f"{tuple(weights[0].shape)} ({reason}); they are measured one at a time", file=sys.stderr)
+        return None
+    return batch
+
+
 class ModelSource:
     """Tracked tensors read from the model by name; see the module docstring."""
 
@@ -96,22 +113,31 @@ class ModelSource:
             grad = p.grad._local_tensor if isinstance(p.grad, DTensor) else p.grad
             if fused is not None and fused.batchable(local, grad):
                 batched.setdefault((tuple(local.shape), spec.neuron_axis % 2), []).append((i, local.detach(), grad))
-                continue
-            # An exact copy in the parameter's own dtype: theta needs w_t bit for bit, since a
-            # rounded copy (bf16: ~4e-3 relative per element) would add more angle than the
-            # ~1e-3 rad per step being measured, and a wider one would only cost more.
-            self._before[i] = local.detach().clone()
-            self._rows(i, params)[:, 3] += _grad_square_sums(grad, spec.neuron_axis, local.shape[spec.neuron_axis],
-                                                             local.device)
+            else:
+                self._capture_one(i, local, grad, params)
         self._batched = []
         for (_, axis), entries in batched.items():
             members = [i for i, _, _ in entries]
-            weights = [w for _, w, _ in entries]
-            batch = self._batches.get(tuple(members))
-            if batch is None:
-                batch = self._batches[tuple(members)] = fused.Batch(weights, axis)
-            batch.capture(weights, [g for _, _, g in entries], [self._rows(i, params) for i in members])
+            weights, grads = [w for _, w, _ in entries], [g for _, _, g in entries]
+            rows = [self._rows(i, params) for i in members]
+            if tuple(members) not in self._batches:
+                self._batches[tuple(members)] = _compiled_batch(fused, weights, grads, rows, axis)
+            batch = self._batches[tuple(members)]
+            if batch is None:  # its kernels do not compile on this device: one tensor at a time
+                for i, w, g in entries:
+                    self._capture_one(i, w, g, params)
+                continue
+            batch.capture(weights, grads, rows)
             self._batched.append((batch, members))
+
+    def _capture_one(self, i: int, local: Tensor, grad: Tensor | None, params: list[Tensor]) -> None:
+        """Tensor i's w_t copy and |g|^2 sums, on its own."""
+        axis = self.specs[i].neuron_axis
+        # An exact copy in the parameter's own dtype: theta needs w_t bit for bit, since a
+        # rounded copy (bf16: ~4e-3 relative per element) would add more angle than the
+        # ~1e-3 rad per step being measured, and a wider one would only cost more.
+        self._before[i] = local.detach().clone()
+        self._rows(i, params)[:, 3] += _grad_square_sums(grad, axis, local.shape[axis], local.device)
 
     def _local(self, i: int, params: list[Tensor]) -> Tensor:
         return _local_rows(params[i], self.specs[i].neuron_axis)[0].detach()

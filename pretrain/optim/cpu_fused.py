@@ -56,8 +56,14 @@ class Launch:
         self.norms, self.avgs = norms or [], avgs or []
         self.kernel = load()
 
-    def run(self, weights: list[Tensor], grads: list[Tensor], hyper: Hyper, sums: list[Tensor] | None = None) -> None:
-        """One step; `sums`: per tensor a float64 [neurons, 4] contiguous view for the rotation tracker."""
+    def run(self, weights: list[Tensor], grads: list[Tensor], hyper: Hyper, sums: list[Tensor] | None = None,
+            warmup: bool = False) -> None:
+        """One step; `sums`: per tensor a float64 [neurons, 4] contiguous view for the rotation tracker.
+
+        `warmup` does nothing: the extension was built when the launch was made.
+        """
+        if warmup:
+            return
         if sums is not None and self.axis < 0:
             raise ValueError("rotation sums need a neuron axis to walk")
         m, v = self.moments[0], self.moments[-1]

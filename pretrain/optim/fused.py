@@ -287,8 +287,12 @@ class Launch:
             self._ptrs[role] = ptrs
         return self._tables[role]
 
-    def run(self, weights: list[Tensor], grads: list[Tensor], hyper: Hyper, sums: list[Tensor] | None = None) -> None:
-        """One step; `sums`: per tensor a float64 [neurons, 4] view (rows contiguous) for the rotation tracker."""
+    def run(self, weights: list[Tensor], grads: list[Tensor], hyper: Hyper, sums: list[Tensor] | None = None,
+            warmup: bool = False) -> None:
+        """One step; `sums`: per tensor a float64 [neurons, 4] view (rows contiguous) for the rotation tracker.
+
+        `warmup`: compile the kernel for these arguments and run nothing (a compiler error surfaces here).
+        """
         layout = self.layout
         grad_ptrs: tuple[int, ...] | None = tuple(g.data_ptr() for g in grads)
         if grad_ptrs != self._ptrs.get("g") and any(ptr % 16 for ptr in grad_ptrs):
@@ -296,15 +300,19 @@ class Launch:
             # not be 16-byte aligned; the kernel only reads gradients, so an aligned copy will do.
             grads, grad_ptrs = [g if _aligned(g) else g.clone() for g in grads], None
         sums_table = self._table("sums", sums) if sums is not None else self._no_sums
-        _step_kernel[(self.tiles * self.count,)](
-            self._table("w", weights), self._table("g", grads, grad_ptrs), *self._fixed, sums_table,
-            self.numel, layout.neurons, layout.width, layout.stride_n, layout.stride_k, self.tiles,
-            hyper.lr, hyper.weight_decay, hyper.beta1, hyper.beta2, hyper.eps, hyper.scale, hyper.eta, hyper.decay,
-            hyper.decay_bias, hyper.rot_eps,
+        args = (self._table("w", weights), self._table("g", grads, grad_ptrs), *self._fixed, sums_table,
+                self.numel, layout.neurons, layout.width, layout.stride_n, layout.stride_k, self.tiles,
+                hyper.lr, hyper.weight_decay, hyper.beta1, hyper.beta2, hyper.eps, hyper.scale, hyper.eta, hyper.decay,
+                hyper.decay_bias, hyper.rot_eps)
+        constants = dict(
             RULE=RULE_IDS[hyper.rule], ROTATIONAL=self.rotational, ZERO_MEAN=hyper.zero_mean, TRACK=sums is not None,
             SINGLE_PASS=self.block_k >= layout.width, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
-            NUM_K=triton.cdiv(layout.width, self.block_k), num_warps=8 if self.block_n * self.block_k >= 4096 else 4,
-        )
+            NUM_K=triton.cdiv(layout.width, self.block_k), num_warps=8 if self.block_n * self.block_k >= 4096 else 4)
+        grid = (self.tiles * self.count,)
+        if warmup:
+            _step_kernel.warmup(*args, grid=grid, **constants)
+        else:
+            _step_kernel[grid](*args, **constants)
 
 
 def make_launch(walk: int | None, rotational: bool, weights: list[Tensor], moments: list[list[Tensor]],

@@ -27,6 +27,7 @@ A rotational tensor the optimizer cannot map to its neurons raises instead of ta
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -37,6 +38,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.optim import Optimizer
 
+from pretrain.errors import UserError
 from pretrain.optim.equilibrium import equilibrium_rate
 from pretrain.optim.hyper import Hyper
 from pretrain.optim.rules import INNER_RULES, Rule
@@ -86,6 +88,7 @@ class RotationalOptimizer(Optimizer):
         self._track: dict[int, tuple[int, Tensor]] = {}
         self._plans: dict[tuple, _Plan] = {}  # how a group steps, by (group, its flags, live and tracked tensors)
         self._stepped = [0, 0]  # tensors of the last step: [taken by a fused kernel, all]
+        self._fused_required = fused is True
         super().__init__(params, defaults)
         if fused is not False:
             self._kernels = _kernels(fused is True, {p.device.type for g in self.param_groups for p in g["params"]})
@@ -268,16 +271,36 @@ class RotationalOptimizer(Optimizer):
 
     def _fused_step(self, group: dict[str, Any], launches: list[_FusedLaunch]) -> None:
         """Run the fused launches of a group; all its live tensors share one step count (they step together)."""
-        step = int(self.state[launches[0].params[0]]["step"])
-        eta = equilibrium_rate(group["rule"], float(group["lr"]), group["weight_decay"], group["betas"],
-                               group["momentum"])  # used by rotational launches only
-        hyper = Hyper.for_step(group, step, eta)
-        for launch, params, tracked, sharded in launches:
-            if sharded:
-                weights, grads = [_local(p) for p in params], [_local(p.grad) for p in params]
-            else:
-                weights, grads = params, [p.grad for p in params]
-            launch.run(weights, grads, hyper, [self._track[id(p)][1] for p in params] if tracked else None)
+        hyper = _hyper(group, int(self.state[launches[0].params[0]]["step"]))
+        for entry in launches:
+            self._run(entry, hyper)
+
+    def _run(self, entry: _FusedLaunch, hyper: Hyper, warmup: bool = False) -> None:
+        params = entry.params
+        if entry.sharded:
+            weights, grads = [_local(p) for p in params], [_local(p.grad) for p in params]
+        else:
+            weights, grads = params, [p.grad for p in params]
+        entry.launch.run(weights, grads, hyper, [self._track[id(p)][1] for p in params] if entry.tracked else None,
+                         warmup=warmup)
+
+    def _compiles(self, entry: _FusedLaunch, hyper: Hyper) -> bool:
+        """Compile a new launch's kernel before any of it runs; a compiler that fails leaves its tensors to
+        the eager step, with a notice (an error with fused=True, or where rotation sums were asked of it)."""
+        try:
+            self._run(entry, hyper, warmup=True)
+            return True
+        except Exception as exc:  # noqa: BLE001 (Triton's compiler raises several kinds; nothing has run yet)
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+            shape = tuple(_local(entry.params[0]).shape)
+            if self._fused_required or entry.tracked:
+                raise FusedStepUnavailable(
+                    f"the fused optimizer step did not compile for {len(entry.params)} tensors of shape {shape} on "
+                    f"this device ({reason}); set optim.fused=false") from exc
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(f"notice: the fused optimizer step did not compile for {len(entry.params)} tensors of shape "
+                      f"{shape} ({reason}); they take the eager step, as with optim.fused=false", file=sys.stderr)
+            return False
 
     def _fused_plan(self, group: dict[str, Any], rule: Rule, live: list[Tensor], rotational: list[bool]) -> tuple:
         """([_FusedLaunch], [(param, rotational)] left to the eager path) for these live tensors.
@@ -303,8 +326,10 @@ class RotationalOptimizer(Optimizer):
                 raise RuntimeError("rotation sums were requested for a tensor the fused step does not cover")
             else:
                 rest.append((p, rot))
-        if len({int(self.state[p]["step"]) for params in members.values() for p in params}) > 1:
+        steps = {int(self.state[p]["step"]) for params in members.values() for p in params}
+        if len(steps) > 1:
             return [], [(p, rot) for p, rot in zip(live, rotational, strict=True)]  # e.g. a partial resume
+        hyper = _hyper(group, steps.pop() + 1 if steps else 1)  # the step about to be taken
         launches = []
         for (kernel, _, walk, rot, tracked), params in members.items():
             states = [self.state[p] for p in params]
@@ -312,7 +337,11 @@ class RotationalOptimizer(Optimizer):
                                         [[_local(st[name]) for st in states] for name in rule.buffers],
                                         [_local(st["neuron_norm"]) for st in states] if rot else None,
                                         [_local(st["update_norm_avg"]) for st in states] if rot else None)
-            launches.append(_FusedLaunch(launch, params, tracked, any(isinstance(p, DTensor) for p in params)))
+            entry = _FusedLaunch(launch, params, tracked, any(isinstance(p, DTensor) for p in params))
+            if self._compiles(entry, hyper):
+                launches.append(entry)
+            else:
+                rest += [(p, rot) for p in params]
         return launches, rest
 
     def _batches(self, group: dict[str, Any], rule: Rule, params: list[Tensor], rotational: bool) -> Iterator[_Batch]:
@@ -537,8 +566,15 @@ def _neuron_sums(weights: list[Tensor], updates: list[Tensor], zero_mean: bool) 
     return sums
 
 
-class FusedStepUnavailable(RuntimeError):
-    """fused=True, but a device's fused kernel cannot run here (no Triton, or the C++ step does not build)."""
+class FusedStepUnavailable(UserError):
+    """A fused kernel is required (fused=True, or rotation sums asked of it) but cannot run here: no
+    Triton, a C++ step that does not build, or a kernel the device's compiler rejects."""
+
+
+def _hyper(group: dict[str, Any], step: int) -> Hyper:
+    """The fused kernels' scalars for `step` of `group` (eta is read by rotational launches only)."""
+    eta = equilibrium_rate(group["rule"], float(group["lr"]), group["weight_decay"], group["betas"], group["momentum"])
+    return Hyper.for_step(group, step, eta)
 
 
 def _kernels(required: bool, device_types: set[str]) -> dict[str, Any]:
