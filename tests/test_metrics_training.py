@@ -49,11 +49,16 @@ def path(request, monkeypatch) -> tuple[bool, str]:
         monkeypatch.setattr("pretrain.metrics.sources._fused_sums", lambda: None)
         return False, "cpu"
     fused_sums = pytest.importorskip("pretrain.metrics.fused_sums", reason="Triton is a dev dependency")
-    if request.param == "batched-rejected":
-        def rejected(*args, **kwargs):
-            raise RuntimeError("PassManager::run failed")
+    if request.param == "batched-rejected":  # warmup (compile only) raises, as Triton's does on a failed pass
+        class Rejecting:
+            def __getitem__(self, grid):
+                raise AssertionError("a kernel the compiler rejected was launched")
 
-        monkeypatch.setattr(fused_sums.Batch, "compile", rejected)
+            def warmup(self, *args, **kwargs):
+                raise RuntimeError("PassManager::run failed")
+
+        for name in ("_capture_kernel", "_delta_kernel", "_delta_sums_kernel"):  # the per-tensor one too
+            monkeypatch.setattr(fused_sums, name, Rejecting())
     if torch.cuda.is_available():
         return request.param == "batched", "cuda"
     monkeypatch.setattr(fused_sums, "RUN_ON_CPU", True)

@@ -94,6 +94,28 @@ def test_step_counters_advance_together_and_follow_replaced_entries() -> None:
     assert [float(reloaded["state"][i]["step"]) for i in range(4)] == [4.0, 11.0, 8.0, 4.0]
 
 
+def test_a_live_set_that_alternates_keeps_both_plans_and_counts_like_torch() -> None:
+    """A tensor without a gradient on odd steps: two live sets, two cached plans, per-tensor counts as torch's."""
+    params = _model()[:3]
+    ours = RotationalOptimizer([{"params": params, "rotational": False}], rule="adamw", lr=1e-2)
+    ref_params = [p.clone() for p in params]
+    ref = torch.optim.AdamW(ref_params, lr=1e-2, weight_decay=0.0, foreach=True)
+    plans = {}
+    for step in range(6):
+        for opt, group in ((ours, params), (ref, ref_params)):
+            gen = torch.Generator().manual_seed(step)
+            for i, p in enumerate(group):
+                p.grad = None if i == 1 and step % 2 else torch.randn(p.shape, generator=gen)
+            opt.step()
+        if step == 1:
+            plans = {key: id(plan) for key, plan in ours._plans.items()}
+    assert len(plans) == 2 and {key: id(plan) for key, plan in ours._plans.items()} == plans
+    assert [float(ours.state[p]["step"]) for p in params] == [float(ref.state[q]["step"]) for q in ref_params]
+    assert [float(ours.state[p]["step"]) for p in params] == [6.0, 3.0, 6.0]
+    for p, q in zip(params, ref_params, strict=True):
+        torch.testing.assert_close(p, q)
+
+
 def test_resume_over_loaded_weights_is_bit_identical_too() -> None:
     """Building the optimizer over already trained (centred) weights leaves them untouched."""
     params = _model()

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 
 from pretrain.metrics.neurons import neuron_sums, workspace_elements
+from pretrain.optim.hyper import KernelRejected
 from pretrain.optim.segments import SegmentMap
 from pretrain.params import ParamSpec, sharded_along_neurons
 
@@ -72,8 +73,7 @@ def _compiled_batch(fused: Any, weights: list[Tensor], grads: list[Tensor], rows
     batch = fused.Batch(weights, axis)
     try:
         batch.compile(weights, grads, rows)
-    except Exception as exc:  # noqa: BLE001 (Triton's compiler raises several kinds; nothing has run yet)
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+    except KernelRejected as reason:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"notice: the batched rotation-metric kernels did not compile for {len(weights)} tensors of shape "
                   f"{tuple(weights[0].shape)} ({reason}); they are measured one at a time", file=sys.stderr)
@@ -94,7 +94,8 @@ class ModelSource:
         self._before: list[Tensor | None] | None = None  # per tensor: its w_t copy, None where a Batch holds it
         self._out: Tensor | None = None
         self._batched: list[tuple[Any, list[int]]] = []
-        self._batches: dict[tuple[int, ...], Any] = {}  # fused_sums.Batch by member tensors
+        self._batches: dict[tuple[int, ...], Any] = {}  # fused_sums.Batch by member tensors (None: rejected)
+        self._torch_sums: set[int] = set()  # tensors whose batch was rejected: no Triton kernel measures them
 
     def _params(self) -> list[Tensor]:
         # Looked up by name on every use, so a parameter replaced after construction
@@ -123,9 +124,10 @@ class ModelSource:
             if tuple(members) not in self._batches:
                 self._batches[tuple(members)] = _compiled_batch(fused, weights, grads, rows, axis)
             batch = self._batches[tuple(members)]
-            if batch is None:  # its kernels do not compile on this device: one tensor at a time
+            if batch is None:  # its kernels do not compile on this device: one tensor at a time, in torch
                 for i, w, g in entries:
                     self._capture_one(i, w, g, params)
+                    self._torch_sums.add(i)
                 continue
             batch.capture(weights, grads, rows)
             self._batched.append((batch, members))
@@ -155,8 +157,8 @@ class ModelSource:
         workspace = torch.empty(self._workspace, dtype=torch.float64, device=self._out.device)
         for i, (spec, before) in enumerate(zip(self.specs, self._before, strict=True)):
             if before is not None:
-                self._rows(i, params)[:, :3] += _delta_sums(before, self._local(i, params), spec.neuron_axis,
-                                                            workspace)
+                sums = neuron_sums if i in self._torch_sums else _delta_sums
+                self._rows(i, params)[:, :3] += sums(before, self._local(i, params), spec.neuron_axis, workspace)
         for batch, members in self._batched:
             batch.measure([self._local(i, params) for i in members], [self._rows(i, params) for i in members])
         out, self._out, self._before, self._batched = self._out, None, None, []

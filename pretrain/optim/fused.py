@@ -23,13 +23,14 @@ compares it with (on CPU through Triton's interpreter).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from pretrain.optim.hyper import RULE_IDS, Hyper
+from pretrain.optim.hyper import RULE_IDS, Hyper, KernelRejected
 
 _TINY = torch.finfo(torch.float32).tiny
 # Elements of one tile held in registers (per role); larger neurons loop over their elements.
@@ -232,6 +233,24 @@ class Layout:
         return Layout(rows, cols, cols, 1) if axis % 2 == 0 else Layout(cols, rows, 1, cols)
 
 
+def compile_only(kernel: Any, grid: tuple[int, ...], args: tuple, constants: dict[str, Any]) -> None:
+    """Compile `kernel` for these arguments and load it onto the device, running nothing.
+
+    Triton's `warmup` compiles; loading the module (where a driver older than Triton's
+    toolchain, or a kernel over the device's shared memory, fails) happens at the first launch
+    unless asked for here. Under the interpreter there is nothing to compile. Raises
+    KernelRejected with the compiler's last line.
+    """
+    try:
+        compiled = kernel.warmup(*args, grid=grid, **constants)
+        compiled = compiled.result() if hasattr(compiled, "result") else compiled  # an asynchronous compile
+        load = getattr(compiled, "_init_handles", None)
+        if load is not None:
+            load()
+    except Exception as exc:  # noqa: BLE001 (the compiler and the loader raise several kinds)
+        raise KernelRejected((str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]) from exc
+
+
 def interpreting() -> bool:
     """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1 when Triton was imported)."""
     import os
@@ -291,7 +310,7 @@ class Launch:
             warmup: bool = False) -> None:
         """One step; `sums`: per tensor a float64 [neurons, 4] view (rows contiguous) for the rotation tracker.
 
-        `warmup`: compile the kernel for these arguments and run nothing (a compiler error surfaces here).
+        `warmup`: compile and load the kernel for these arguments and run nothing (KernelRejected).
         """
         layout = self.layout
         grad_ptrs: tuple[int, ...] | None = tuple(g.data_ptr() for g in grads)
@@ -310,7 +329,7 @@ class Launch:
             NUM_K=triton.cdiv(layout.width, self.block_k), num_warps=8 if self.block_n * self.block_k >= 4096 else 4)
         grid = (self.tiles * self.count,)
         if warmup:
-            _step_kernel.warmup(*args, grid=grid, **constants)
+            compile_only(_step_kernel, grid, args, constants)
         else:
             _step_kernel[grid](*args, **constants)
 

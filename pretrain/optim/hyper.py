@@ -1,4 +1,4 @@
-"""The scalars of one optimizer step, as the fused kernels (Triton and C++) take them."""
+"""What the fused kernels (Triton and C++) share with the optimizer: a step's scalars, a rejected kernel."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ import math
 from dataclasses import dataclass
 
 RULE_IDS = {"adamw": 0, "lion": 1, "sgdm": 2}
+
+
+class KernelRejected(RuntimeError):
+    """The device's compiler or loader would not take a kernel; nothing of it has run."""
 
 
 @dataclass

@@ -40,7 +40,7 @@ from torch.optim import Optimizer
 
 from pretrain.errors import UserError
 from pretrain.optim.equilibrium import equilibrium_rate
-from pretrain.optim.hyper import Hyper
+from pretrain.optim.hyper import Hyper, KernelRejected
 from pretrain.optim.rules import INNER_RULES, Rule
 from pretrain.optim.segments import SegmentMap
 from pretrain.params import sharded_along_neurons
@@ -290,8 +290,8 @@ class RotationalOptimizer(Optimizer):
         try:
             self._run(entry, hyper, warmup=True)
             return True
-        except Exception as exc:  # noqa: BLE001 (Triton's compiler raises several kinds; nothing has run yet)
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+        except KernelRejected as exc:
+            reason = str(exc)
             shape = tuple(_local(entry.params[0]).shape)
             if self._fused_required or entry.tracked:
                 raise FusedStepUnavailable(
@@ -456,16 +456,18 @@ class _StepCounts:
         # Packed already, by another plan of these tensors (a measured step's, say): share it.
         self.storage = _packed_base(steps)
         if self.storage is None and all(s.dtype == torch.float32 and s.device.type == "cpu" and s.dim() == 0
-                                        for s in steps):
+                                        and s._base is None for s in steps):
             self.storage = torch.tensor([float(s) for s in steps], dtype=torch.float32)
             for i, st in enumerate(states):
                 st["step"] = self.storage[i]
-        # Otherwise (counters of another kind, e.g. loaded onto a device) they are advanced where they are.
+        # Otherwise they are advanced where they are: counters of another kind (e.g. loaded onto a
+        # device), or some packed by a plan of another live set (a tensor without a gradient on some
+        # steps), which repacking would take from that plan, and each would re-plan every step.
         self.views = [st["step"] for st in states]
 
     def holds(self, states: list[dict[str, Any]]) -> bool:
         """Whether these are still the counters of `states` (the live tensors' state, in plan order)."""
-        return all(st["step"] is view for st, view in zip(states, self.views, strict=True))
+        return all(st.get("step") is view for st, view in zip(states, self.views, strict=True))
 
     def advance(self) -> None:
         if self.storage is None:
