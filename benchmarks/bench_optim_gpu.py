@@ -12,8 +12,9 @@ every optimizer once, in an order that rotates, and CUDA events time each step. 
 median step time (CUDA events) and its ratio to torch's `AdamW(fused=True)`, and the host time of
 the `step()` call (when it nears the step time, Python and launches bound the step, not the GPU).
 `+sums` rows also write the rotation tracker's per-neuron sums for every matrix (a
-`logging.rotation_every=1` step). `NAME@32x64` plans NAME's kernel launches with column tiles of
-32 columns x 64 rows (`pretrain.optim.fused.COLUMN_TILE`), to compare the column walk's tiles.
+`logging.rotation_every=1` step). `NAME@32x64x4` plans NAME's kernel launches with column tiles of
+32 columns x 64 rows and 4 warps (`pretrain.optim.fused.COLUMN_TILE`), to compare the column walk's
+tiles; a tile whose rows cover a neuron (768 rows: `@4x1024x8`) walks it in one pass.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@
 #   mkdir -p .gpu/nanogpt && cp ../shared/anchors/nanogpt/* .gpu/nanogpt/   # bench.py, model.py, configurator.py
 #   bash benchmarks/gpu_check.sh [OUT_DIR]                                    # ~7-8 min on an H200
 #   SECTIONS="1 2" bash benchmarks/gpu_check.sh                               # some sections only
+#   GPU_TESTS= bash benchmarks/gpu_check.sh       # section 0 without tests/test_loss.py (~30 s less)
 #
 # Section 7 (the pre-issue-10 "before" rows, ~1 min) runs only when named: its figures are in
 # benchmarks/RESULTS.md already (run 1), and without it one call stays within 8 minutes.
@@ -21,7 +22,7 @@ py=${PYTHON:-python3}
 sections=" ${SECTIONS:-0 1 2 3 4 5 6} "
 
 want() { [[ "$sections" == *" $1 "* ]]; }
-section() { printf '\n## %s\n\n' "$1" | tee -a "$report"; }
+section() { printf '\n## %s\n\n' "$1" | tee -a "$report"; echo "(started at ${SECONDS}s)" >>"$report"; }
 run() {  # run LIMIT_S CMD...: the command's output into the report; a failure is reported, not fatal
   local limit=$1; shift
   echo "\`$*\`" | tee -a "$report"
@@ -40,7 +41,7 @@ section "Device"
 if want 0; then
   section "0. GPU tests: the compiled kernels against the eager paths (AdamW cases; CI covers every rule in the interpreter)"
   run 150 $py -m pytest -q -p no:cacheprovider tests/test_optim_fused.py tests/test_metrics_fused_sums.py \
-    tests/test_loss.py tests/test_metrics_training.py -k "not lion and not sgdm"
+    tests/test_metrics_training.py ${GPU_TESTS-tests/test_loss.py} -k "not lion and not sgdm"
 fi
 
 if want 1; then
@@ -63,7 +64,7 @@ if want 4; then
   section "4. Optimizer step alone, llama-125m parameter set; then GPT-2 124M's (Conv1D: column neurons)"
   run 180 $py benchmarks/bench_optim_gpu.py --reps 40
   run 120 $py benchmarks/bench_optim_gpu.py --set gpt2 --reps 30 \
-    --names torch-fused,adamw,rv-adamw,rv-adamw+sums,rv-lion,rv-adamw@32x64,rv-adamw@64x32,rv-adamw@16x128
+    --names torch-fused,adamw,rv-adamw,rv-adamw+sums,rv-lion,rv-adamw@8x256x8,rv-adamw@16x256x8,rv-adamw@4x1024x8,rv-adamw@8x1024x8,rv-adamw@8x1024x16
 fi
 
 if want 3; then

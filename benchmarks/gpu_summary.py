@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 Table = list[dict[str, str]]
+_CLOCK = "(started at "  # gpu_check.sh's time stamp under each heading
 Captioned = tuple[str, Table]  # a table and the text line above it
 
 
@@ -37,7 +38,8 @@ class Report:
                 sections[key] = []
             elif key:
                 sections[key].append(line)
-        device = " | ".join(line.strip() for line in sections.get("device", []) if line.strip())
+        device = " | ".join(line.strip() for line in sections.get("device", [])
+                            if line.strip() and not line.startswith(_CLOCK))
         return Report(device, {k: "\n".join(v) for k, v in sections.items()},
                       {k: _tables(v) for k, v in sections.items()})
 

@@ -59,6 +59,28 @@ def neuron_axis_of(module: nn.Module) -> int | None:
     return None
 
 
+class ParameterLookup:
+    """The current tensors of named parameters, read on every call without walking the module tree.
+
+    Each name's owning module is found once; its parameter is read from the module on every
+    call, so a parameter replaced in place of the old one (`load_state_dict(assign=True)`,
+    FSDP2's sharding) is the one returned. `model.get_parameter` walks the tree per name, which
+    for the ~100 tracked tensors of a 125M model cost ~1 ms of host time per measured step.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self._slots: list[tuple[nn.Module, str]] = []
+        for name in names:
+            owner, _, attr = name.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            if attr not in module._parameters:
+                raise AttributeError(f"{type(model).__name__} has no parameter {name!r}")
+            self._slots.append((module, attr))
+
+    def __call__(self) -> list[torch.Tensor]:
+        return [module._parameters[attr] for module, attr in self._slots]
+
+
 def sharded_along_neurons(p: torch.Tensor, axis: int) -> bool:
     """Whether `p` is a DTensor sharded along its neuron `axis`: each rank then holds whole neurons.
 

@@ -9,6 +9,7 @@ from tests.train_utils import REPO
 
 SYNTHETIC = """## Device
 
+(started at 0s)
 NVIDIA H100 80GB HBM3, 570.0, 81559 MiB
 torch 2.11.0 | transformers 5.17.0 | triton 3.6.0
 

@@ -86,6 +86,9 @@ def test_balance_and_ratio_mean():
     expected = [8.0 / 1.0, 1.0 / 0.5, 4.0 / 1.0, NAN, 2.0 / 1.0, 3.0 / 1.0]
     np.testing.assert_allclose(history.balance(), expected)
     np.testing.assert_allclose(history.ratio_mean()[:2], [(5.0 + 5.0 + 0.5) / 3, (1.5 + 1.05 + 0.95) / 3])
+    # From an index on (the tracker's per-step numbers read the latest alone): the same values.
+    np.testing.assert_allclose(history.balance(first=-1), expected[-1:])
+    np.testing.assert_allclose(history.ratio_mean(first=-2), history.ratio_mean()[-2:])
 
 
 def test_state_dict_round_trip_is_weights_only_loadable():

@@ -9,7 +9,7 @@ from transformers.pytorch_utils import Conv1D
 from pretrain.config import ModelConfig
 from pretrain.errors import UserError
 from pretrain.model import PRESETS, build_model, padded_vocab_size, resolve_size, save_hf_model
-from pretrain.params import classify_parameters, summarize_table
+from pretrain.params import ParameterLookup, classify_parameters, summarize_table
 
 VOCAB, SEQ, EOS = 300, 32, 299
 
@@ -102,3 +102,20 @@ def test_gains_fold_into_a_plain_transformers_checkpoint(arch, tmp_path):
     x = torch.randint(0, VOCAB, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_parameter_lookup_reads_the_current_tensors():
+    """The rotation sources' name lookup: the tensors `get_parameter` gives, parametrized ones too, and a
+    parameter replaced after the lookup was built (load_state_dict(assign=True)) is the one returned."""
+    model = build_model(ModelConfig(arch="gpt2", preset="tiny", linear_gains=True), 256, 32, eos_id=0)
+    names = [name for name, _ in model.named_parameters()]
+    lookup = ParameterLookup(model, names)
+    assert all(a is model.get_parameter(n) for a, n in zip(lookup(), names, strict=True))
+    assert any(name.endswith(".parametrizations.weight.original") for name in names)
+    state = {k: v.clone() + 1 for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    fresh = lookup()
+    assert all(a is model.get_parameter(n) for a, n in zip(fresh, names, strict=True))
+    torch.testing.assert_close(fresh[0], state[names[0]])
+    with pytest.raises(AttributeError, match="no parameter 'transformer.h.0.nope'"):
+        ParameterLookup(model, ["transformer.h.0.nope"])

@@ -67,7 +67,8 @@ def test_model_widths_match_eager(device, axis):
     assert_same(*pairs, rtol=1e-4)  # sums over 3072 fp32 products in another order: ~2e-5 apart
 
 
-@pytest.mark.parametrize("tile", [(32, 64), (64, 32), (16, 128)], ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("tile", [(32, 64, 4), (64, 32, 4), (16, 128, 8), (4, 1024, 8)],
+                         ids=lambda t: "x".join(map(str, t)))
 def test_column_tiles_match_eager(device, monkeypatch, tile):
     """The column tiles the GPU benchmark compares (one and two passes, masked edges), with rotation sums."""
     import pretrain.optim.fused as fused
@@ -155,3 +156,18 @@ def test_a_kernel_the_compiler_rejects_takes_the_eager_step_or_stops_in_one_line
                                    for p in params[:-1]})
     with pytest.raises(UserError, match="did not compile"):
         tracked.step()
+
+
+def test_pointer_tables_upload_only_when_an_address_changes(device):
+    """The kernels' address tables (on CUDA uploaded without blocking, through pinned memory) hold the
+    tensors' addresses, and a table is rebuilt only when one of them moves."""
+    from pretrain.optim.fused import PointerTables
+
+    a, b, c = (torch.zeros(4, device=device) for _ in range(3))
+    tables = PointerTables(a.device)
+    first = tables.get("w", [a, b])
+    assert tables.get("w", [a, b]) is first
+    assert first.device == a.device and first.tolist() == [a.data_ptr(), b.data_ptr()]
+    moved = tables.get("w", [a, c])
+    assert moved is not first and moved.tolist() == [a.data_ptr(), c.data_ptr()]
+    assert tables.address("w") == (a.data_ptr(), c.data_ptr()) and tables.address("g") is None

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from pretrain.optim.fused import compile_only
+from pretrain.optim.fused import PointerTables, compile_only
 
 # Tests set this under Triton's interpreter (TRITON_INTERPRET=1) to run the kernel on CPU tensors.
 RUN_ON_CPU = False
@@ -152,15 +152,7 @@ class Batch:
         self.tiles = triton.cdiv(self.neurons, _BLOCK_N)
         self.count = len(weights)
         self.copies: list[Tensor] = []
-        self._ptrs: dict[str, tuple[int, ...]] = {}
-        self._tables: dict[str, Tensor] = {}
-
-    def _table(self, role: str, tensors: list[Tensor]) -> Tensor:
-        ptrs = tuple(t.data_ptr() for t in tensors)
-        if self._ptrs.get(role) != ptrs:
-            self._tables[role] = torch.tensor(ptrs, dtype=torch.int64, device=tensors[0].device)
-            self._ptrs[role] = ptrs
-        return self._tables[role]
+        self._tables = PointerTables(weights[0].device)
 
     def _launch(self, kernel: Any, *tables: Tensor, warmup: bool = False) -> None:
         grid = (self.tiles * self.count,)
@@ -178,18 +170,18 @@ class Batch:
         A pointer table's addresses do not change the compiled kernel, so the weights' table
         stands in for the copies' (no copy is made for this).
         """
-        w, g, out = self._table("w", weights), self._table("g", grads), self._table("out", rows)
+        w, g, out = self._tables.get("w", weights), self._tables.get("g", grads), self._tables.get("out", rows)
         self._launch(_capture_kernel, w, g, w, out, warmup=True)
         self._launch(_delta_kernel, w, w, out, warmup=True)
 
     def capture(self, weights: list[Tensor], grads: list[Tensor], rows: list[Tensor]) -> None:
         """Copy the weights and write |g|^2 per neuron into column 3 of `rows` ([neurons, 4] float64 views)."""
         self.copies = [torch.empty_like(w) for w in weights]
-        self._launch(_capture_kernel, self._table("w", weights), self._table("g", grads),
-                     self._table("copy", self.copies), self._table("out", rows))
+        self._launch(_capture_kernel, self._tables.get("w", weights), self._tables.get("g", grads),
+                     self._tables.get("copy", self.copies), self._tables.get("out", rows))
 
     def measure(self, weights: list[Tensor], rows: list[Tensor]) -> None:
         """Write |w_t|^2, <w_t, dw>, |dw|^2 per neuron into columns 0-2 of `rows`."""
-        self._launch(_delta_kernel, self._table("copy", self.copies), self._table("w", weights),
-                     self._table("out", rows))
+        self._launch(_delta_kernel, self._tables.get("copy", self.copies), self._tables.get("w", weights),
+                     self._tables.get("out", rows))
         self.copies = []

@@ -70,17 +70,18 @@ class RotationHistory:
 
     # ------------------------------------------------------------------ model-level numbers
 
-    def ratio_mean(self) -> np.ndarray:
-        """Per measurement, mean of theta/eta_r over the layers where it is defined (NaN if none)."""
-        return _nanmean(self.column("ratio"), axis=1)
+    def ratio_mean(self, first: int = 0) -> np.ndarray:
+        """Per measurement from index `first` on (-1: the latest alone), mean of theta/eta_r over the
+        layers where it is defined (NaN if none)."""
+        return _nanmean(self.column("ratio")[first:], axis=1)
 
-    def balance(self) -> np.ndarray:
-        """Per measurement, max/min of the layers' mean theta (NaN when the smallest is 0)."""
-        theta = self.column("theta_mean")
+    def balance(self, first: int = 0) -> np.ndarray:
+        """Per measurement from index `first` on, max/min of the layers' mean theta (NaN when the smallest is 0)."""
+        theta = self.column("theta_mean")[first:]
         if theta.shape[1] == 0:
-            return np.full(self._n, np.nan)
+            return np.full(len(theta), np.nan)
         high, low = np.fmax.reduce(theta, axis=1), np.fmin.reduce(theta, axis=1)  # fmax/fmin skip NaN
-        return np.divide(high, low, out=np.full(self._n, np.nan), where=low > 0)
+        return np.divide(high, low, out=np.full(len(theta), np.nan), where=low > 0)
 
     def time_to_equilibrium(self) -> list[int | None]:
         """Per layer: the first measured step from which every later ratio is within tolerance.

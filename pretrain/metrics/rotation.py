@@ -63,8 +63,12 @@ class RotationTracker:
         names = [layer_name(spec.name) for spec in self.specs]
         self.layers = names if len(set(names)) == len(names) else [spec.name for spec in self.specs]
         self.history = RotationHistory(self.layers)
-        # Per-neuron values of the latest measurement: layer -> NEURON_METRICS -> [neurons].
-        self.snapshot: dict[str, dict[str, torch.Tensor]] = {}
+        # Per-neuron values of the latest measurement ([neurons, NEURON_METRICS]); split into
+        # `snapshot`'s per-layer dict only when read (a checkpoint), not on every measured step.
+        self._latest: torch.Tensor | None = None
+        self._snapshot: dict[str, dict[str, torch.Tensor]] = {}
+        # `rotation/...` logger keys of `history.values[-1]` flattened metric-major.
+        self._keys = [f"rotation/{LOG_GROUPS[metric]}/{layer}" for metric in LAYER_METRICS for layer in self.layers]
         self.source = source or ModelSource(model, self.specs)
         self._optim = optim_cfg
         self._rule = rule_of(optim_cfg.name)
@@ -96,8 +100,7 @@ class RotationTracker:
         self._segment = self._segment.to(device)
         stats = layer_stats(metrics, self._segment, len(self.specs)).cpu().numpy()  # the one host sync
         per_layer = dict(zip(LAYER_STATS, stats.T, strict=True))
-        self.snapshot = {layer: dict(zip(NEURON_METRICS, part.unbind(dim=1), strict=True))
-                         for layer, part in zip(self.layers, metrics.split(self._neurons), strict=True)}
+        self._latest, self._snapshot = metrics, {}
 
         eta_r = equilibrium_rate(self._rule, lr, self._optim.weight_decay, self._optim.betas, self._optim.momentum)
         layer_eta = np.array([eta_r if spec.weight_decay else 0.0 for spec in self.specs])
@@ -106,6 +109,15 @@ class RotationTracker:
         self.history.append(step, lr, eta_r, np.stack([per_layer[m] for m in LAYER_METRICS], axis=1))
         self._line = self._summarize()
         return self._scalars()
+
+    @property
+    def snapshot(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per-neuron values of the latest measurement: layer -> NEURON_METRICS -> [neurons] ({} before any)."""
+        if self._latest is not None:
+            self._snapshot = {layer: dict(zip(NEURON_METRICS, part.unbind(dim=1), strict=True))
+                              for layer, part in zip(self.layers, self._latest.split(self._neurons), strict=True)}
+            self._latest = None
+        return self._snapshot
 
     def summary_line(self) -> str:
         """Short progress-bar text, e.g. 'θ/η 1.02 eq 10/14' (layers within ±10%); '' before any measurement."""
@@ -126,7 +138,7 @@ class RotationTracker:
             raise ValueError(f"rotation history tracks {len(history.layers)} layers {history.layers[:3]}..., "
                              f"this model tracks {len(self.layers)} layers {self.layers[:3]}...")
         self.history = history
-        self.snapshot = {layer: dict(m) for layer, m in state["snapshot"].items()}
+        self._latest, self._snapshot = None, {layer: dict(m) for layer, m in state["snapshot"].items()}
         self._line = self._summarize() if len(history) else ""
 
     def save(self, directory: Path) -> None:
@@ -137,12 +149,12 @@ class RotationTracker:
     # ------------------------------------------------------------------ internals
 
     def _scalars(self) -> dict[str, float]:
-        latest = self.history.values[-1]
-        out = {f"rotation/{LOG_GROUPS[metric]}/{layer}": float(latest[i, j])
-               for j, metric in enumerate(LAYER_METRICS) for i, layer in enumerate(self.layers)}
+        latest = self.history.values[-1].T.ravel().tolist()  # metric-major, as self._keys
+        out = dict(zip(self._keys, latest, strict=True))
         out["rotation/eta_r"] = float(self.history.eta_r[-1])
-        out["rotation/ratio_mean"] = float(self.history.ratio_mean()[-1])
-        out["rotation/balance"] = float(self.history.balance()[-1])
+        # The latest measurement only: over the whole history a long run's measured steps would grow O(steps).
+        out["rotation/ratio_mean"] = float(self.history.ratio_mean(first=-1)[0])
+        out["rotation/balance"] = float(self.history.balance(first=-1)[0])
         # Undefined values (no eta_r without weight decay, a layer whose theta is 0) stay
         # NaN in the history but are left out here, so logger graphs have no holes.
         return {k: v for k, v in out.items() if math.isfinite(v)}
@@ -155,7 +167,7 @@ class RotationTracker:
             theta = theta[~np.isnan(theta)]
             return f"θ {theta.mean():.1e}" if theta.size else "θ nan"
         inside = int((np.abs(ratio[defined] - 1.0) <= EQUILIBRIUM_TOLERANCE).sum())
-        return f"θ/η {self.history.ratio_mean()[-1]:.2f} eq {inside}/{int(defined.sum())}"
+        return f"θ/η {self.history.ratio_mean(first=-1)[0]:.2f} eq {inside}/{int(defined.sum())}"
 
     def _layer_table(self) -> list[dict]:
         return [{"name": layer, "param": spec.name, "kind": spec.kind, "shape": list(spec.shape),

@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor, Shard
 from pretrain.metrics.neurons import neuron_sums, workspace_elements
 from pretrain.optim.hyper import KernelRejected
 from pretrain.optim.segments import SegmentMap
-from pretrain.params import ParamSpec, sharded_along_neurons
+from pretrain.params import ParameterLookup, ParamSpec, sharded_along_neurons
 
 
 def _local_rows(p: Tensor, axis: int) -> tuple[Tensor, int, bool]:
@@ -81,31 +81,53 @@ def _compiled_batch(fused: Any, weights: list[Tensor], grads: list[Tensor], rows
     return batch
 
 
+class _SumRows:
+    """A measured step's [neurons, 4] float64 sums, and each tracked tensor's rows of them: its local
+    neurons at their global index. Allocated and sliced once, then zeroed per step (slicing a view per
+    tensor on every measured step was a visible share of its host time on a GPU)."""
+
+    def __init__(self, specs: list[ParamSpec]) -> None:
+        self.specs = specs
+        self.base = [0]
+        for spec in specs:
+            self.base.append(self.base[-1] + spec.num_neurons)
+        self._out: Tensor | None = None
+        self._rows: list[Tensor] = []
+
+    def zeroed(self, params: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """(the sums, zeroed; per tracked tensor its rows of them) for this step's `params`."""
+        locals_ = [_local_rows(p, spec.neuron_axis) for p, spec in zip(params, self.specs, strict=True)]
+        device = locals_[0][0].device if locals_ else torch.device("cpu")
+        if self._out is None or self._out.device != device:
+            self._out = torch.zeros(self.base[-1], 4, dtype=torch.float64, device=device)
+            self._rows = [self._out[self.base[i] + first:self.base[i] + first + local.shape[spec.neuron_axis]]
+                          for i, ((local, first, _), spec) in enumerate(zip(locals_, self.specs, strict=True))]
+        else:
+            self._out.zero_()
+        return self._out, self._rows
+
+
 class ModelSource:
     """Tracked tensors read from the model by name; see the module docstring."""
 
     def __init__(self, model: nn.Module, specs: list[ParamSpec]) -> None:
         self.model, self.specs = model, specs
-        self.base = [0]
-        for spec in specs:
-            self.base.append(self.base[-1] + spec.num_neurons)
+        # Read on every use, so a parameter replaced after construction (e.g. by
+        # load_state_dict(assign=True)) is still the one measured.
+        self._params = ParameterLookup(model, [spec.name for spec in specs])
         self.group = next((p.device_mesh.get_group() for p in self._params() if isinstance(p, DTensor)), None)
         self._workspace = workspace_elements(specs)
         self._before: list[Tensor | None] | None = None  # per tensor: its w_t copy, None where a Batch holds it
+        self._sums = _SumRows(specs)
         self._out: Tensor | None = None
+        self._rows: list[Tensor] = []
         self._batched: list[tuple[Any, list[int]]] = []
         self._batches: dict[tuple[int, ...], Any] = {}  # fused_sums.Batch by member tensors (None: rejected)
         self._torch_sums: set[int] = set()  # tensors whose batch was rejected: no Triton kernel measures them
 
-    def _params(self) -> list[Tensor]:
-        # Looked up by name on every use, so a parameter replaced after construction
-        # (e.g. by load_state_dict(assign=True)) is still the one measured.
-        return [self.model.get_parameter(spec.name) for spec in self.specs]
-
     def begin(self) -> None:
         params = self._params()
-        device = _local_rows(params[0], self.specs[0].neuron_axis)[0].device if params else torch.device("cpu")
-        self._out = torch.zeros(self.base[-1], 4, dtype=torch.float64, device=device)
+        self._out, self._rows = self._sums.zeroed(params)
         self._before = [None] * len(self.specs)
         fused = _fused_sums()
         batched: dict[tuple, list[tuple[int, Tensor, Tensor]]] = {}  # (shape, axis) -> (index, w, grad)
@@ -120,7 +142,7 @@ class ModelSource:
         for (_, axis), entries in batched.items():
             members = [i for i, _, _ in entries]
             weights, grads = [w for _, w, _ in entries], [g for _, _, g in entries]
-            rows = [self._rows(i, params) for i in members]
+            rows = [self._rows[i] for i in members]
             if tuple(members) not in self._batches:
                 self._batches[tuple(members)] = _compiled_batch(fused, weights, grads, rows, axis)
             batch = self._batches[tuple(members)]
@@ -139,16 +161,10 @@ class ModelSource:
         # rounded copy (bf16: ~4e-3 relative per element) would add more angle than the
         # ~1e-3 rad per step being measured, and a wider one would only cost more.
         self._before[i] = local.detach().clone()
-        self._rows(i, params)[:, 3] += _grad_square_sums(grad, axis, local.shape[axis], local.device)
+        self._rows[i][:, 3] += _grad_square_sums(grad, axis, local.shape[axis], local.device)
 
     def _local(self, i: int, params: list[Tensor]) -> Tensor:
         return _local_rows(params[i], self.specs[i].neuron_axis)[0].detach()
-
-    def _rows(self, i: int, params: list[Tensor]) -> Tensor:
-        """Tensor i's rows of the output: its local neurons, at their global index."""
-        local, first, _ = _local_rows(params[i], self.specs[i].neuron_axis)
-        start = self.base[i] + first
-        return self._out[start:start + local.shape[self.specs[i].neuron_axis]]
 
     def end(self) -> Tensor | None:
         if self._before is None:
@@ -158,9 +174,9 @@ class ModelSource:
         for i, (spec, before) in enumerate(zip(self.specs, self._before, strict=True)):
             if before is not None:
                 sums = neuron_sums if i in self._torch_sums else _delta_sums
-                self._rows(i, params)[:, :3] += sums(before, self._local(i, params), spec.neuron_axis, workspace)
+                self._rows[i][:, :3] += sums(before, self._local(i, params), spec.neuron_axis, workspace)
         for batch, members in self._batched:
-            batch.measure([self._local(i, params) for i in members], [self._rows(i, params) for i in members])
+            batch.measure([self._local(i, params) for i in members], [self._rows[i] for i in members])
         out, self._out, self._before, self._batched = self._out, None, None, []
         return out
 
@@ -247,11 +263,9 @@ class FusedSource:
 
     def __init__(self, model: nn.Module, optimizer: Any, specs: list[ParamSpec]) -> None:
         self.model, self.optimizer, self.specs = model, optimizer, specs
-        self.base = [0]
-        for spec in specs:
-            self.base.append(self.base[-1] + spec.num_neurons)
-        params = self._params()
-        self.group = next((p.device_mesh.get_group() for p in params if isinstance(p, DTensor)), None)
+        self._params = ParameterLookup(model, [spec.name for spec in specs])
+        self.group = next((p.device_mesh.get_group() for p in self._params() if isinstance(p, DTensor)), None)
+        self._rows = _SumRows(specs)
         self._sums: Tensor | None = None
 
     @classmethod
@@ -264,18 +278,11 @@ class FusedSource:
             return cls(model, optimizer, specs)
         return None
 
-    def _params(self) -> list[Tensor]:
-        return [self.model.get_parameter(spec.name) for spec in self.specs]
-
     def begin(self) -> None:
         params = self._params()
-        self._sums = torch.zeros(self.base[-1], 4, dtype=torch.float64, device=params[0].device)
-        rows = {}
-        for i, (p, spec) in enumerate(zip(params, self.specs, strict=True)):
-            local, first, _ = _local_rows(p, spec.neuron_axis)
-            start = self.base[i] + first
-            rows[id(p)] = (spec.neuron_axis, self._sums[start:start + local.shape[spec.neuron_axis]])
-        self.optimizer.request_rotation_sums(rows)
+        self._sums, rows = self._rows.zeroed(params)
+        self.optimizer.request_rotation_sums({id(p): (spec.neuron_axis, r)
+                                              for p, spec, r in zip(params, self.specs, rows, strict=True)})
 
     def end(self) -> Tensor | None:
         self.optimizer.request_rotation_sums({})  # a step that never ran (fp16 overflow) must not keep the request

@@ -37,10 +37,11 @@ _TINY = torch.finfo(torch.float32).tiny
 _TILE_ELEMENTS = 4096
 # Elements per program for flat (non-neuron) tensors: norms, biases.
 _FLAT_BLOCK = 2048
-# Column neurons (GPT-2's Conv1D [in, out]) are walked (adjacent columns, rows) at a time, in two
-# passes over rows. 8 columns fill a 32-byte sector; whether wider tiles are faster is unmeasured
-# (benchmarks/bench_optim_gpu.py --set gpt2 --column-tiles compares them on a GPU).
-COLUMN_TILE = (8, 256)
+# Column neurons (GPT-2's Conv1D [in, out]) are walked (adjacent columns, rows, warps) at a time;
+# a neuron longer than the tile's rows takes two passes. 8 columns fill a 32-byte sector. On an
+# H100, 8x256 / 32x64 / 64x32 / 16x128 tiles with 4 warps all took 2.4-2.6x torch's fused AdamW
+# on GPT-2's set (rv-lion 1.3x): `benchmarks/bench_optim_gpu.py --set gpt2` compares tiles.
+COLUMN_TILE = (8, 256, 4)
 
 
 @triton.jit
@@ -272,6 +273,34 @@ def _aligned(t: Tensor) -> bool:
     return t.data_ptr() % 16 == 0
 
 
+class PointerTables:
+    """int64 device tables of tensor addresses, one per role, re-uploaded only when an address changes.
+
+    An upload goes through pinned memory without blocking: a plain `torch.tensor(..., device=cuda)`
+    is a blocking copy, which waits for every kernel queued before it (the whole backward pass).
+    The pinned block is not reused before its copy is done (torch's caching host allocator).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._ptrs: dict[str, tuple[int, ...]] = {}
+        self._tables: dict[str, Tensor] = {}
+
+    def get(self, role: str, tensors: list[Tensor], ptrs: tuple[int, ...] | None = None) -> Tensor:
+        """The table of `tensors` (whose addresses are `ptrs`, when already known)."""
+        ptrs = ptrs or tuple(t.data_ptr() for t in tensors)
+        if self._ptrs.get(role) != ptrs:
+            host = torch.tensor(ptrs, dtype=torch.int64)
+            on_gpu = self.device.type == "cuda"
+            self._tables[role] = (host.pin_memory() if on_gpu else host).to(self.device, non_blocking=on_gpu)
+            self._ptrs[role] = ptrs
+        return self._tables[role]
+
+    def address(self, role: str) -> tuple[int, ...] | None:
+        """The addresses of the current table of `role` (None: none yet)."""
+        return self._ptrs.get(role)
+
+
 class Launch:
     """Same-shaped tensors that one kernel launch steps, with their pointer tables.
 
@@ -285,26 +314,19 @@ class Launch:
         self.layout, self.rotational, self.count = layout, rotational, len(weights)
         self.block_k = triton.next_power_of_2(layout.width) if layout.width <= _TILE_ELEMENTS else 1024
         if layout.stride_k != 1:  # column neurons
-            self.block_n = COLUMN_TILE[0]
-            self.block_k = min(self.block_k, COLUMN_TILE[1])
+            self.block_n, rows, self.num_warps = COLUMN_TILE
+            self.block_k = min(self.block_k, rows)
         else:
             self.block_n = max(1, min(16, _TILE_ELEMENTS // self.block_k))
+            self.num_warps = 8 if self.block_n * self.block_k >= 4096 else 4
         self.tiles = triton.cdiv(layout.neurons, self.block_n)
         self.numel = weights[0].numel()
         self.device = weights[0].device
-        self._ptrs: dict[str, tuple[int, ...]] = {}
-        self._tables: dict[str, Tensor] = {}
+        self._tables = PointerTables(self.device)
         # Tables of tensors that never move (moments, per-neuron state) are built once.
-        self._fixed = [self._table("m", moments[0]), self._table("v", moments[-1]),
-                       self._table("norm", norms or weights), self._table("avg", avgs or weights)]
+        self._fixed = [self._tables.get("m", moments[0]), self._tables.get("v", moments[-1]),
+                       self._tables.get("norm", norms or weights), self._tables.get("avg", avgs or weights)]
         self._no_sums = torch.zeros(len(weights), dtype=torch.int64, device=self.device)
-
-    def _table(self, role: str, tensors: list[Tensor], ptrs: tuple[int, ...] | None = None) -> Tensor:
-        ptrs = ptrs or tuple(t.data_ptr() for t in tensors)
-        if self._ptrs.get(role) != ptrs:
-            self._tables[role] = torch.tensor(ptrs, dtype=torch.int64, device=self.device)
-            self._ptrs[role] = ptrs
-        return self._tables[role]
 
     def run(self, weights: list[Tensor], grads: list[Tensor], hyper: Hyper, sums: list[Tensor] | None = None,
             warmup: bool = False) -> None:
@@ -314,19 +336,19 @@ class Launch:
         """
         layout = self.layout
         grad_ptrs: tuple[int, ...] | None = tuple(g.data_ptr() for g in grads)
-        if grad_ptrs != self._ptrs.get("g") and any(ptr % 16 for ptr in grad_ptrs):
+        if grad_ptrs != self._tables.address("g") and any(ptr % 16 for ptr in grad_ptrs):
             # A gradient that is a view into a flat buffer (FSDP2's reduce-scatter output, say) may
             # not be 16-byte aligned; the kernel only reads gradients, so an aligned copy will do.
             grads, grad_ptrs = [g if _aligned(g) else g.clone() for g in grads], None
-        sums_table = self._table("sums", sums) if sums is not None else self._no_sums
-        args = (self._table("w", weights), self._table("g", grads, grad_ptrs), *self._fixed, sums_table,
+        sums_table = self._tables.get("sums", sums) if sums is not None else self._no_sums
+        args = (self._tables.get("w", weights), self._tables.get("g", grads, grad_ptrs), *self._fixed, sums_table,
                 self.numel, layout.neurons, layout.width, layout.stride_n, layout.stride_k, self.tiles,
                 hyper.lr, hyper.weight_decay, hyper.beta1, hyper.beta2, hyper.eps, hyper.scale, hyper.eta, hyper.decay,
                 hyper.decay_bias, hyper.rot_eps)
         constants = dict(
             RULE=RULE_IDS[hyper.rule], ROTATIONAL=self.rotational, ZERO_MEAN=hyper.zero_mean, TRACK=sums is not None,
             SINGLE_PASS=self.block_k >= layout.width, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
-            NUM_K=triton.cdiv(layout.width, self.block_k), num_warps=8 if self.block_n * self.block_k >= 4096 else 4)
+            NUM_K=triton.cdiv(layout.width, self.block_k), num_warps=self.num_warps)
         grid = (self.tiles * self.count,)
         if warmup:
             compile_only(_step_kernel, grid, args, constants)
