@@ -25,7 +25,8 @@ under torch.profiler, so the table's timings never include a profiled step. `--p
 the kernels' key_averages table (totals over all profiled steps, as its first line says),
 `--trace` the chrome trace of the same steps (gzip-compressed when FILE ends in .gz), with each
 step's `forward_backward`, `engine.step` and `rotation metrics` marked as record_function
-ranges. `benchmarks/trace_gaps.py FILE` then reports where in the step the GPU sits idle.
+ranges. `benchmarks/trace_gaps.py FILE` then reports where in the step the GPU sits idle
+(the profiler slows the host a little, so the trace's host-bound gaps run somewhat long).
 
 MFU = achieved model FLOP/s / `--peak-tflops` (the device's dense bf16 peak: H100 SXM and H200
 989, A100 312). Model FLOPs per token follow the usual 6 N + 12 L d T (N parameters counted

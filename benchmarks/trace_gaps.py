@@ -4,11 +4,18 @@
 
 The window is the span from the first to the last device activity (kernel, memcpy, memset) of the
 trace's GPU; busy is the union of those activities over all streams, idle the rest of the window.
-Each idle gap is listed with the activities around it and what the host was running at the gap's
-middle: per host thread, the nested ops there (annotation > op > ... > CUDA runtime call), or where
-nothing was, the host range that overlaps the gap the longest. Host sync calls (stream, device and
-event synchronizes, and device-to-host copies) are totalled apart: each one is a point where the
-host waits for the GPU to drain, after which the GPU idles until the next launch arrives.
+Idle time is then split by gap length; by when the host issued the activity that ended the gap
+(through the CUDA call with the same correlation id: during the gap means the host was late, a
+launch-bound or synced stretch; before it means the work was queued and the GPU idled anyway); and
+by what the host was running at each gap's middle: the annotated ranges (record_function,
+Optimizer.step) and the host op that started last. The largest gaps are listed one by one with
+the activities around them and, per host thread, the nested ops at the gap's middle (annotation >
+op > ... > CUDA call), or where nothing ran there, at the host range overlapping the gap longest.
+Host sync calls (stream, device and event synchronizes, device-to-host copies) are totalled apart:
+at each one the host waits for the GPU to drain, and the GPU idles until the next launch arrives.
+
+The profiler's own bookkeeping slows the host a little, so host-bound gaps are somewhat longer in
+a trace than in an unprofiled step.
 """
 
 from __future__ import annotations
@@ -83,6 +90,7 @@ class Analysis:
     steps: int  # ProfilerStep#N ranges on the host
     syncs: list[SyncTotal]  # most total time first
     host: list[Event]
+    launches: dict[int, Event]  # correlation id -> the host CUDA call that issued a device activity
     note: str = ""
 
     @property
@@ -172,31 +180,90 @@ def analyse(events: list[Event]) -> Analysis:
     gaps = find_gaps(device)
     start, end = min(e.start for e in device), max(e.end for e in device)
     steps = len({e.name for e in host if e.category == "user_annotation" and e.name.startswith("ProfilerStep#")})
+    launches = {e.correlation: e for e in host
+                if e.category in ("cuda_runtime", "cuda_driver") and e.correlation is not None}
     return Analysis(start, end, (end - start) - sum(g.length for g in gaps),
                     sorted(gaps, key=lambda g: (-g.length, g.start)), len(device), len({e.tid for e in device}),
-                    steps, sync_totals(host, device), host, note)
+                    steps, sync_totals(host, device), host, launches, note)
 
 
-def stacks_at(host: list[Event], moment: float) -> dict[object, list[Event]]:
-    """Per host thread, the events running at `moment`, outermost first."""
-    running: dict[object, list[Event]] = defaultdict(list)
-    for event in host:
-        if event.start <= moment < event.end:
-            running[(event.pid, event.tid)].append(event)
-    return {thread: sorted(chain, key=lambda e: (e.start, -e.end)) for thread, chain in running.items()}
+Stacks = dict[object, list[Event]]  # per host thread (pid, tid), the events running, outermost first
 
 
-def host_during(gap: Gap, host: list[Event]) -> dict[object, list[Event]]:
+def stacks_at_each(host: list[Event], moments: list[float]) -> list[Stacks]:
+    """The host stacks at each moment, in one sweep over the events in time order."""
+    events = sorted(host, key=lambda e: (e.start, -e.end))  # a range before the ranges nested in it
+    open_ranges: dict[object, list[Event]] = defaultdict(list)
+    found: list[Stacks] = [{} for _ in moments]
+    following = 0
+    for index in sorted(range(len(moments)), key=moments.__getitem__):
+        moment = moments[index]
+        while following < len(events) and events[following].start <= moment:
+            event = events[following]
+            stack = open_ranges[(event.pid, event.tid)]
+            while stack and stack[-1].end <= event.start:
+                stack.pop()
+            stack.append(event)
+            following += 1
+        for thread, stack in open_ranges.items():
+            while stack and stack[-1].end <= moment:
+                stack.pop()
+            running = [e for e in stack if e.end > moment]  # a range that overlaps without nesting has ended
+            if running:
+                found[index][thread] = running
+    return found
+
+
+def host_during(gap: Gap, host: list[Event]) -> Stacks:
     """What the host ran during the gap: the stacks at its middle, else at the longest-overlapping range."""
-    middle = (gap.start + gap.end) / 2
-    stacks = stacks_at(host, middle)
+    stacks = stacks_at_each(host, [(gap.start + gap.end) / 2])[0]
     if stacks:
         return stacks
     overlapping = [e for e in host if min(e.end, gap.end) > max(e.start, gap.start)]
     if not overlapping:
         return {}
     longest = max(overlapping, key=lambda e: min(e.end, gap.end) - max(e.start, gap.start))
-    return stacks_at(host, (max(longest.start, gap.start) + min(longest.end, gap.end)) / 2)
+    return stacks_at_each(host, [(max(longest.start, gap.start) + min(longest.end, gap.end)) / 2])[0]
+
+
+def phase(stacks: Stacks) -> str:
+    """The annotated ranges (record_function, Optimizer.step, ...) running, below the ProfilerStep ones."""
+    ranges = sorted((e for chain in stacks.values() for e in chain
+                     if e.category == "user_annotation" and not e.name.startswith("ProfilerStep#")),
+                    key=lambda e: e.start)
+    return " > ".join(dict.fromkeys(e.name for e in ranges)) or "(no annotated range)"
+
+
+def latest_op(stacks: Stacks) -> str:
+    """The innermost host range that started last: what the host was busy with, over all its threads."""
+    leaves = [chain[-1] for chain in stacks.values()]
+    return max(leaves, key=lambda e: e.start).name if leaves else "(nothing recorded on the host)"
+
+
+def size_of(gap: Gap) -> str:
+    bounds = [0.0, *GAP_BUCKETS_US]
+    low, high = next((low, high) for low, high in pairwise([*bounds, float("inf")]) if gap.length < high)
+    return f"≥ {low:g} us" if high == float("inf") else f"{low:g}–{high:g} us"
+
+
+def launch_lead(gap: Gap, launches: dict[int, Event]) -> float | None:
+    """Microseconds from the GPU going idle to the host call that issued the next activity (< 0: issued before)."""
+    launch = launches.get(gap.after.correlation) if gap.after.correlation is not None else None
+    return None if launch is None else launch.start - gap.start
+
+
+def launch_timing(lead: float | None) -> str:
+    if lead is None:
+        return "not in the trace"
+    return "during the gap: the host was late" if lead >= 0 else "before the gap: queued on the GPU"
+
+
+def idle_by(gaps: list[Gap], labels: list[str]) -> list[tuple[str, int, float]]:
+    """(label, gaps, idle us) summed over the gaps, the most idle first."""
+    totals: dict[str, list[float]] = defaultdict(list)
+    for gap, label in zip(gaps, labels, strict=True):
+        totals[label].append(gap.length)
+    return sorted(((label, len(lengths), sum(lengths)) for label, lengths in totals.items()), key=lambda row: -row[2])
 
 
 def _cell(text: str, width: int = 60) -> str:
@@ -204,7 +271,7 @@ def _cell(text: str, width: int = 60) -> str:
     return short.replace("|", "\\|")
 
 
-def describe(stacks: dict[object, list[Event]]) -> str:
+def describe(stacks: Stacks) -> str:
     if not stacks:
         return "nothing recorded on the host"
     lines = []
@@ -231,19 +298,29 @@ def report(analysis: Analysis, top: int, title: str) -> str:
         n = analysis.steps
         lines.append(f"- per profiler step ({n} ProfilerStep ranges): window {window * ms / n:.3f} ms, busy "
                      f"{analysis.busy_us * ms / n:.3f} ms, idle {analysis.idle_us * ms / n:.3f} ms")
-    lines += ["", "| gap length | gaps | idle ms | share of idle |", "|---|---|---|---|"]
-    bounds = [0.0, *GAP_BUCKETS_US, float("inf")]
-    for low, high in pairwise(bounds):
-        inside = [g.length for g in analysis.gaps if low <= g.length < high]
-        label = f"≥ {low:g} us" if high == float("inf") else f"{low:g}–{high:g} us"
-        share = 100 * sum(inside) / analysis.idle_us if analysis.idle_us else 0.0
-        lines.append(f"| {label} | {len(inside)} | {sum(inside) * ms:.3f} | {share:.1f}% |")
-    lines += ["", f"Largest {min(top, len(analysis.gaps))} gaps (at = ms after the window's start):", "",
-              "| # | gap us | at ms | before | after | host during the gap |", "|---|---|---|---|---|---|"]
-    for rank, gap in enumerate(analysis.gaps[:top], 1):
-        host = describe(host_during(gap, analysis.host))
-        lines.append(f"| {rank} | {gap.length:.1f} | {(gap.start - analysis.window_start) * ms:.3f} | "
-                     f"{_cell(gap.before.name)} | {_cell(gap.after.name)} | {host} |")
+    gaps, idle = analysis.gaps, analysis.idle_us
+    leads = [launch_lead(gap, analysis.launches) for gap in gaps]
+    middles = stacks_at_each(analysis.host, [(gap.start + gap.end) / 2 for gap in gaps])
+    for caption, column, labels, limit in (
+            ("Idle time by gap length:", "gap length", [size_of(gap) for gap in gaps], None),
+            ("Idle time by when the host issued the activity after the gap:", "issued",
+             [launch_timing(lead) for lead in leads], None),
+            ("Idle time by the annotated host ranges running at each gap's middle:", "host ranges",
+             [phase(stacks) for stacks in middles], top),
+            ("Idle time by the host op that started last among those running at each gap's middle:", "host op",
+             [latest_op(stacks) for stacks in middles], top)):
+        lines += ["", caption, "", f"| {column} | gaps | idle ms | share of idle |", "|---|---|---|---|"]
+        lines += [f"| {_cell(label)} | {count} | {total * ms:.3f} | {100 * total / idle if idle else 0.0:.1f}% |"
+                  for label, count, total in idle_by(gaps, labels)[:limit]]
+    lines += ["", f"Largest {min(top, len(gaps))} gaps (at: ms after the window's start; issued: us from the gap's "
+              "start to the host call that issued the next activity):", "",
+              "| # | gap us | at ms | issued us | before | after | host during the gap |",
+              "|---|---|---|---|---|---|---|"]
+    for rank, (gap, lead) in enumerate(zip(gaps[:top], leads[:top], strict=True), 1):  # gaps: longest first
+        issued = "?" if lead is None else f"{lead:+.1f}"
+        lines.append(f"| {rank} | {gap.length:.1f} | {(gap.start - analysis.window_start) * ms:.3f} | {issued} | "
+                     f"{_cell(gap.before.name)} | {_cell(gap.after.name)} | "
+                     f"{describe(host_during(gap, analysis.host))} |")
     lines += ["", "Host sync calls (the host waits for the GPU):", ""]
     if analysis.syncs:
         lines += ["| call | count | total ms | longest ms |", "|---|---|---|---|"]

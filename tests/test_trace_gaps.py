@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks.bench_mfu import write_trace
-from benchmarks.trace_gaps import analyse, describe, host_during, main, read_events
+from benchmarks.trace_gaps import Event, analyse, describe, host_during, launch_lead, main, read_events, stacks_at_each
 from tests.train_utils import REPO
 
 HOST, MAIN, AUTOGRAD = 4242, 4242, 4250  # host pid, main thread, autograd worker thread
@@ -43,7 +44,9 @@ def _synthetic() -> dict:
         _x("cuda_runtime", "cudaStreamSynchronize", 201, 100, HOST, MAIN),
         _x("cuda_runtime", "cudaMemcpyAsync", 99, 2, HOST, MAIN, correlation=11),  # host to device: no sync
         _x("cpu_op", "autograd::engine::evaluate_function: MmBackward0", 140, 20, HOST, AUTOGRAD),
-        _x("cuda_runtime", "cudaLaunchKernel", 412, 6, HOST, MAIN, correlation=5),
+        _x("cuda_runtime", "cudaLaunchKernel", 120, 5, HOST, MAIN, correlation=2),  # 30 us before its gap
+        _x("cuda_runtime", "cudaLaunchKernel", 305, 4, HOST, MAIN, correlation=4),  # 95 us into its gap
+        _x("cuda_driver", "cuLaunchKernel", 412, 6, HOST, MAIN, correlation=5),  # 12 us into its gap
         _x("cuda_runtime", "cudaStreamSynchronize", 420, 20, HOST, MAIN),
     ]
     other = [{"ph": "M", "name": "process_name", "pid": HOST, "tid": 0, "args": {"name": "python"}},
@@ -80,7 +83,7 @@ def test_the_host_ops_running_during_each_gap(synthetic_path: Path) -> None:
     assert describe(stacks) == ("ProfilerStep#1 > forward_backward > aten::item > aten::_local_scalar_dense > "
                                 "cudaStreamSynchronize")
     # nothing runs at 410, the gap's middle: the range overlapping the gap longest is the launch at 412-418
-    assert describe(host_during(launch_gap, analysis.host)) == "cudaLaunchKernel"
+    assert describe(host_during(launch_gap, analysis.host)) == "cuLaunchKernel"
     both = host_during(autograd_gap, analysis.host)  # 155: the main thread waits while the autograd thread works
     assert {tid: [e.name for e in chain] for (_, tid), chain in both.items()} == {
         MAIN: ["ProfilerStep#1", "forward_backward"],
@@ -88,6 +91,12 @@ def test_the_host_ops_running_during_each_gap(synthetic_path: Path) -> None:
     assert describe(both).split("<br>") == [
         f"tid {MAIN}: ProfilerStep#1 > forward_backward",
         f"tid {AUTOGRAD}: autograd::engine::evaluate_function: MmBackward0"]
+
+
+def test_how_long_after_the_gap_started_the_next_activity_was_issued(synthetic_path: Path) -> None:
+    analysis = analyse(read_events(synthetic_path))
+    assert [launch_lead(gap, analysis.launches) for gap in analysis.gaps] == [95, 12, -30]
+    assert launch_lead(analysis.gaps[0], {}) is None
 
 
 def test_host_sync_totals_count_only_device_to_host_copies(synthetic_path: Path) -> None:
@@ -101,9 +110,15 @@ def test_report_lists_the_largest_gaps_first(synthetic_path: Path, capsys: pytes
     assert "GPU busy 0.200 ms (60.6%), idle 0.130 ms (39.4%) in 3 gaps" in text
     rows = [line for line in text.splitlines() if line.startswith(("| 1 |", "| 2 |", "| 3 |"))]
     assert len(rows) == 2
-    assert rows[0].startswith("| 1 | 100.0 | 0.110 | k3_other_stream | k4_adamw | ProfilerStep#1 > ")
-    assert rows[1].startswith("| 2 | 20.0 | 0.300 | k4_adamw | Memset (Device) | cudaLaunchKernel |")
-    assert "| 5–50 us | 2 | 0.030 | 23.1% |" in text and "| 50–500 us | 1 | 0.100 | 76.9% |" in text
+    assert rows[0].startswith("| 1 | 100.0 | 0.110 | +95.0 | k3_other_stream | k4_adamw | ProfilerStep#1 > ")
+    assert rows[1].startswith("| 2 | 20.0 | 0.300 | +12.0 | k4_adamw | Memset (Device) | cuLaunchKernel |")
+    assert "| 50–500 us | 1 | 0.100 | 76.9% |\n| 5–50 us | 2 | 0.030 | 23.1% |" in text
+    assert ("| during the gap: the host was late | 2 | 0.120 | 92.3% |\n"
+            "| before the gap: queued on the GPU | 1 | 0.010 | 7.7% |") in text
+    assert "| forward_backward | 2 | 0.110 | 84.6% |\n| (no annotated range) | 1 | 0.020 | 15.4% |" in text
+    # at the middles only (nothing runs at 410), and --top 2 rows of it
+    assert ("| cudaStreamSynchronize | 1 | 0.100 | 76.9% |\n| (nothing recorded on the host) | 1 | 0.020 | 15.4% |"
+            "\n\n") in text
     assert "| cudaStreamSynchronize | 2 | 0.120 | 0.100 |" in text
 
 
@@ -115,6 +130,24 @@ def test_a_long_host_stack_keeps_its_outer_and_inner_frames(tmp_path: Path) -> N
     path.write_text(json.dumps(trace))  # a bare event list is a chrome trace too
     analysis = analyse(read_events(path))
     assert describe(host_during(analysis.gaps[0], analysis.host)) == "op0 > op1 > … > op5 > op6 > op7"
+
+
+def test_the_sweep_finds_the_same_stacks_as_a_scan_of_every_event() -> None:
+    """Nested ranges on two threads, some overlapping without nesting (clock skew between ops and runtime calls)."""
+    rng = random.Random(0)
+    host = []
+    for tid in (1, 2):
+        start = 0.0
+        for _ in range(200):
+            start += rng.uniform(0, 5)
+            outer = Event("outer", "cpu_op", start, start + rng.uniform(1, 12), HOST, tid)
+            inner_start = outer.start + rng.uniform(0, outer.end - outer.start)
+            host += [outer, Event("inner", "cuda_runtime", inner_start, inner_start + rng.uniform(0, 4), HOST, tid)]
+    moments = [rng.uniform(0, 1000) for _ in range(300)] + [e.start for e in host[:50]] + [e.end for e in host[:50]]
+    expected = [{(HOST, tid): sorted((e for e in host if e.tid == tid and e.start <= t < e.end),
+                                     key=lambda e: (e.start, -e.end)) for tid in (1, 2)} for t in moments]
+    expected = [{thread: chain for thread, chain in stacks.items() if chain} for stacks in expected]
+    assert stacks_at_each(host, moments) == expected
 
 
 def _profile_matmuls() -> torch.profiler.profile:
