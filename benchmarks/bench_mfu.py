@@ -183,10 +183,10 @@ def main() -> None:
     parser.add_argument("--overrides", nargs="*", default=[], help="extra dotted config overrides")
     args = parser.parse_args()
     if args.profile_steps < 1:
-        parser.error("--profile-steps must be at least 1")
+        parser.exit(2, "error: --profile-steps must be at least 1\n")
     for path in (args.profile, args.trace):
         if path and not Path(path).resolve().parent.is_dir():
-            parser.error(f"the folder of {path} does not exist; create it or choose another path")
+            parser.exit(2, f"error: the folder of {path} does not exist; create it or choose another path\n")
 
     base = [f"data.seq_len={args.seq_len}", f"train.micro_batch_size={args.micro_batch}",
             f"train.grad_accum={args.grad_accum}", f"train.device={args.device}",
