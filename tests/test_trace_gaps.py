@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.bench_mfu import write_trace
+from benchmarks.bench_mfu import Mark, profile_steps, write_trace
 from benchmarks.trace_gaps import Event, analyse, describe, host_during, launch_lead, main, read_events, stacks_at_each
 from tests.train_utils import REPO
 
@@ -150,25 +150,38 @@ def test_the_sweep_finds_the_same_stacks_as_a_scan_of_every_event() -> None:
     assert stacks_at_each(host, moments) == expected
 
 
-def _profile_matmuls() -> torch.profiler.profile:
-    weight = torch.randn(32, 32)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-        for _ in range(3):
-            with torch.profiler.record_function("matmul step"):
-                weight = torch.tanh(weight @ weight)
-    return profiler
+class MatmulStep:
+    """bench_mfu's BenchStep interface over a tiny matmul, recording the steps it ran."""
+
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.weight = torch.randn(32, 32)
+        self.steps: list[int] = []
+
+    def __call__(self, step: int, mark: Mark) -> tuple[float, float]:
+        self.steps.append(step)
+        with mark("forward_backward"):
+            self.weight = torch.tanh(self.weight @ self.weight)
+        return 0.0, 0.0
 
 
 @pytest.mark.parametrize("name", ["cpu.json", "cpu.json.gz"])
 def test_a_real_cpu_trace_reports_no_gpu_activity_in_one_line(tmp_path: Path, name: str,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    bench_step = MatmulStep()
+    profiler = profile_steps(bench_step, 11, 3)  # a stand-in for BenchStep: only device and the call are used
     path = tmp_path / name
-    write_trace(_profile_matmuls(), str(path))
+    write_trace(profiler, str(path))
+    assert bench_step.steps == [11, 12, 13, 14]  # the profiler's warm-up step, then the 3 recorded
     if name.endswith(".gz"):
         assert path.read_bytes()[:2] == b"\x1f\x8b"  # gzip magic
     assert not list(tmp_path.glob("*.partial"))
     events = read_events(path)
-    assert {"aten::matmul", "aten::tanh", "matmul step"} <= {e.name for e in events}
+    names = [e.name for e in events]
+    assert names.count("forward_backward") == 3 and names.count("aten::tanh") == 3  # not the warm-up step's
+    assert sorted(n for n in names if n.startswith("ProfilerStep#")) == ["ProfilerStep#1", "ProfilerStep#2",
+                                                                         "ProfilerStep#3"]
     assert all(e.end >= e.start for e in events)
     assert main([str(path)]) == 2
     captured = capsys.readouterr()
