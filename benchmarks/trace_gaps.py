@@ -5,12 +5,14 @@
 The window is the span from the first to the last device activity (kernel, memcpy, memset) of the
 trace's GPU; busy is the union of those activities over all streams, idle the rest of the window.
 Idle time is then split by gap length; by when the host issued the activity that ended the gap
-(through the CUDA call with the same correlation id: during the gap means the host was late, a
-launch-bound or synced stretch; before it means the work was queued and the GPU idled anyway); and
-by what the host was running at each gap's middle: the annotated ranges (record_function,
-Optimizer.step) and the host op that started last. The largest gaps are listed one by one with
-the activities around them and, per host thread, the nested ops at the gap's middle (annotation >
-op > ... > CUDA call), or where nothing ran there, at the host range overlapping the gap longest.
+(the return of the CUDA call with the same correlation id: during the gap means the host was late,
+a launch-bound or synced stretch; before it means the work was queued and the GPU idled anyway);
+by where in the step the gaps are (the annotated ranges, e.g. record_function or Optimizer.step,
+running when that call was made); and, for the gaps the host was late for, by the host op that
+started last among those running at the gap's middle (what held the host up). The largest gaps
+are listed one by one with the activities around them and, per host thread, the nested ops at the
+gap's middle (annotation > op > ... > CUDA call), or where nothing ran there, at the host range
+overlapping the gap longest.
 Host sync calls (stream, device and event synchronizes, device-to-host copies) are totalled apart:
 at each one the host waits for the GPU to drain, and the GPU idles until the next launch arrives.
 
@@ -246,16 +248,22 @@ def size_of(gap: Gap) -> str:
     return f"≥ {low:g} us" if high == float("inf") else f"{low:g}–{high:g} us"
 
 
+def launch_of(gap: Gap, launches: dict[int, Event]) -> Event | None:
+    """The host CUDA call that issued the activity after the gap, where the trace has it."""
+    return launches.get(gap.after.correlation) if gap.after.correlation is not None else None
+
+
 def launch_lead(gap: Gap, launches: dict[int, Event]) -> float | None:
-    """Microseconds from the GPU going idle to the host call that issued the next activity (< 0: issued before)."""
-    launch = launches.get(gap.after.correlation) if gap.after.correlation is not None else None
-    return None if launch is None else launch.start - gap.start
+    """Microseconds from the GPU going idle to the return of the host call that issued the next activity, from
+    which on that activity is queued for the GPU (< 0: queued before the GPU went idle)."""
+    launch = launch_of(gap, launches)
+    return None if launch is None else launch.end - gap.start
 
 
 def launch_timing(lead: float | None) -> str:
     if lead is None:
         return "not in the trace"
-    return "during the gap: the host was late" if lead >= 0 else "before the gap: queued on the GPU"
+    return "during the gap: the host was late" if lead > 0 else "before the gap: queued for the GPU"
 
 
 def idle_by(gaps: list[Gap], labels: list[str]) -> list[tuple[str, int, float]]:
@@ -266,9 +274,10 @@ def idle_by(gaps: list[Gap], labels: list[str]) -> list[tuple[str, int, float]]:
     return sorted(((label, len(lengths), sum(lengths)) for label, lengths in totals.items()), key=lambda row: -row[2])
 
 
-def _cell(text: str, width: int = 60) -> str:
-    short = text if len(text) <= width else text[:width - 1] + "…"
-    return short.replace("|", "\\|")
+def _cell(text: str, width: int = 60, keep_end: bool = False) -> str:
+    if len(text) > width:
+        text = "…" + text[1 - width:] if keep_end else text[:width - 1] + "…"
+    return text.replace("|", "\\|")
 
 
 def describe(stacks: Stacks) -> str:
@@ -283,44 +292,65 @@ def describe(stacks: Stacks) -> str:
     return "<br>".join(lines)
 
 
+def _idle_table(caption: str, column: str, rows: list[tuple[str, int, float]], idle: float) -> list[str]:
+    lines = ["", caption, "", f"| {column} | gaps | idle ms | share of idle |", "|---|---|---|---|"]
+    return lines + [f"| {_cell(label, keep_end=True)} | {count} | {total * 1e-3:.3f} | "
+                    f"{100 * total / idle if idle else 0.0:.1f}% |" for label, count, total in rows]
+
+
+def _idle_tables(analysis: Analysis, top: int) -> list[str]:
+    """Idle time split by gap length, by when the next activity was issued, by step phase and by what held the host."""
+    gaps, idle, launches = analysis.gaps, analysis.idle_us, analysis.launches
+    issued = [launch_of(gap, launches) for gap in gaps]
+    leads = [launch_lead(gap, launches) for gap in gaps]
+    middles = stacks_at_each(analysis.host, [(gap.start + gap.end) / 2 for gap in gaps])
+    issuers = stacks_at_each(analysis.host, [(gap.start + gap.end) / 2 if call is None else call.start
+                                             for gap, call in zip(gaps, issued, strict=True)])
+    late = [(gap, stacks) for gap, stacks, lead in zip(gaps, middles, leads, strict=True)
+            if lead is not None and lead > 0]
+    return [
+        *_idle_table("Idle time by gap length:", "gap length", idle_by(gaps, [size_of(gap) for gap in gaps]), idle),
+        *_idle_table("Idle time by when the host issued the activity after the gap:", "issued",
+                     idle_by(gaps, [launch_timing(lead) for lead in leads]), idle),
+        *_idle_table("Where in the step: idle time by the annotated host ranges (all threads) running when the host "
+                     "issued the activity after each gap (at the gap's middle where that call is not in the trace):",
+                     "host ranges", idle_by(gaps, [phase(stacks) for stacks in issuers])[:top], idle),
+        *_idle_table("What held the host up, over the gaps it was late for: idle time by the host op that started "
+                     "last among those running at the gap's middle:", "host op",
+                     idle_by([gap for gap, _ in late], [latest_op(stacks) for _, stacks in late])[:top], idle)]
+
+
+def _gap_rows(analysis: Analysis, top: int) -> list[str]:
+    lines = ["", f"Largest {min(top, len(analysis.gaps))} gaps (at: ms after the window's start; issued: us from the "
+             "gap's start to the return of the host call that issued the next activity):", "",
+             "| # | gap us | at ms | issued us | before | after | host during the gap |",
+             "|---|---|---|---|---|---|---|"]
+    for rank, gap in enumerate(analysis.gaps[:top], 1):  # longest first
+        lead = launch_lead(gap, analysis.launches)
+        lines.append(f"| {rank} | {gap.length:.1f} | {(gap.start - analysis.window_start) * 1e-3:.3f} | "
+                     f"{'?' if lead is None else f'{lead:+.1f}'} | {_cell(gap.before.name)} | {_cell(gap.after.name)} "
+                     f"| {describe(host_during(gap, analysis.host))} |")
+    return lines
+
+
 def report(analysis: Analysis, top: int, title: str) -> str:
     ms = 1e-3
-    window = analysis.window_us
+    window, busy, idle = analysis.window_us, analysis.busy_us, analysis.idle_us
     lines = [f"### GPU idle gaps: {title}", ""]
     if analysis.note:
         lines += [analysis.note, ""]
     lines.append(f"- window: {window * ms:.3f} ms from the first to the last of {analysis.device_events} device "
                  f"activities on {analysis.streams} stream(s)")
-    lines.append(f"- GPU busy {analysis.busy_us * ms:.3f} ms ({100 * analysis.busy_us / window:.1f}%), idle "
-                 f"{analysis.idle_us * ms:.3f} ms ({100 * analysis.idle_us / window:.1f}%) "
-                 f"in {len(analysis.gaps)} gaps")
+    lines.append(f"- GPU busy {busy * ms:.3f} ms ({100 * busy / window:.1f}%), idle {idle * ms:.3f} ms "
+                 f"({100 * idle / window:.1f}%) in {len(analysis.gaps)} gaps")
     if analysis.steps:
         n = analysis.steps
         lines.append(f"- per profiler step ({n} ProfilerStep ranges): window {window * ms / n:.3f} ms, busy "
-                     f"{analysis.busy_us * ms / n:.3f} ms, idle {analysis.idle_us * ms / n:.3f} ms")
-    gaps, idle = analysis.gaps, analysis.idle_us
-    leads = [launch_lead(gap, analysis.launches) for gap in gaps]
-    middles = stacks_at_each(analysis.host, [(gap.start + gap.end) / 2 for gap in gaps])
-    for caption, column, labels, limit in (
-            ("Idle time by gap length:", "gap length", [size_of(gap) for gap in gaps], None),
-            ("Idle time by when the host issued the activity after the gap:", "issued",
-             [launch_timing(lead) for lead in leads], None),
-            ("Idle time by the annotated host ranges running at each gap's middle:", "host ranges",
-             [phase(stacks) for stacks in middles], top),
-            ("Idle time by the host op that started last among those running at each gap's middle:", "host op",
-             [latest_op(stacks) for stacks in middles], top)):
-        lines += ["", caption, "", f"| {column} | gaps | idle ms | share of idle |", "|---|---|---|---|"]
-        lines += [f"| {_cell(label)} | {count} | {total * ms:.3f} | {100 * total / idle if idle else 0.0:.1f}% |"
-                  for label, count, total in idle_by(gaps, labels)[:limit]]
-    lines += ["", f"Largest {min(top, len(gaps))} gaps (at: ms after the window's start; issued: us from the gap's "
-              "start to the host call that issued the next activity):", "",
-              "| # | gap us | at ms | issued us | before | after | host during the gap |",
-              "|---|---|---|---|---|---|---|"]
-    for rank, (gap, lead) in enumerate(zip(gaps[:top], leads[:top], strict=True), 1):  # gaps: longest first
-        issued = "?" if lead is None else f"{lead:+.1f}"
-        lines.append(f"| {rank} | {gap.length:.1f} | {(gap.start - analysis.window_start) * ms:.3f} | {issued} | "
-                     f"{_cell(gap.before.name)} | {_cell(gap.after.name)} | "
-                     f"{describe(host_during(gap, analysis.host))} |")
+                     f"{busy * ms / n:.3f} ms, idle {idle * ms / n:.3f} ms")
+    if analysis.gaps:
+        lines += _idle_tables(analysis, top) + _gap_rows(analysis, top)
+    else:
+        lines += ["", "The GPU never idles in the window."]
     lines += ["", "Host sync calls (the host waits for the GPU):", ""]
     if analysis.syncs:
         lines += ["| call | count | total ms | longest ms |", "|---|---|---|---|"]

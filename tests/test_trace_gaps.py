@@ -44,9 +44,9 @@ def _synthetic() -> dict:
         _x("cuda_runtime", "cudaStreamSynchronize", 201, 100, HOST, MAIN),
         _x("cuda_runtime", "cudaMemcpyAsync", 99, 2, HOST, MAIN, correlation=11),  # host to device: no sync
         _x("cpu_op", "autograd::engine::evaluate_function: MmBackward0", 140, 20, HOST, AUTOGRAD),
-        _x("cuda_runtime", "cudaLaunchKernel", 120, 5, HOST, MAIN, correlation=2),  # 30 us before its gap
-        _x("cuda_runtime", "cudaLaunchKernel", 305, 4, HOST, MAIN, correlation=4),  # 95 us into its gap
-        _x("cuda_driver", "cuLaunchKernel", 412, 6, HOST, MAIN, correlation=5),  # 12 us into its gap
+        _x("cuda_runtime", "cudaLaunchKernel", 120, 5, HOST, MAIN, correlation=2),  # returns 25 us before its gap
+        _x("cuda_runtime", "cudaLaunchKernel", 305, 4, HOST, MAIN, correlation=4),  # returns 99 us into its gap
+        _x("cuda_driver", "cuLaunchKernel", 412, 6, HOST, MAIN, correlation=5),  # returns 18 us into its gap
         _x("cuda_runtime", "cudaStreamSynchronize", 420, 20, HOST, MAIN),
     ]
     other = [{"ph": "M", "name": "process_name", "pid": HOST, "tid": 0, "args": {"name": "python"}},
@@ -95,7 +95,7 @@ def test_the_host_ops_running_during_each_gap(synthetic_path: Path) -> None:
 
 def test_how_long_after_the_gap_started_the_next_activity_was_issued(synthetic_path: Path) -> None:
     analysis = analyse(read_events(synthetic_path))
-    assert [launch_lead(gap, analysis.launches) for gap in analysis.gaps] == [95, 12, -30]
+    assert [launch_lead(gap, analysis.launches) for gap in analysis.gaps] == [99, 18, -25]
     assert launch_lead(analysis.gaps[0], {}) is None
 
 
@@ -110,15 +110,17 @@ def test_report_lists_the_largest_gaps_first(synthetic_path: Path, capsys: pytes
     assert "GPU busy 0.200 ms (60.6%), idle 0.130 ms (39.4%) in 3 gaps" in text
     rows = [line for line in text.splitlines() if line.startswith(("| 1 |", "| 2 |", "| 3 |"))]
     assert len(rows) == 2
-    assert rows[0].startswith("| 1 | 100.0 | 0.110 | +95.0 | k3_other_stream | k4_adamw | ProfilerStep#1 > ")
-    assert rows[1].startswith("| 2 | 20.0 | 0.300 | +12.0 | k4_adamw | Memset (Device) | cuLaunchKernel |")
+    assert rows[0].startswith("| 1 | 100.0 | 0.110 | +99.0 | k3_other_stream | k4_adamw | ProfilerStep#1 > ")
+    assert rows[1].startswith("| 2 | 20.0 | 0.300 | +18.0 | k4_adamw | Memset (Device) | cuLaunchKernel |")
     assert "| 50–500 us | 1 | 0.100 | 76.9% |\n| 5–50 us | 2 | 0.030 | 23.1% |" in text
     assert ("| during the gap: the host was late | 2 | 0.120 | 92.3% |\n"
-            "| before the gap: queued on the GPU | 1 | 0.010 | 7.7% |") in text
+            "| before the gap: queued for the GPU | 1 | 0.010 | 7.7% |") in text
+    # where in the step: the ranges running at the launches (305, 412 after ProfilerStep#1 ended, and 120)
     assert "| forward_backward | 2 | 0.110 | 84.6% |\n| (no annotated range) | 1 | 0.020 | 15.4% |" in text
-    # at the middles only (nothing runs at 410), and --top 2 rows of it
+    # what held the host up: the late gaps only, at their middles (nothing runs at 410)
     assert ("| cudaStreamSynchronize | 1 | 0.100 | 76.9% |\n| (nothing recorded on the host) | 1 | 0.020 | 15.4% |"
             "\n\n") in text
+    assert "MmBackward0" not in text  # the queued gap's host op, and its row is past --top 2
     assert "| cudaStreamSynchronize | 2 | 0.120 | 0.100 |" in text
 
 
@@ -130,6 +132,16 @@ def test_a_long_host_stack_keeps_its_outer_and_inner_frames(tmp_path: Path) -> N
     path.write_text(json.dumps(trace))  # a bare event list is a chrome trace too
     analysis = analyse(read_events(path))
     assert describe(host_during(analysis.gaps[0], analysis.host)) == "op0 > op1 > … > op5 > op6 > op7"
+
+
+def test_a_trace_without_gaps_and_a_second_device(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "two_devices.json"
+    path.write_text(json.dumps([_x("kernel", "a", 0, 10, 0, 7), _x("kernel", "b", 10, 5, 0, 7),
+                                _x("kernel", "c", 100, 5, 1, 7)]))  # device 1: its gap is not device 0's
+    assert main([str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "only device 0 is analysed" in text and "The GPU never idles in the window." in text
+    assert "GPU busy 0.015 ms (100.0%), idle 0.000 ms (0.0%) in 0 gaps" in text
 
 
 def test_the_sweep_finds_the_same_stacks_as_a_scan_of_every_event() -> None:
