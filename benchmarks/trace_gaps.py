@@ -321,15 +321,16 @@ def _idle_tables(analysis: Analysis, top: int) -> list[str]:
 
 
 def _gap_rows(analysis: Analysis, top: int) -> list[str]:
-    lines = ["", f"Largest {min(top, len(analysis.gaps))} gaps (at: ms after the window's start; issued: us from the "
-             "gap's start to the return of the host call that issued the next activity):", "",
-             "| # | gap us | at ms | issued us | before | after | host during the gap |",
+    lines = ["", f"Largest {min(top, len(analysis.gaps))} gaps (at: ms after the window's start; issuing call: when "
+             "the host call that issued the next activity ran, in us from the gap's start):", "",
+             "| # | gap us | at ms | issuing call | before | after | host during the gap |",
              "|---|---|---|---|---|---|---|"]
     for rank, gap in enumerate(analysis.gaps[:top], 1):  # longest first
-        lead = launch_lead(gap, analysis.launches)
-        lines.append(f"| {rank} | {gap.length:.1f} | {(gap.start - analysis.window_start) * 1e-3:.3f} | "
-                     f"{'?' if lead is None else f'{lead:+.1f}'} | {_cell(gap.before.name)} | {_cell(gap.after.name)} "
-                     f"| {describe(host_during(gap, analysis.host))} |")
+        call = launch_of(gap, analysis.launches)
+        issued = "?" if call is None else f"{call.start - gap.start:+.1f} to {call.end - gap.start:+.1f}"
+        lines.append(f"| {rank} | {gap.length:.1f} | {(gap.start - analysis.window_start) * 1e-3:.3f} | {issued} | "
+                     f"{_cell(gap.before.name)} | {_cell(gap.after.name)} | "
+                     f"{describe(host_during(gap, analysis.host))} |")
     return lines
 
 

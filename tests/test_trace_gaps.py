@@ -110,8 +110,8 @@ def test_report_lists_the_largest_gaps_first(synthetic_path: Path, capsys: pytes
     assert "GPU busy 0.200 ms (60.6%), idle 0.130 ms (39.4%) in 3 gaps" in text
     rows = [line for line in text.splitlines() if line.startswith(("| 1 |", "| 2 |", "| 3 |"))]
     assert len(rows) == 2
-    assert rows[0].startswith("| 1 | 100.0 | 0.110 | +99.0 | k3_other_stream | k4_adamw | ProfilerStep#1 > ")
-    assert rows[1].startswith("| 2 | 20.0 | 0.300 | +18.0 | k4_adamw | Memset (Device) | cuLaunchKernel |")
+    assert rows[0].startswith("| 1 | 100.0 | 0.110 | +95.0 to +99.0 | k3_other_stream | k4_adamw | ProfilerStep#1 > ")
+    assert rows[1].startswith("| 2 | 20.0 | 0.300 | +12.0 to +18.0 | k4_adamw | Memset (Device) | cuLaunchKernel |")
     assert "| 50–500 us | 1 | 0.100 | 76.9% |\n| 5–50 us | 2 | 0.030 | 23.1% |" in text
     assert ("| during the gap: the host was late | 2 | 0.120 | 92.3% |\n"
             "| before the gap: queued for the GPU | 1 | 0.010 | 7.7% |") in text
