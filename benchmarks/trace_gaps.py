@@ -12,9 +12,9 @@ running when that call was made); and, for the gaps the host was late for, by th
 started last among those running at the gap's middle (what held the host up). The largest gaps
 are listed one by one with the activities around them and, per host thread, the nested ops at the
 gap's middle (annotation > op > ... > CUDA call), or where nothing ran there, at the host range
-overlapping the gap longest.
-Host sync calls (stream, device and event synchronizes, device-to-host copies) are totalled apart:
-at each one the host waits for the GPU to drain, and the GPU idles until the next launch arrives.
+overlapping the gap longest. Host sync calls (stream, device and event synchronizes, device-to-host
+copies) are totalled apart: at each one the host waits for the GPU to drain, and the GPU idles
+until the next launch arrives.
 
 The profiler's own bookkeeping slows the host a little, so host-bound gaps are somewhat longer in
 a trace than in an unprofiled step.
@@ -243,8 +243,7 @@ def latest_op(stacks: Stacks) -> str:
 
 
 def size_of(gap: Gap) -> str:
-    bounds = [0.0, *GAP_BUCKETS_US]
-    low, high = next((low, high) for low, high in pairwise([*bounds, float("inf")]) if gap.length < high)
+    low, high = next((low, high) for low, high in pairwise([0.0, *GAP_BUCKETS_US, float("inf")]) if gap.length < high)
     return f"≥ {low:g} us" if high == float("inf") else f"{low:g}–{high:g} us"
 
 
