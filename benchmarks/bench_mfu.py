@@ -19,6 +19,15 @@ the rest of the step: clipping (its norm read, a sync), the optimizer step until
 done, and the rotation metrics on a measured step. Each column is the median of its own part, so
 they add up to `step ms` only approximately.
 
+`--profile FILE` / `--trace FILE` (first row only): after the first row's timed steps, one
+untimed profiler warm-up step (CUPTI's start-up lands there) and `--profile-steps` more steps run
+under torch.profiler, so the table's timings never include a profiled step. `--profile` writes
+the kernels' key_averages table (totals over all profiled steps, as its first line says),
+`--trace` the chrome trace of the same steps (gzip-compressed when FILE ends in .gz), with each
+step's `forward_backward`, `engine.step` and `rotation metrics` marked as record_function
+ranges. `benchmarks/trace_gaps.py FILE` then reports where in the step the GPU sits idle
+(the profiler slows the host a little, so the trace's host-bound gaps run somewhat long).
+
 MFU = achieved model FLOP/s / `--peak-tflops` (the device's dense bf16 peak: H100 SXM and H200
 989, A100 312). Model FLOPs per token follow the usual 6 N + 12 L d T (N parameters counted
 once, tied embeddings included as the output matmul; attention as if not causal-masked).
@@ -28,9 +37,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
+import os
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +55,7 @@ from pretrain.loss import build_loss
 from pretrain.metrics import RotationTracker
 from pretrain.metrics.sources import FusedSource
 from pretrain.model import build_model, resolve_size
-from pretrain.parallel import build_engine
+from pretrain.parallel import Engine, build_engine
 from pretrain.parallel.world import World
 from pretrain.params import classify_parameters
 from pretrain.train import forward_backward, pick_device, pick_precision
@@ -73,6 +88,78 @@ def plain_loss(compile: bool) -> Callable:
     return loss_fn
 
 
+Mark = Callable[[str], contextlib.AbstractContextManager]
+
+
+def no_mark(label: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+@dataclass
+class BenchStep:
+    """The training loop's step on one row's engine and tracker, timed."""
+
+    engine: Engine
+    loader: RandomTokens
+    tracker: RotationTracker
+    loss_fn: Callable
+    device: torch.device
+    grad_accum: int
+    lr: float
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, step: int, mark: Mark = no_mark) -> tuple[float, float]:
+        """Seconds of the whole step and of its forward/backward part; `mark` labels the parts in a trace."""
+        self._sync()
+        start = time.perf_counter()
+        with mark("forward_backward"):  # ends in a sync: the loss read
+            forward_backward(self.engine, self.loader, step, self.grad_accum, self.device, self.loss_fn)
+        passed = time.perf_counter()
+        measuring = self.tracker.should_measure(step)
+        with mark("engine.step"):
+            self.engine.step(self.tracker.capture if measuring else None)
+        if measuring:
+            with mark("rotation metrics"):
+                self.tracker.measure(step, self.lr)
+        self._sync()
+        return time.perf_counter() - start, passed - start
+
+
+def profile_steps(bench_step: BenchStep, first_step: int, count: int) -> torch.profiler.profile:
+    """`count` steps under torch.profiler, after one profiler warm-up step that the results leave out."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if bench_step.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    schedule = torch.profiler.schedule(wait=0, warmup=1, active=count, repeat=1)
+    with torch.profiler.profile(activities=activities, schedule=schedule) as profiler:
+        for step in range(first_step, first_step + 1 + count):
+            bench_step(step, torch.profiler.record_function)
+            profiler.step()
+    return profiler
+
+
+def write_profile(profiler: torch.profiler.profile, path: str, count: int, cuda: bool) -> None:
+    sort_by = "self_device_time_total" if cuda else "cpu_time_total"
+    with open(path, "w") as out:
+        out.write(f"torch.profiler key_averages over {count} untimed step(s) after the first row's timed ones; "
+                  f"times are totals over all {count}\n")
+        out.write(profiler.key_averages().table(sort_by=sort_by, row_limit=40))
+
+
+def write_trace(profiler: torch.profiler.profile, path: str) -> None:
+    """The chrome trace, gzip-compressed here when `path` ends in .gz (whatever torch's export does with it)."""
+    partial = f"{path}.partial"
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = os.path.join(tmp, "trace.json")
+        profiler.export_chrome_trace(plain)
+        with open(plain, "rb") as source, (gzip.open if path.endswith(".gz") else open)(partial, "wb") as target:
+            shutil.copyfileobj(source, target)
+    os.replace(partial, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/llama-125m.yaml")
@@ -90,8 +177,16 @@ def main() -> None:
     parser.add_argument("--rotation-every", default="0", help="comma list of logging.rotation_every values")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="device dense peak for the precision")
     parser.add_argument("--profile", default="", help="write the first row's top kernels (torch.profiler) here")
+    parser.add_argument("--trace", default="", help="write the first row's profiled steps as a chrome trace "
+                        "(.json, or .json.gz compressed) here; read it with benchmarks/trace_gaps.py")
+    parser.add_argument("--profile-steps", type=int, default=1, help="untimed steps that --profile/--trace record")
     parser.add_argument("--overrides", nargs="*", default=[], help="extra dotted config overrides")
     args = parser.parse_args()
+    if args.profile_steps < 1:
+        parser.exit(2, "error: --profile-steps must be at least 1\n")
+    for path in (args.profile, args.trace):
+        if path and not Path(path).resolve().parent.is_dir():
+            parser.exit(2, f"error: the folder of {path} does not exist; create it or choose another path\n")
 
     base = [f"data.seq_len={args.seq_len}", f"train.micro_batch_size={args.micro_batch}",
             f"train.grad_accum={args.grad_accum}", f"train.device={args.device}",
@@ -104,7 +199,6 @@ def main() -> None:
     loss_fn = build_loss(args.compile) if args.loss == "chunked" else plain_loss(args.compile)
     loader = RandomTokens(args.vocab, args.micro_batch, args.seq_len, device)
     cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     size = resolve_size(cfg.model, args.seq_len)
     num_params = sum(p.numel() for p in model.parameters())
     tokens = args.micro_batch * args.seq_len * args.grad_accum
@@ -127,34 +221,25 @@ def main() -> None:
         for every in (int(e) for e in args.rotation_every.split(",")):
             tracker = RotationTracker(model, table, run_cfg.optim, every,
                                       FusedSource.build(model, engine.optimizer, tracked))
+            bench_step = BenchStep(engine, loader, tracker, loss_fn, device, args.grad_accum, run_cfg.optim.lr)
             times, passes = [], []
-            profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                           torch.profiler.ProfilerActivity.CUDA])
-                        if args.profile and first is None else contextlib.nullcontext())
             for step in range(1, args.warmup + args.steps + 1):
                 if step == args.warmup + 1 and cuda:
                     torch.cuda.reset_peak_memory_stats(device)
-                sync()
-                start = time.perf_counter()
-                with profiler if step == args.warmup + args.steps else contextlib.nullcontext():
-                    forward_backward(engine, loader, step, args.grad_accum, device, loss_fn)  # ends in a sync
-                    passed = time.perf_counter()
-                    measuring = tracker.should_measure(step)
-                    engine.step(tracker.capture if measuring else None)
-                    if measuring:
-                        tracker.measure(step, run_cfg.optim.lr)
-                    sync()
+                step_seconds, pass_seconds = bench_step(step)
                 if step > args.warmup:
-                    times.append(time.perf_counter() - start)
-                    passes.append(passed - start)
-            if args.profile and first is None:
-                sort_by = "self_device_time_total" if cuda else "cpu_time_total"
-                with open(args.profile, "w") as out:
-                    out.write(profiler.key_averages().table(sort_by=sort_by, row_limit=40))
+                    times.append(step_seconds)
+                    passes.append(pass_seconds)
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+            if (args.profile or args.trace) and first is None:
+                profiler = profile_steps(bench_step, args.warmup + args.steps + 1, args.profile_steps)
+                if args.profile:
+                    write_profile(profiler, args.profile, args.profile_steps, cuda)
+                if args.trace:
+                    write_trace(profiler, args.trace)
             step_time, pass_time = statistics.median(times), statistics.median(passes)
             update_time = statistics.median(t - p for t, p in zip(times, passes, strict=True))
             first = first or step_time
-            peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
             print(f"| {spec} | {every} | {step_time * 1e3:.1f} | {pass_time * 1e3:.1f} | "
                   f"{update_time * 1e3:.1f} | {tokens / step_time:,.0f} | "
                   f"{100 * model_flops * tokens / step_time / (args.peak_tflops * 1e12):.1f}% | {peak:.2f} | "
