@@ -181,6 +181,8 @@ def main() -> None:
                         "(.json, or .json.gz compressed) here; read it with benchmarks/trace_gaps.py")
     parser.add_argument("--profile-steps", type=int, default=1, help="untimed steps that --profile/--trace record")
     parser.add_argument("--overrides", nargs="*", default=[], help="extra dotted config overrides")
+    parser.add_argument("--sdpa", default="auto", choices=["auto", "flash"],
+                        help="attention: torch's choice (cuDNN's on Hopper), or SDPA's flash kernel, cuDNN's off")
     args = parser.parse_args()
     if args.profile_steps < 1:
         parser.exit(2, "error: --profile-steps must be at least 1\n")
@@ -206,10 +208,28 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
     print(f"{args.config} ({num_params / 1e6:.1f}M params), {name}, {str(dtype).removeprefix('torch.')}, "
           f"{'compiled' if args.compile else 'eager'}, loss {args.loss}, batch {args.micro_batch} x {args.seq_len}"
-          f" x {args.grad_accum} accumulation, torch {torch.__version__}")
+          f" x {args.grad_accum} accumulation, torch {torch.__version__}"
+          + (f", sdpa {args.sdpa}" if args.sdpa != "auto" else ""))
     print("| optimizer | rotation_every | step ms | fwd+bwd ms | update ms | tokens/s | MFU | peak GiB "
           "| vs first row |")
     print("|---|---|---|---|---|---|---|---|---|")
+    with sdpa_backends(args.sdpa):  # compilation picks the kernel, so the whole run is inside
+        run_rows(args, model, loss_fn, loader, device, dtype, base, tokens, model_flops)
+
+
+def sdpa_backends(choice: str) -> contextlib.AbstractContextManager:
+    if choice == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+                       set_priority=True)
+
+
+def run_rows(args: argparse.Namespace, model: torch.nn.Module, loss_fn: Callable, loader: RandomTokens,
+             device: torch.device, dtype: torch.dtype, base: list[str], tokens: int, model_flops: float) -> None:
+    """One table row per optimizer and rotation_every, on the same model and compiled loss."""
+    cuda = device.type == "cuda"
     first = None
     for spec in args.optims.split(","):
         optim_name, _, mode = spec.partition(":")

@@ -10,6 +10,7 @@
 #
 # Section 7 (the pre-issue-10 "before" rows, ~1 min) runs only when named: its figures are in
 # benchmarks/RESULTS.md already (run 1), and without it one call stays within 8 minutes.
+# Section 8 (an experiment: SDPA's flash kernel instead of cuDNN's, ~1.5 min) likewise.
 #
 # Needs torch, transformers and Triton only (no installs, no network): run from the checkout.
 set -uo pipefail
@@ -57,7 +58,9 @@ if want 2; then
   section "2. Ours, configs/gpt2-124m.yaml, compile, 16 x 1024, vocab 50304 (rows vs the first: adamw, no metrics)"
   run 300 $py benchmarks/bench_mfu.py --config configs/gpt2-124m.yaml --device cuda --precision bf16 --compile \
     --micro-batch 16 --seq-len 1024 --vocab 50304 --steps 20 --warmup 6 \
-    --optims adamw,rv-adamw,rv-lion --rotation-every 0,1,10 --profile "$out/profile_gpt2.txt"
+    --optims adamw,rv-adamw,rv-lion --rotation-every 0,1,10 --profile "$out/profile_gpt2.txt" \
+    --trace "$out/trace_gpt2.json.gz" --profile-steps 3
+  run 60 $py benchmarks/trace_gaps.py "$out/trace_gpt2.json.gz" --top 15
 fi
 
 if want 4; then
@@ -90,6 +93,14 @@ if want 5; then
   section "5. Rotation metrics, llama-125m 16 x 512 eager (the issue's setting)"
   run 200 $py benchmarks/bench_mfu.py --config configs/llama-125m.yaml --device cuda --precision bf16 \
     --micro-batch 16 --seq-len 512 --steps 15 --warmup 3 --optims rv-adamw,adamw --rotation-every 0,1,10
+fi
+
+if want 8; then
+  section "8. Attention kernel: sections 2 and 3's adamw rows with SDPA's flash kernel instead of cuDNN's"
+  run 150 $py benchmarks/bench_mfu.py --config configs/gpt2-124m.yaml --device cuda --precision bf16 --compile \
+    --micro-batch 16 --seq-len 1024 --vocab 50304 --steps 15 --warmup 6 --optims adamw --sdpa flash
+  run 150 $py benchmarks/bench_mfu.py --config configs/llama-125m.yaml --device cuda --precision bf16 --compile \
+    --micro-batch 32 --seq-len 1024 --steps 10 --warmup 6 --optims adamw --sdpa flash
 fi
 
 section "Summary: issue 10's figures from this report (benchmarks/gpu_summary.py)"
