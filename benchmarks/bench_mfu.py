@@ -19,8 +19,9 @@ the rest of the step: clipping (its norm read, a sync), the optimizer step until
 done, and the rotation metrics on a measured step. Each column is the median of its own part, so
 they add up to `step ms` only approximately.
 
-`--profile FILE` / `--trace FILE` (first row only): after the first row's timed steps, one
-untimed profiler warm-up step (CUPTI's start-up lands there) and `--profile-steps` more steps run
+`--profile FILE` / `--trace FILE` (the rows `--profile-rows` lists, default 0, the first; rows
+count optimizers x rotation_every values in table order): after that row's timed steps, one untimed
+profiler warm-up step (CUPTI's start-up lands there) and `--profile-steps` more steps run
 under torch.profiler, so the table's timings never include a profiled step. `--profile` writes
 the kernels' key_averages table (totals over all profiled steps, as its first line says),
 `--trace` the chrome trace of the same steps (gzip-compressed when FILE ends in .gz), with each
@@ -141,10 +142,19 @@ def profile_steps(bench_step: BenchStep, first_step: int, count: int) -> torch.p
     return profiler
 
 
-def write_profile(profiler: torch.profiler.profile, path: str, count: int, cuda: bool) -> None:
+def row_path(path: str, row: int, rows: int) -> str:
+    """`path` for a single profiled row, else `.row<row>` before its suffixes (t.json.gz -> t.row1.json.gz)."""
+    if rows == 1:
+        return path
+    p = Path(path)
+    stem = p.name.split(".", 1)
+    return str(p.with_name(f"{stem[0]}.row{row}" + (f".{stem[1]}" if len(stem) > 1 else "")))
+
+
+def write_profile(profiler: torch.profiler.profile, path: str, count: int, cuda: bool, row: int) -> None:
     sort_by = "self_device_time_total" if cuda else "cpu_time_total"
     with open(path, "w") as out:
-        out.write(f"torch.profiler key_averages over {count} untimed step(s) after the first row's timed ones; "
+        out.write(f"torch.profiler key_averages over {count} untimed step(s) after row {row}'s timed ones; "
                   f"times are totals over all {count}\n")
         out.write(profiler.key_averages().table(sort_by=sort_by, row_limit=40))
 
@@ -176,10 +186,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps (compilation, allocator)")
     parser.add_argument("--rotation-every", default="0", help="comma list of logging.rotation_every values")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="device dense peak for the precision")
-    parser.add_argument("--profile", default="", help="write the first row's top kernels (torch.profiler) here")
-    parser.add_argument("--trace", default="", help="write the first row's profiled steps as a chrome trace "
+    parser.add_argument("--profile", default="", help="write a row's top kernels (torch.profiler) here")
+    parser.add_argument("--trace", default="", help="write a row's profiled steps as a chrome trace "
                         "(.json, or .json.gz compressed) here; read it with benchmarks/trace_gaps.py")
     parser.add_argument("--profile-steps", type=int, default=1, help="untimed steps that --profile/--trace record")
+    parser.add_argument("--profile-rows", default="0",
+                        help="comma list of table rows (from 0) that --profile/--trace record; with several, "
+                             "each row's files are named FILE with .rowN before its suffixes")
     parser.add_argument("--overrides", nargs="*", default=[], help="extra dotted config overrides")
     parser.add_argument("--sdpa", default="auto", choices=["auto", "flash"],
                         help="attention: torch's choice (cuDNN's on Hopper), or SDPA's flash kernel, cuDNN's off")
@@ -230,7 +243,8 @@ def run_rows(args: argparse.Namespace, model: torch.nn.Module, loss_fn: Callable
              device: torch.device, dtype: torch.dtype, base: list[str], tokens: int, model_flops: float) -> None:
     """One table row per optimizer and rotation_every, on the same model and compiled loss."""
     cuda = device.type == "cuda"
-    first = None
+    first, row = None, -1
+    profiled = {int(r) for r in args.profile_rows.split(",")}
     for spec in args.optims.split(","):
         optim_name, _, mode = spec.partition(":")
         run_cfg = load_config(args.config, [*base, f"optim.name={optim_name}",
@@ -251,12 +265,13 @@ def run_rows(args: argparse.Namespace, model: torch.nn.Module, loss_fn: Callable
                     times.append(step_seconds)
                     passes.append(pass_seconds)
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
-            if (args.profile or args.trace) and first is None:
+            row += 1
+            if (args.profile or args.trace) and row in profiled:
                 profiler = profile_steps(bench_step, args.warmup + args.steps + 1, args.profile_steps)
                 if args.profile:
-                    write_profile(profiler, args.profile, args.profile_steps, cuda)
+                    write_profile(profiler, row_path(args.profile, row, len(profiled)), args.profile_steps, cuda, row)
                 if args.trace:
-                    write_trace(profiler, args.trace)
+                    write_trace(profiler, row_path(args.trace, row, len(profiled)))
             step_time, pass_time = statistics.median(times), statistics.median(passes)
             update_time = statistics.median(t - p for t, p in zip(times, passes, strict=True))
             first = first or step_time

@@ -59,8 +59,9 @@ if want 2; then
   run 300 $py benchmarks/bench_mfu.py --config configs/gpt2-124m.yaml --device cuda --precision bf16 --compile \
     --micro-batch 16 --seq-len 1024 --vocab 50304 --steps 20 --warmup 6 \
     --optims adamw,rv-adamw,rv-lion --rotation-every 0,1,10 --profile "$out/profile_gpt2.txt" \
-    --trace "$out/trace_gpt2.json.gz" --profile-steps 3
-  run 60 $py benchmarks/trace_gaps.py "$out/trace_gpt2.json.gz" --top 15
+    --trace "$out/trace_gpt2.json.gz" --profile-steps 3 --profile-rows 0,1
+  run 60 $py benchmarks/trace_gaps.py "$out/trace_gpt2.row0.json.gz" --top 15   # adamw, no metrics
+  run 60 $py benchmarks/trace_gaps.py "$out/trace_gpt2.row1.json.gz" --top 10   # adamw, rotation_every=1
 fi
 
 if want 4; then
@@ -92,7 +93,7 @@ fi
 if want 5; then
   section "5. Rotation metrics, llama-125m 16 x 512 eager (the issue's setting)"
   run 200 $py benchmarks/bench_mfu.py --config configs/llama-125m.yaml --device cuda --precision bf16 \
-    --micro-batch 16 --seq-len 512 --steps 15 --warmup 3 --optims rv-adamw,adamw --rotation-every 0,1,10
+    --micro-batch 16 --seq-len 512 --steps 15 --warmup 8 --optims rv-adamw,adamw --rotation-every 0,1,10
 fi
 
 if want 8; then

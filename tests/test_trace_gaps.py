@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.bench_mfu import Mark, profile_steps, write_trace
+from benchmarks.bench_mfu import Mark, profile_steps, row_path, write_trace
 from benchmarks.trace_gaps import Event, analyse, describe, host_during, launch_lead, main, read_events, stacks_at_each
 from tests.train_utils import REPO
 
@@ -210,3 +210,9 @@ def test_the_command_line_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 2
         assert done.stdout == "" and done.stderr.count("\n") == 1 and done.stderr.startswith(message), done.stderr
+
+
+def test_several_profiled_rows_get_one_file_each():
+    assert row_path("out/trace.json.gz", 3, rows=1) == "out/trace.json.gz"
+    assert row_path("out/trace.json.gz", 3, rows=2) == "out/trace.row3.json.gz"
+    assert row_path("profile", 0, rows=2) == "profile.row0"

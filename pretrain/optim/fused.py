@@ -38,10 +38,11 @@ _TILE_ELEMENTS = 4096
 # Elements per program for flat (non-neuron) tensors: norms, biases.
 _FLAT_BLOCK = 2048
 # Column neurons (GPT-2's Conv1D [in, out]) are walked (adjacent columns, rows, warps) at a time;
-# a neuron longer than the tile's rows takes two passes. 8 columns fill a 32-byte sector. On an
-# H100, 8x256 / 32x64 / 64x32 / 16x128 tiles with 4 warps all took 2.4-2.6x torch's fused AdamW
-# on GPT-2's set (rv-lion 1.3x): `benchmarks/bench_optim_gpu.py --set gpt2` compares tiles.
-COLUMN_TILE = (8, 256, 4)
+# a neuron longer than the tile's rows takes two passes. 8 columns fill a 32-byte sector. With 4
+# warps every tile took 2.4-2.7x torch's fused AdamW on GPT-2's set (H100 and H200): the two-pass
+# walk keeps five per-lane sums, and 4 warps leave too few threads in flight. 8 warps: 3.80 ->
+# 2.59 ms (H200; `benchmarks/bench_optim_gpu.py --set gpt2` compares tiles, RESULTS.md).
+COLUMN_TILE = (8, 256, 8)
 
 
 @triton.jit

@@ -131,9 +131,7 @@ class TorchEngine:
 
     def step(self, before_update: Callable[[], None] | None = None) -> float:
         self.scaler.unscale_(self.optimizer)
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm if self.max_norm > 0 else math.inf)
-        norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # the one host sync of a step
+        norm = clip_grad_norm([p for group in self.optimizer.param_groups for p in group["params"]], self.max_norm)
         if not math.isfinite(norm):
             self.scaler.update()  # an fp16 overflow lowers the loss scale; otherwise nothing
             self.skip()
@@ -263,6 +261,29 @@ class FSDPEngine(TorchEngine):
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
         self._load_scaler(state_dir)
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """Scale the gradients to a global L2 norm of at most `max_norm` (<= 0: leave them); return the norm before.
+
+    torch's `clip_grad_norm_` arithmetic (gradients times min(1, max_norm / (norm + 1e-6))), with
+    the norm read first (the one host sync of a step) and the scaling pass left out when it would
+    multiply by exactly 1. Plain tensors of one device and dtype take their norms from one
+    `_foreach_norm`, without torch's per-tensor Python, which on a GPT-2 step kept the GPU waiting
+    for ~1 ms (benchmarks/RESULTS.md); DTensors (FSDP2) and mixed sets take torch's path.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    plain = not isinstance(grads[0], DTensor) and len({(g.device, g.dtype) for g in grads}) == 1
+    total = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if plain
+             else torch.nn.utils.get_total_norm(grads))
+    norm = float(total.full_tensor() if isinstance(total, DTensor) else total)
+    # Away from the boundary (fp32 rounding of the coefficient), a norm this far below max_norm gives
+    # a coefficient >= 1, clamped to 1: the pass would change nothing.
+    if max_norm > 0 and math.isfinite(norm) and norm + 1e-6 > max_norm * (1 - 1e-5):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return norm
 
 
 def _transformer_blocks(model: nn.Module) -> list[nn.Module]:
