@@ -14,10 +14,14 @@ same weights, so their ratios come from one process on one device.
 - `--loss plain`: the path before issue 10, for before/after rows: only the model is compiled,
   and the loss is `F.cross_entropy(logits.float())` outside the compiled region.
 
-`fwd+bwd ms` is the forward and backward passes with their loss read (a device sync), `update ms`
-the rest of the step: clipping (its norm read, a sync), the optimizer step until the device is
-done, and the rotation metrics on a measured step. Each column is the median of its own part, so
-they add up to `step ms` only approximately.
+`step ms` is the median of steps that each start and end with the device idle (a sync), as
+nanoGPT's bench.py times its steps (its loss read ends each one). `fwd+bwd ms` is the forward
+and backward passes with their loss read (a device sync), `update ms` the rest of the step:
+clipping (its norm read, a sync), the optimizer step until the device is done, and the rotation
+metrics on a measured step. Each column is the median of its own part, so they add up to
+`step ms` only approximately. `loop ms` is the mean of as many more steps run back to back, as
+`pretrain train` runs them: the host starts the next step while the device finishes the last
+one's update (the throughput a run gets; tokens/s and MFU are `step ms`'s).
 
 `--profile FILE` / `--trace FILE` (the rows `--profile-rows` lists, default 0, the first; rows
 count optimizers x rotation_every values in table order): after that row's timed steps, one untimed
@@ -128,6 +132,21 @@ class BenchStep:
         self._sync()
         return time.perf_counter() - start, passed - start
 
+    def loop(self, first_step: int, count: int) -> float:
+        """Seconds a step of `count` steps run back to back, as the training loop runs them: each step
+        still reads its loss and its gradient norm, but nothing waits for a step's last kernels before
+        the next step starts."""
+        self._sync()
+        start = time.perf_counter()
+        for step in range(first_step, first_step + count):
+            forward_backward(self.engine, self.loader, step, self.grad_accum, self.device, self.loss_fn)
+            measuring = self.tracker.should_measure(step)
+            self.engine.step(self.tracker.capture if measuring else None)
+            if measuring:
+                self.tracker.measure(step, self.lr)
+        self._sync()
+        return (time.perf_counter() - start) / count
+
 
 def profile_steps(bench_step: BenchStep, first_step: int, count: int) -> torch.profiler.profile:
     """`count` steps under torch.profiler, after one profiler warm-up step that the results leave out."""
@@ -223,9 +242,9 @@ def main() -> None:
           f"{'compiled' if args.compile else 'eager'}, loss {args.loss}, batch {args.micro_batch} x {args.seq_len}"
           f" x {args.grad_accum} accumulation, torch {torch.__version__}"
           + (f", sdpa {args.sdpa}" if args.sdpa != "auto" else ""))
-    print("| optimizer | rotation_every | step ms | fwd+bwd ms | update ms | tokens/s | MFU | peak GiB "
+    print("| optimizer | rotation_every | step ms | fwd+bwd ms | update ms | loop ms | tokens/s | MFU | peak GiB "
           "| vs first row |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with sdpa_backends(args.sdpa):  # compilation picks the kernel, so the whole run is inside
         run_rows(args, model, loss_fn, loader, device, dtype, base, tokens, model_flops)
 
@@ -265,9 +284,11 @@ def run_rows(args: argparse.Namespace, model: torch.nn.Module, loss_fn: Callable
                     times.append(step_seconds)
                     passes.append(pass_seconds)
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+            # Steps 1..warmup+steps ran; continuing the count keeps rotation_every's measured steps in step.
+            loop_time = bench_step.loop(args.warmup + args.steps + 1, args.steps)
             row += 1
             if (args.profile or args.trace) and row in profiled:
-                profiler = profile_steps(bench_step, args.warmup + args.steps + 1, args.profile_steps)
+                profiler = profile_steps(bench_step, args.warmup + 2 * args.steps + 1, args.profile_steps)
                 if args.profile:
                     write_profile(profiler, row_path(args.profile, row, len(profiled)), args.profile_steps, cuda, row)
                 if args.trace:
@@ -276,7 +297,7 @@ def run_rows(args: argparse.Namespace, model: torch.nn.Module, loss_fn: Callable
             update_time = statistics.median(t - p for t, p in zip(times, passes, strict=True))
             first = first or step_time
             print(f"| {spec} | {every} | {step_time * 1e3:.1f} | {pass_time * 1e3:.1f} | "
-                  f"{update_time * 1e3:.1f} | {tokens / step_time:,.0f} | "
+                  f"{update_time * 1e3:.1f} | {loop_time * 1e3:.1f} | {tokens / step_time:,.0f} | "
                   f"{100 * model_flops * tokens / step_time / (args.peak_tflops * 1e12):.1f}% | {peak:.2f} | "
                   f"{first / step_time:.3f}x |", flush=True)
         del engine

@@ -166,6 +166,9 @@ def figures(report: Report) -> list[Figure]:
                "tokens/s", ""),
         Figure("shipped gpt2-124m recipe (0.5M tokens/step): rv-adamw", _value(recipe, "tokens/s",
                                                                               optimizer="rv-adamw"), "tokens/s", ""),
+        Figure("GPT-2 124M adamw as `pretrain train` runs it (steps back to back, `loop ms`), against nanoGPT "
+               "bench.py (each step ends in a sync)", _ratio(_number(nano and nano.group(1)), _value(
+                   gpt2, "loop ms", optimizer="adamw", rotation_every="0")), "x", ""),
     ]
     return rows
 
