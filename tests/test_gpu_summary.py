@@ -94,3 +94,14 @@ def test_tiles_before_rows_and_failed_sections():
     assert failed.value is None and failed.met() == "" and "not in the report" in failed.cell()
     # Section 4's llama table is missing: its rows say so instead of reading the GPT-2 table.
     assert rows["optimizer step, llama set: rv-adamw against torch fused AdamW"].value is None
+
+
+def test_the_committed_session6_reports_give_the_figures_in_results_md():
+    """Session 6's two runs (H100, then H200 with the step timeline), read back from their unedited reports."""
+    h100 = _by_name(Report.parse((REPO / "benchmarks" / "gpu_check_h100_s6.md").read_text()))
+    h200 = _by_name(Report.parse((REPO / "benchmarks" / "gpu_check_h200_s6.md").read_text()))
+    nano = "GPT-2 124M adamw, tokens/s against nanoGPT bench.py"
+    assert h100[nano] == pytest.approx(36.7706 / 40.8) and h200[nano] == pytest.approx(33.8177 / 37.4)
+    tile = next(name for name in h200 if "column tile (rv-adamw@8x256x8)" in name)
+    assert h200[tile] == pytest.approx(2.592 / 1.399)
+    assert h200["rotation_every=1, llama 16 x 512 eager: adamw step time"] == pytest.approx(100 * (47.2 / 43.8 - 1))
