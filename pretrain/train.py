@@ -183,7 +183,7 @@ def forward_backward(engine: Engine, loader: TrainLoader, step: int, grad_accum:
             loss = loss_fn(engine.model, x, y) / grad_accum
             engine.backward(loss)
         loss_sum += loss.detach()
-    return mean_over_ranks([loss_sum.item()], device)[0]
+    return mean_over_ranks(loss_sum.reshape(1))[0]
 
 
 def train_step(run: Run, step: int) -> StepOutcome:
@@ -221,7 +221,7 @@ def evaluate(engine: Engine, loader: ValLoader, device: torch.device, loss_fn: L
             if on_batch is not None:
                 on_batch()
     engine.model.train()
-    return mean_over_ranks([total / max(count, 1)], device)[0]
+    return mean_over_ranks(torch.tensor([total / max(count, 1)], dtype=torch.float64, device=device))[0]
 
 
 # ----------------------------------------------------------------------------- checkpoints
