@@ -50,3 +50,24 @@ def test_a_non_finite_gradient_gives_a_non_finite_norm():
     params[0].grad[0, 0] = math.nan
     assert math.isnan(clip_grad_norm(params, 1.0))
     assert clip_grad_norm([torch.nn.Parameter(torch.ones(2))], 1.0) == 0.0  # no gradients at all
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_gradients_just_below_the_limit_match(dtype):
+    """torch takes the coefficient in the norm's dtype (a reciprocal, then a product: two roundings), so
+    for bf16/fp16 gradients a norm a little below max_norm can still scale them by less than 1."""
+    for seed in range(40):
+        gen = torch.Generator().manual_seed(seed)
+        scale = 10 ** (6 * torch.rand(1, generator=gen).item() - 3)
+        grads = [(scale * torch.randn(shape, generator=gen)).to(dtype) for shape in [(17, 9), (33,), (5, 5, 5)]]
+        norm = float(torch.nn.utils.get_total_norm(grads))
+        for above in (1e-5, 1e-4, 1e-3):  # max_norm this far (relative) above the norm
+            ours, reference = [], []
+            for params in (ours, reference):
+                for g in grads:
+                    params.append(torch.nn.Parameter(torch.zeros_like(g)))
+                    params[-1].grad = g.clone()
+            limit = (norm + 1e-6) * (1 + above)
+            assert clip_grad_norm(ours, limit) == float(torch.nn.utils.clip_grad_norm_(reference, limit))
+            assert all(torch.equal(p.grad, q.grad) for p, q in zip(ours, reference, strict=True)), (seed, above)

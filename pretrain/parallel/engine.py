@@ -279,9 +279,11 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     total = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if plain
              else torch.nn.utils.get_total_norm(grads))
     norm = float(total.full_tensor() if isinstance(total, DTensor) else total)
-    # Away from the boundary (fp32 rounding of the coefficient), a norm this far below max_norm gives
-    # a coefficient >= 1, clamped to 1: the pass would change nothing.
-    if max_norm > 0 and math.isfinite(norm) and norm + 1e-6 > max_norm * (1 - 1e-5):
+    # A norm this far below max_norm gives a coefficient >= 1, clamped to 1: the pass would change
+    # nothing. torch takes the coefficient in the norm's dtype, rounded three times (the sum, a
+    # reciprocal, a product), so the margin is a few of that dtype's epsilons (bf16 gradients: 3%).
+    margin = max(1e-5, 4 * torch.finfo(total.dtype).eps)
+    if max_norm > 0 and math.isfinite(norm) and norm + 1e-6 > max_norm * (1 - margin):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return norm
 
