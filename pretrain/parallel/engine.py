@@ -275,7 +275,7 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    plain = not isinstance(grads[0], DTensor) and len({(g.device, g.dtype) for g in grads}) == 1
+    plain = not any(isinstance(g, DTensor) for g in grads) and len({(g.device, g.dtype) for g in grads}) == 1
     total = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if plain
              else torch.nn.utils.get_total_norm(grads))
     norm = float(total.full_tensor() if isinstance(total, DTensor) else total)
