@@ -3,7 +3,8 @@
 The parameter set is that of llama-125m (hidden 768, 12 layers, 12 heads, intermediate 2048,
 tied 32000-token embedding) built as plain tensors with fixed random gradients: no model is
 needed, only the shapes and the grouping matter. Groups are as `build_optimizer` makes them:
-rotational matrices (neuron axis 0), the decayed non-rotational embedding, undecayed norms.
+rotational matrices (neuron axis 0), the decayed embedding (rotational per token row in RV runs,
+as `optim.rotational_embeddings` defaults to), undecayed norms.
 
 Each comparison builds both optimizers in one process and alternates their steps (the order
 flips every repetition), so machine load affects both alike; it reports the median of the
@@ -67,7 +68,7 @@ def make_groups(shapes: Shapes, weight_decay: float, rotational: bool | None, se
     groups = []
     # (role, decayed, rotational in an RV run, neuron axis); GPT-2's Conv1D "columns" have theirs on axis 1
     for role, decayed, rot, axis in (("matrices", True, True, 0), ("columns", True, True, 1),
-                                     ("embedding", True, False, 0), ("norms", False, False, 0)):
+                                     ("embedding", True, True, 0), ("norms", False, False, 0)):
         if role in shapes:
             group = {"params": tensors(role), "weight_decay": weight_decay if decayed else 0.0}
             if axis:
