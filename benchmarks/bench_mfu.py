@@ -123,14 +123,18 @@ class BenchStep:
         with mark("forward_backward"):  # ends in a sync: the loss read
             forward_backward(self.engine, self.loader, step, self.grad_accum, self.device, self.loss_fn)
         passed = time.perf_counter()
+        self._update(step, mark)
+        self._sync()
+        return time.perf_counter() - start, passed - start
+
+    def _update(self, step: int, mark: Mark = no_mark) -> None:
+        """Clip, step and (on a measured step) the rotation metrics, as the loop's train_step does."""
         measuring = self.tracker.should_measure(step)
         with mark("engine.step"):
             self.engine.step(self.tracker.capture if measuring else None)
         if measuring:
             with mark("rotation metrics"):
                 self.tracker.measure(step, self.lr)
-        self._sync()
-        return time.perf_counter() - start, passed - start
 
     def loop(self, first_step: int, count: int) -> float:
         """Seconds a step of `count` steps run back to back, as the training loop runs them: each step
@@ -140,10 +144,7 @@ class BenchStep:
         start = time.perf_counter()
         for step in range(first_step, first_step + count):
             forward_backward(self.engine, self.loader, step, self.grad_accum, self.device, self.loss_fn)
-            measuring = self.tracker.should_measure(step)
-            self.engine.step(self.tracker.capture if measuring else None)
-            if measuring:
-                self.tracker.measure(step, self.lr)
+            self._update(step)
         self._sync()
         return (time.perf_counter() - start) / count
 

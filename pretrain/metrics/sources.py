@@ -111,14 +111,14 @@ class ModelSource:
     """Tracked tensors read from the model by name; see the module docstring."""
 
     def __init__(self, model: nn.Module, specs: list[ParamSpec]) -> None:
-        self.model, self.specs = model, specs
+        self.specs = specs
         # Read on every use, so a parameter replaced after construction (e.g. by
         # load_state_dict(assign=True)) is still the one measured.
         self._params = ParameterLookup(model, [spec.name for spec in specs])
         self.group = next((p.device_mesh.get_group() for p in self._params() if isinstance(p, DTensor)), None)
         self._workspace = workspace_elements(specs)
         self._before: list[Tensor | None] | None = None  # per tensor: its w_t copy, None where a Batch holds it
-        self._sums = _SumRows(specs)
+        self._sum_rows = _SumRows(specs)
         self._out: Tensor | None = None
         self._rows: list[Tensor] = []
         self._batched: list[tuple[Any, list[int]]] = []
@@ -127,7 +127,7 @@ class ModelSource:
 
     def begin(self) -> None:
         params = self._params()
-        self._out, self._rows = self._sums.zeroed(params)
+        self._out, self._rows = self._sum_rows.zeroed(params)
         self._before = [None] * len(self.specs)
         fused = _fused_sums()
         batched: dict[tuple, list[tuple[int, Tensor, Tensor]]] = {}  # (shape, axis) -> (index, w, grad)
@@ -262,10 +262,10 @@ class FusedSource:
     """Sums written by the rotational optimizer's fused step itself; see the module docstring."""
 
     def __init__(self, model: nn.Module, optimizer: Any, specs: list[ParamSpec]) -> None:
-        self.model, self.optimizer, self.specs = model, optimizer, specs
+        self.optimizer, self.specs = optimizer, specs
         self._params = ParameterLookup(model, [spec.name for spec in specs])
         self.group = next((p.device_mesh.get_group() for p in self._params() if isinstance(p, DTensor)), None)
-        self._rows = _SumRows(specs)
+        self._sum_rows = _SumRows(specs)
         self._sums: Tensor | None = None
 
     @classmethod
@@ -280,7 +280,7 @@ class FusedSource:
 
     def begin(self) -> None:
         params = self._params()
-        self._sums, rows = self._rows.zeroed(params)
+        self._sums, rows = self._sum_rows.zeroed(params)
         self.optimizer.request_rotation_sums({id(p): (spec.neuron_axis, r)
                                               for p, spec, r in zip(params, self.specs, rows, strict=True)})
 
