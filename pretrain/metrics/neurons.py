@@ -77,26 +77,65 @@ def neuron_metrics(sums: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
     return torch.stack([theta, after_sq.clamp_min(0).sqrt(), rel_update, grad_norm], dim=1)
 
 
-def layer_stats(metrics: torch.Tensor, segment: torch.Tensor, n_layers: int) -> torch.Tensor:
-    """[layers, len(LAYER_STATS)] from the `neuron_metrics` of all layers' neurons, concatenated;
-    `segment[i]` is the layer of neuron i."""
+class LayerSums:
+    """Per-layer sums over the neurons of all tracked tensors, concatenated layer by layer.
+
+    The sum of each layer is taken in a fixed order, so the same neurons give bit-identical
+    layer numbers on every run. `index_add_` on a GPU adds with atomics in whatever order
+    threads arrive (float64 results that differ in their last bits between runs), and all
+    neurons of a layer queue on one address. Here each layer's neurons are laid out in whole
+    chunks of `CHUNK` (zero-padded): chunk sums are one reduction over [columns, chunks, CHUNK],
+    and layer sums a second one over [columns, layers, most chunks of a layer].
+    """
+
+    CHUNK = 1024
+
+    def __init__(self, neurons: list[int]) -> None:
+        self.neurons = neurons
+        chunks = [-(-n // self.CHUNK) for n in neurons]  # per layer, ceil
+        first = [sum(chunks[:i]) for i in range(len(chunks))]
+        self._total = sum(chunks) + 1  # one more chunk, always zero, pads the layer table
+        # Neuron i of layer l sits at padded position (first chunk of l) * CHUNK + i.
+        self._position = torch.cat([torch.arange(n) + f * self.CHUNK for n, f in zip(neurons, first, strict=True)]
+                                   ) if neurons else torch.zeros(0, dtype=torch.int64)
+        widest = max(chunks, default=0)
+        table = torch.full((len(neurons), widest), self._total - 1, dtype=torch.int64)
+        for layer, (count, f) in enumerate(zip(chunks, first, strict=True)):
+            table[layer, :count] = torch.arange(f, f + count)
+        self._table = table
+        self.layer_of = torch.repeat_interleave(torch.arange(len(neurons)), torch.tensor(neurons, dtype=torch.int64))
+
+    def to(self, device: torch.device) -> LayerSums:
+        """Move the index tensors to `device` (a no-op once they are there)."""
+        self._position, self._table = self._position.to(device), self._table.to(device)
+        self.layer_of = self.layer_of.to(device)
+        return self
+
+    def __call__(self, columns: torch.Tensor) -> torch.Tensor:
+        """[k, neurons] -> [k, layers]: the sum of each column over each layer's neurons."""
+        padded = columns.new_zeros(len(columns), self._total * self.CHUNK)
+        padded[:, self._position] = columns
+        chunk_sums = padded.view(len(columns), self._total, self.CHUNK).sum(dim=2)
+        return chunk_sums[:, self._table].sum(dim=2)
+
+
+def layer_stats(metrics: torch.Tensor, sums: LayerSums) -> torch.Tensor:
+    """[layers, len(LAYER_STATS)] from the `neuron_metrics` of all layers' neurons, concatenated in
+    `sums`' layer order. Undefined (NaN) values drop out of a layer's means."""
     theta, weight_norm, rel_update, grad_norm = metrics.unbind(dim=1)
-    theta_mean = _segment_nanmean(theta, segment, n_layers)
-    theta_std = _segment_nanmean((theta - theta_mean[segment]).square(), segment, n_layers).sqrt()
+    defined = [~x.isnan() for x in (theta, rel_update, weight_norm)]
+    values = [torch.where(ok, x, 0.0) for ok, x in zip(defined, (theta, rel_update, weight_norm), strict=True)]
+    totals = sums(torch.stack([*values, *(ok.to(metrics.dtype) for ok in defined), values[0].square(),
+                               grad_norm.square()]))
+    theta_sum, rel_sum, weight_sum, theta_n, rel_n, weight_n, theta_sq, grad_sq = totals.unbind()
+    theta_mean = theta_sum / theta_n
+    spread = torch.where(defined[0], theta - theta_mean[sums.layer_of], 0.0).square()
+    theta_std = (sums(spread[None])[0] / theta_n).sqrt()
     return torch.stack([
         theta_mean,
-        _segment_nanmean(theta.square(), segment, n_layers).sqrt(),
+        (theta_sq / theta_n).sqrt(),
         theta_std / theta_mean,
-        _segment_nanmean(rel_update, segment, n_layers),
-        _segment_sum(grad_norm.square(), segment, n_layers).sqrt(),  # the tensor's gradient norm
-        _segment_nanmean(weight_norm, segment, n_layers),
+        rel_sum / rel_n,
+        grad_sq.sqrt(),  # the tensor's gradient norm
+        weight_sum / weight_n,
     ], dim=1)
-
-
-def _segment_sum(x: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.zeros(n, dtype=x.dtype, device=x.device).index_add_(0, segment, x)
-
-
-def _segment_nanmean(x: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
-    defined = ~x.isnan()
-    return _segment_sum(torch.where(defined, x, 0.0), segment, n) / _segment_sum(defined.to(x.dtype), segment, n)

@@ -24,7 +24,7 @@ from torch import nn
 
 from pretrain.config import OptimConfig
 from pretrain.metrics.history import EQUILIBRIUM_TOLERANCE, LAYER_METRICS, RotationHistory
-from pretrain.metrics.neurons import LAYER_STATS, NEURON_METRICS, layer_stats, neuron_metrics
+from pretrain.metrics.neurons import LAYER_STATS, NEURON_METRICS, LayerSums, layer_stats, neuron_metrics
 from pretrain.metrics.sources import FusedSource, ModelSource, OptimizerSource
 from pretrain.metrics.store import write_rotation
 from pretrain.optim.equilibrium import equilibrium_rate, rule_of
@@ -73,7 +73,7 @@ class RotationTracker:
         self._optim = optim_cfg
         self._rule = rule_of(optim_cfg.name)
         self._neurons = [spec.num_neurons for spec in self.specs]
-        self._segment = torch.repeat_interleave(torch.arange(len(self.specs)), torch.tensor(self._neurons))
+        self._layer_sums = LayerSums(self._neurons)
         self._line = ""
 
     # ------------------------------------------------------------------ the per-step protocol
@@ -96,9 +96,7 @@ class RotationTracker:
         if self.source.group is not None:  # sharded: each rank summed the elements it holds
             dist.all_reduce(sums, group=self.source.group)
         metrics = neuron_metrics(sums[:, :3], sums[:, 3].sqrt())
-        device = metrics.device
-        self._segment = self._segment.to(device)
-        stats = layer_stats(metrics, self._segment, len(self.specs)).cpu().numpy()  # the one host sync
+        stats = layer_stats(metrics, self._layer_sums.to(metrics.device)).cpu().numpy()  # the one host sync
         per_layer = dict(zip(LAYER_STATS, stats.T, strict=True))
         self._latest, self._snapshot = metrics, {}
 
