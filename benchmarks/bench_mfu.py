@@ -4,7 +4,7 @@
         --device cuda --precision bf16 --compile --micro-batch 16 --seq-len 1024 --steps 30 --peak-tflops 989 \\
         --optims adamw,rv-adamw,rv-adamw:eager --rotation-every 0,1,10
 
-Runs the training loop's own step (`forward_backward` + `engine.step()`, single strategy, the
+Runs the training loop's own step (`forward_backward` + `engine.step(loss)`, single strategy, the
 loop's loss function and rotation tracker) on random tokens, so no data needs preparing. All
 rows of one invocation share one model and one compiled loss: optimizers are swapped on the
 same weights, so their ratios come from one process on one device.
@@ -15,13 +15,15 @@ same weights, so their ratios come from one process on one device.
   and the loss is `F.cross_entropy(logits.float())` outside the compiled region.
 
 `step ms` is the median of steps that each start and end with the device idle (a sync), as
-nanoGPT's bench.py times its steps (its loss read ends each one). `fwd+bwd ms` is the forward
-and backward passes with their loss read (a device sync), `update ms` the rest of the step:
-clipping (its norm read, a sync), the optimizer step until the device is done, and the rotation
-metrics on a measured step. Each column is the median of its own part, so they add up to
-`step ms` only approximately. `loop ms` is the mean of as many more steps run back to back, as
-`pretrain train` runs them: the host starts the next step while the device finishes the last
-one's update (the throughput a run gets; tokens/s and MFU are `step ms`'s).
+nanoGPT's bench.py times its steps (its loss read ends each one), with one more sync between
+the two parts it is split into: `fwd+bwd ms`, the forward and backward passes, and `update ms`,
+the rest (the loss and norm reads, clipping, the optimizer step until the device is done, and
+the rotation metrics on a measured step). Each column is the median of its own part, so they
+add up to `step ms` only approximately. `loop ms` is the mean of as many more steps run back to
+back, exactly as `pretrain train` runs them: no sync but the step's own loss and norm read,
+which (`engine.step` on the device, pretrain/parallel/engine.py) need not wait for the update,
+so the host prepares the next step while the device finishes the last one's update. That is
+the throughput a run gets; tokens/s and MFU are `step ms`'s.
 
 `--profile FILE` / `--trace FILE` (the rows `--profile-rows` lists, default 0, the first; rows
 count optimizers x rotation_every values in table order): after that row's timed steps, one untimed
@@ -120,18 +122,19 @@ class BenchStep:
         """Seconds of the whole step and of its forward/backward part; `mark` labels the parts in a trace."""
         self._sync()
         start = time.perf_counter()
-        with mark("forward_backward"):  # ends in a sync: the loss read
-            forward_backward(self.engine, self.loader, step, self.grad_accum, self.device, self.loss_fn)
+        with mark("forward_backward"):  # ends in a sync, to time the two parts apart
+            loss = forward_backward(self.engine, self.loader, step, self.grad_accum, self.device, self.loss_fn)
+            self._sync()
         passed = time.perf_counter()
-        self._update(step, mark)
+        self._update(loss, step, mark)
         self._sync()
         return time.perf_counter() - start, passed - start
 
-    def _update(self, step: int, mark: Mark = no_mark) -> None:
+    def _update(self, loss: torch.Tensor, step: int, mark: Mark = no_mark) -> None:
         """Clip, step and (on a measured step) the rotation metrics, as the loop's train_step does."""
         measuring = self.tracker.should_measure(step)
         with mark("engine.step"):
-            self.engine.step(self.tracker.capture if measuring else None)
+            self.engine.step(loss, self.tracker.capture if measuring else None)
         if measuring:
             with mark("rotation metrics"):
                 self.tracker.measure(step, self.lr)
@@ -143,8 +146,8 @@ class BenchStep:
         self._sync()
         start = time.perf_counter()
         for step in range(first_step, first_step + count):
-            forward_backward(self.engine, self.loader, step, self.grad_accum, self.device, self.loss_fn)
-            self._update(step)
+            self._update(forward_backward(self.engine, self.loader, step, self.grad_accum, self.device,
+                                          self.loss_fn), step)
         self._sync()
         return (time.perf_counter() - start) / count
 

@@ -1,6 +1,6 @@
 """Whole training-step throughput: tokens/s, data-loader share, and optimizer ratios.
 
-Runs the loop's own `forward_backward` + `engine.step()` on the prepared embedded corpus,
+Runs the loop's own `forward_backward` + `engine.step(loss)` on the prepared embedded corpus,
 alternating the compared optimizers step by step so machine noise hits them alike, and
 reports medians and ratios measured in this one run.
 
@@ -54,8 +54,7 @@ def make_setup(shape: str, optimizer: str, micro_batch: int, seq_len: int, extra
 def timed_step(setup, step: int) -> float:
     cfg, engine, loader = setup
     start = time.perf_counter()
-    forward_backward(engine, loader, step, 1, torch.device("cpu"))
-    engine.step()
+    engine.step(forward_backward(engine, loader, step, 1, torch.device("cpu")))
     return time.perf_counter() - start
 
 

@@ -13,7 +13,7 @@ and their steps alternate (the order flips every repetition), so machine load hi
 
 Measured, every repetition after a barrier, as the slowest rank's time (a step ends when its last
 rank does):
-- the full training step: the loop's `forward_backward` + `engine.step()`, with the client
+- the full training step: the loop's `forward_backward` + `engine.step(loss)`, with the client
   optimizer's own step (what DeepSpeed calls on the flat fp32 partitions) timed inside it;
 - the optimizer step alone: the client optimizer's `step()` on the flat partitions with fixed
   random gradients (no backward, no DeepSpeed reduce / all-gather around it);
@@ -181,8 +181,7 @@ def measure_pair(args: argparse.Namespace, plain: str, rv: str, rank: int) -> di
         dist.barrier()
         PROBE.reset()
         start = time.perf_counter()
-        forward_backward(engine, loader, step, 1, torch.device("cpu"))
-        engine.step()
+        engine.step(forward_backward(engine, loader, step, 1, torch.device("cpu")))
         samples[f"{name} train"].append(time.perf_counter() - start)
         samples[f"{name} train/client"].append(PROBE.seconds["client_step"])
         for label in ("all_reduce", "sums", "apply"):

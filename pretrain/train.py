@@ -45,6 +45,7 @@ from pretrain.parallel import (
     Engine,
     StepWatchdog,
     World,
+    average_over_ranks,
     barrier,
     build_engine,
     check_world,
@@ -170,10 +171,10 @@ def resolve_resume(run_dir: Path, resume: str | None, cfg: Config) -> Path | Non
 
 
 def forward_backward(engine: Engine, loader: TrainLoader, step: int, grad_accum: int, device: torch.device,
-                     loss_fn: LossFn = causal_lm_loss) -> float:
+                     loss_fn: LossFn = causal_lm_loss) -> torch.Tensor:
     """Accumulate this rank's share of one optimizer step's gradient; return the global batch's mean loss.
 
-    The float return is the one host sync of the forward/backward.
+    The loss stays on the device (no host sync): `engine.step` reads it.
     """
     loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum):
@@ -183,7 +184,7 @@ def forward_backward(engine: Engine, loader: TrainLoader, step: int, grad_accum:
             loss = loss_fn(engine.model, x, y) / grad_accum
             engine.backward(loss)
         loss_sum += loss.detach()
-    return mean_over_ranks(loss_sum.reshape(1))[0]
+    return average_over_ranks(loss_sum)
 
 
 def train_step(run: Run, step: int) -> StepOutcome:
@@ -197,12 +198,9 @@ def train_step(run: Run, step: int) -> StepOutcome:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
     loss = forward_backward(engine, run.loader, step, cfg.train.grad_accum, run.device, run.loss_fn)
-    if not math.isfinite(loss):
-        engine.skip()
-        return StepOutcome(step, lr, loss, math.nan, engine.scales_loss)
     measuring = run.tracker.should_measure(step)
-    grad_norm = engine.step(run.tracker.capture if measuring else None)
-    outcome = StepOutcome(step, lr, loss, grad_norm, engine.scales_loss)
+    outcome = StepOutcome(step, lr, *engine.step(loss, run.tracker.capture if measuring else None),
+                          loss_scaled=engine.scales_loss)
     if measuring and outcome.applied:
         outcome.rotation = run.tracker.measure(step, lr)
     return outcome

@@ -180,7 +180,7 @@ def test_nan_skip_still_writes_due_checkpoints_from_the_last_good_weights(tiny_d
 
     def non_finite_at_4_and_8(engine, loader, step, *args):
         loss = forward_backward(engine, loader, step, *args)
-        return float("nan") if step in (4, 8) else loss
+        return torch.full_like(loss, float("nan")) if step in (4, 8) else loss
 
     monkeypatch.setattr(pretrain.train, "forward_backward", non_finite_at_4_and_8)
     result = train(tiny_config(tiny_data_dir, tmp_path / "run", "train.nan_policy=skip", "checkpoint.every=4"))

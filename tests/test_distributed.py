@@ -136,12 +136,16 @@ BF16 = "train.precision=bf16"
 # also checks the fused C++ step under FSDP2 (Runs.fused_cpp).
 FUSED = "optim.fused=true"
 CASES += [("llama", "rv-adamw", "fsdp2", FUSED)]
+# torch's fused AdamW takes the step without a host sync before it (TorchEngine._step_on_device) on
+# the steps that measure no rotation metrics: DDP's on-device loss average, clipping and skip flag.
+ON_DEVICE = "optim.fused=true logging.rotation_every=5"
+CASES += [("llama", "adamw", "ddp", ON_DEVICE)]
 BF16_STRATEGIES = ("ddp", "fsdp2", "zero2")
 
 
 def tag(extra: str) -> str:
-    """A folder-name tag for a case's extra override."""
-    return extra.split(".")[-1].replace("=", "") if extra else "base"
+    """A folder-name tag for a case's extra overrides (space-separated)."""
+    return "-".join(part.split(".")[-1].replace("=", "") for part in extra.split()) if extra else "base"
 
 
 class Runs:
@@ -168,9 +172,9 @@ class Runs:
             # One process takes both ranks' micro-steps: twice the grad_accum of one rank.
             accum = 4 if extra == ACCUM else 2
             train(tiny_config(self.data_dir, out, *RUN, *MODELS[model], f"optim.name={optim}",
-                              *filter(None, [extra if extra != ACCUM else ""]), f"train.grad_accum={accum}"))
+                              *(extra.split() if extra != ACCUM else []), f"train.grad_accum={accum}"))
         plan = [self.args(out, *MODELS[m], f"optim.name={o}", *STRATEGIES[s], "parallel.world_size=2",
-                          *filter(None, [x])) for (m, o, s, x), out in self.runs.items()]
+                          *x.split()) for (m, o, s, x), out in self.runs.items()]
         for strategy, out in self.resumed.items():  # interrupted at step 10, then resumed
             args = self.args(out, "optim.name=rv-adamw", *STRATEGIES[strategy])
             plan += [[*args, "--stop-at", "10"], [*args, "--resume", "auto"]]

@@ -65,10 +65,15 @@ def _direction(w, g, m, v, wd, beta1, beta2, eps, RULE: tl.constexpr, ROTATIONAL
 
 
 @triton.jit
-def _load_step(W, G, M, V, offs, mask, wd, beta1, beta2, eps, RULE: tl.constexpr, ROTATIONAL: tl.constexpr):
-    """Load a tile and take the inner rule's step: (w, g, u, new m, new v); masked lanes are 0."""
+def _load_step(W, G, M, V, offs, mask, wd, beta1, beta2, eps, g_div, RULE: tl.constexpr, ROTATIONAL: tl.constexpr,
+               FLAGS: tl.constexpr):
+    """Load a tile and take the inner rule's step: (w, g, u, new m, new v); masked lanes are 0.
+
+    With FLAGS the gradient is divided by `g_div` (the clipping a loss scaler's `grad_scale` carries)."""
     w = tl.load(W + offs, mask=mask, other=0.0)
     g = tl.load(G + offs, mask=mask, other=0.0)
+    if FLAGS:
+        g = g / g_div
     m = tl.load(M + offs, mask=mask, other=0.0)
     if RULE == 0:  # noqa: SIM108 (a compile-time branch: the other rules never load v)
         v = tl.load(V + offs, mask=mask, other=0.0)
@@ -128,16 +133,22 @@ def _address(table, t):
 
 @triton.jit
 def _step_kernel(
-    w_tab, g_tab, m_tab, v_tab, norm_tab, avg_tab, sums_tab,
+    w_tab, g_tab, m_tab, v_tab, norm_tab, avg_tab, sums_tab, flags,
     numel, neurons, width, stride_n, stride_k, tiles_per_tensor,
     lr, wd, beta1, beta2, eps, scale, eta, decay, decay_bias, rot_eps,
     RULE: tl.constexpr, ROTATIONAL: tl.constexpr, ZERO_MEAN: tl.constexpr, TRACK: tl.constexpr,
-    SINGLE_PASS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
+    FLAGS: tl.constexpr, SINGLE_PASS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = pid // tiles_per_tensor
     n_offs = (pid % tiles_per_tensor) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = n_offs < neurons
+    g_div = 1.0
+    if FLAGS:  # flags = [skip, gradient divisor]: a skipped step masks every load and store off
+        n_mask = n_offs < tl.where(tl.load(flags) == 0.0, neurons, 0)
+        g_div = tl.load(flags + 1)
+    else:
+        n_mask = n_offs < neurons
     k_base = tl.arange(0, BLOCK_K)
     # Addresses come from tables; saying they are 16-byte aligned (Launch checks it) lets the
     # compiler use vector loads and stores.
@@ -159,7 +170,7 @@ def _step_kernel(
         if SINGLE_PASS:  # the whole neuron is in registers: read once, write once
             offs = n_offs[:, None] * stride_n + k_base[None, :] * stride_k
             mask = n_mask[:, None] & (k_base < width)[None, :]
-            w, g, u, m, v = _load_step(W, G, M, V, offs, mask, wd, beta1, beta2, eps, RULE, ROTATIONAL)
+            w, g, u, m, v = _load_step(W, G, M, V, offs, mask, wd, beta1, beta2, eps, g_div, RULE, ROTATIONAL, FLAGS)
             w_sq, u_sq, dot = tl.sum(w * w, axis=1), tl.sum(u * u, axis=1), tl.sum(u * w, axis=1)
             w_sum, u_sum = tl.sum(w, axis=1), tl.sum(u, axis=1)
             a, b, c, avg = _coefficients(w_sq, u_sq, dot, w_sum, u_sum, width * 1.0, norm, avg, scale, eta, decay,
@@ -181,7 +192,8 @@ def _step_kernel(
                 k_offs = i * BLOCK_K + k_base
                 offs = n_offs[:, None] * stride_n + k_offs[None, :] * stride_k
                 mask = n_mask[:, None] & (k_offs < width)[None, :]
-                w, g, u, m, v = _load_step(W, G, M, V, offs, mask, wd, beta1, beta2, eps, RULE, ROTATIONAL)
+                w, g, u, m, v = _load_step(W, G, M, V, offs, mask, wd, beta1, beta2, eps, g_div, RULE, ROTATIONAL,
+                                           FLAGS)
                 acc_w_sq += w * w
                 acc_u_sq += u * u
                 acc_dot += u * w
@@ -198,7 +210,7 @@ def _step_kernel(
             k_offs = i * BLOCK_K + k_base
             offs = n_offs[:, None] * stride_n + k_offs[None, :] * stride_k
             mask = n_mask[:, None] & (k_offs < width)[None, :] & (offs < numel)
-            w, g, u, m, v = _load_step(W, G, M, V, offs, mask, wd, beta1, beta2, eps, RULE, ROTATIONAL)
+            w, g, u, m, v = _load_step(W, G, M, V, offs, mask, wd, beta1, beta2, eps, g_div, RULE, ROTATIONAL, FLAGS)
             new_w = _apply(W, M, V, offs, mask, w, u, m, v, a, b, c, lr, wd, scale, RULE, ROTATIONAL)
             if TRACK:
                 w64 = w.to(tl.float64)
@@ -330,9 +342,11 @@ class Launch:
         self._no_sums = torch.zeros(len(weights), dtype=torch.int64, device=self.device)
 
     def run(self, weights: list[Tensor], grads: list[Tensor], hyper: Hyper, sums: list[Tensor] | None = None,
-            warmup: bool = False) -> None:
+            warmup: bool = False, flags: Tensor | None = None) -> None:
         """One step; `sums`: per tensor a float64 [neurons, 4] view (rows contiguous) for the rotation tracker.
 
+        `flags`: a float32 [2] device tensor, [skip, gradient divisor]: a non-zero skip changes
+        nothing, else the gradient is divided by the divisor (clipping decided on the device).
         `warmup`: compile and load the kernel for these arguments and run nothing (KernelRejected).
         """
         layout = self.layout
@@ -343,13 +357,13 @@ class Launch:
             grads, grad_ptrs = [g if _aligned(g) else g.clone() for g in grads], None
         sums_table = self._tables.get("sums", sums) if sums is not None else self._no_sums
         args = (self._tables.get("w", weights), self._tables.get("g", grads, grad_ptrs), *self._fixed, sums_table,
-                self.numel, layout.neurons, layout.width, layout.stride_n, layout.stride_k, self.tiles,
-                hyper.lr, hyper.weight_decay, hyper.beta1, hyper.beta2, hyper.eps, hyper.scale, hyper.eta, hyper.decay,
-                hyper.decay_bias, hyper.rot_eps)
+                flags if flags is not None else self._no_sums, self.numel, layout.neurons, layout.width,
+                layout.stride_n, layout.stride_k, self.tiles, hyper.lr, hyper.weight_decay, hyper.beta1, hyper.beta2,
+                hyper.eps, hyper.scale, hyper.eta, hyper.decay, hyper.decay_bias, hyper.rot_eps)
         constants = dict(
             RULE=RULE_IDS[hyper.rule], ROTATIONAL=self.rotational, ZERO_MEAN=hyper.zero_mean, TRACK=sums is not None,
-            SINGLE_PASS=self.block_k >= layout.width, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
-            NUM_K=triton.cdiv(layout.width, self.block_k), num_warps=self.num_warps)
+            FLAGS=flags is not None, SINGLE_PASS=self.block_k >= layout.width, BLOCK_N=self.block_n,
+            BLOCK_K=self.block_k, NUM_K=triton.cdiv(layout.width, self.block_k), num_warps=self.num_warps)
         grid = (self.tiles * self.count,)
         if warmup:
             compile_only(_step_kernel, grid, args, constants)

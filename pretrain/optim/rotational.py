@@ -88,6 +88,7 @@ class RotationalOptimizer(Optimizer):
         self._track: dict[int, tuple[int, Tensor]] = {}
         self._plans: dict[tuple, _Plan] = {}  # how a group steps, by (group, its flags, live and tracked tensors)
         self._stepped = [0, 0]  # tensors of the last step: [taken by a fused kernel, all]
+        self._advanced: list[_StepCounts] = []  # the counters the last step advanced (see `rewind_step`)
         self._fused_required = fused is True
         super().__init__(params, defaults)
         if fused is not False:
@@ -115,13 +116,30 @@ class RotationalOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._stepped = [0, 0]
+        self._stepped, self._advanced = [0, 0], []
+        flags = _DeviceFlags.of(self)
         try:
             for group in self.param_groups:
-                self._step_group(group)
+                self._step_group(group, flags)
         finally:
             self._track = {}
         return loss
+
+    @property
+    def takes_device_flags(self) -> bool:
+        """Whether `step` can take its skip and gradient divisor as device tensors without reading them:
+        set as `found_inf` and `grad_scale` (as torch's fused AdamW takes them from a loss scaler),
+        they go into the Triton kernel; tensors that step elsewhere read them on the host."""
+        from pretrain.optim import fused
+
+        devices = {_local(p).device.type for group in self.param_groups for p in group["params"]}
+        return bool(devices) and all(self._kernels.get(d) is fused for d in devices)
+
+    def rewind_step(self) -> None:
+        """Take back the step counts of the last step, which its `found_inf` skipped on the device."""
+        for steps in self._advanced:
+            steps.retreat()
+        self._advanced = []
 
     def fused_covers(self, p: Tensor, axis: int) -> bool:
         """Whether the fused kernel steps `p` and can report its rotation sums along `axis`."""
@@ -220,7 +238,7 @@ class RotationalOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ step
 
-    def _step_group(self, group: dict[str, Any]) -> None:
+    def _step_group(self, group: dict[str, Any], flags: _DeviceFlags | None) -> None:
         rule = INNER_RULES[group["rule"]]
         live = [p for p in group["params"] if p.grad is not None]
         if not live:
@@ -228,15 +246,18 @@ class RotationalOptimizer(Optimizer):
         # What a step of these tensors needs is the same every step: after the first, the checks,
         # flags and fused launches come from the cache (the host time of a fused GPU step).
         key = (id(group), group["rotational"], group["weight_decay"] > 0, group["per_neuron"], group["neuron_axis"],
-               tuple(map(id, live)), tuple(sorted(self._track)))
+               tuple(map(id, live)), tuple(sorted(self._track)), flags is not None)
         plan = self._plans.get(key)
         if plan is None or not plan.steps.holds([self.state[p] for p in live]):
-            plan = self._plans[key] = self._plan(group, rule, live)
+            plan = self._plans[key] = self._plan(group, rule, live, flags)
         plan.steps.advance()
+        self._advanced.append(plan.steps)
         self._stepped[0] += len(live) - len(plan.rest)
         self._stepped[1] += len(live)
         if plan.launches:
-            self._fused_step(group, plan.launches)
+            self._fused_step(group, plan.launches, flags)
+        if plan.rest and flags is not None and not flags.apply_on_host([p.grad for p, _ in plan.rest]):
+            return  # skipped
         eager = [p for p, rot in plan.rest if not rot]
         flat = [p for p, rot in plan.rest if rot and id(p) in self._segment_maps]
         dense = [p for p, rot in plan.rest if rot and id(p) not in self._segment_maps]
@@ -247,7 +268,7 @@ class RotationalOptimizer(Optimizer):
         for p in flat:
             self._flat_rotational_step(p, group, rule)
 
-    def _plan(self, group: dict[str, Any], rule: Rule, live: list[Tensor]) -> _Plan:
+    def _plan(self, group: dict[str, Any], rule: Rule, live: list[Tensor], flags: _DeviceFlags | None) -> _Plan:
         """Check and initialise the state of `live`, and split it between fused launches and the eager path."""
         rotational = [_is_rotational(group, p) for p in live]
         for p, rot in zip(live, rotational, strict=True):
@@ -266,29 +287,32 @@ class RotationalOptimizer(Optimizer):
         steps = _StepCounts([self.state[p] for p in live])
         if not self._kernels:
             return _Plan(steps, [], list(zip(live, rotational, strict=True)))
-        launches, rest = self._fused_plan(group, rule, live, rotational)
+        launches, rest = self._fused_plan(group, rule, live, rotational, flags)
         return _Plan(steps, launches, rest)
 
-    def _fused_step(self, group: dict[str, Any], launches: list[_FusedLaunch]) -> None:
+    def _fused_step(self, group: dict[str, Any], launches: list[_FusedLaunch], flags: _DeviceFlags | None) -> None:
         """Run the fused launches of a group; all its live tensors share one step count (they step together)."""
         hyper = _hyper(group, int(self.state[launches[0].params[0]]["step"]))
         for entry in launches:
-            self._run(entry, hyper)
+            self._run(entry, hyper, flags=flags)
 
-    def _run(self, entry: _FusedLaunch, hyper: Hyper, warmup: bool = False) -> None:
+    def _run(self, entry: _FusedLaunch, hyper: Hyper, warmup: bool = False, flags: _DeviceFlags | None = None) -> None:
         params = entry.params
         if entry.sharded:
             weights, grads = [_local(p) for p in params], [_local(p.grad) for p in params]
         else:
             weights, grads = params, [p.grad for p in params]
-        entry.launch.run(weights, grads, hyper, [self._track[id(p)][1] for p in params] if entry.tracked else None,
-                         warmup=warmup)
+        sums = [self._track[id(p)][1] for p in params] if entry.tracked else None
+        on_device = flags is not None and flags.on_device(entry.launch)
+        if flags is not None and not on_device and not warmup and not flags.apply_on_host(grads):
+            return  # skipped
+        entry.launch.run(weights, grads, hyper, sums, warmup=warmup, **({"flags": flags.tensor} if on_device else {}))
 
-    def _compiles(self, entry: _FusedLaunch, hyper: Hyper) -> bool:
+    def _compiles(self, entry: _FusedLaunch, hyper: Hyper, flags: _DeviceFlags | None) -> bool:
         """Compile a new launch's kernel before any of it runs; a compiler that fails leaves its tensors to
         the eager step, with a notice (an error with fused=True, or where rotation sums were asked of it)."""
         try:
-            self._run(entry, hyper, warmup=True)
+            self._run(entry, hyper, warmup=True, flags=flags)
             return True
         except KernelRejected as exc:
             reason = str(exc)
@@ -302,7 +326,8 @@ class RotationalOptimizer(Optimizer):
                       f"{shape} ({reason}); they take the eager step, as with optim.fused=false", file=sys.stderr)
             return False
 
-    def _fused_plan(self, group: dict[str, Any], rule: Rule, live: list[Tensor], rotational: list[bool]) -> tuple:
+    def _fused_plan(self, group: dict[str, Any], rule: Rule, live: list[Tensor], rotational: list[bool],
+                    flags: _DeviceFlags | None) -> tuple:
         """([_FusedLaunch], [(param, rotational)] left to the eager path) for these live tensors.
 
         A launch holds tensors of one shape, walk and kind; tracked tensors are walked along the
@@ -338,7 +363,7 @@ class RotationalOptimizer(Optimizer):
                                         [_local(st["neuron_norm"]) for st in states] if rot else None,
                                         [_local(st["update_norm_avg"]) for st in states] if rot else None)
             entry = _FusedLaunch(launch, params, tracked, any(isinstance(p, DTensor) for p in params))
-            if self._compiles(entry, hyper):
+            if self._compiles(entry, hyper, flags):
                 launches.append(entry)
             else:
                 rest += [(p, rot) for p in params]
@@ -434,6 +459,42 @@ class _FusedLaunch(NamedTuple):
     sharded: bool  # DTensor parameters: their local shards are looked up every step
 
 
+class _DeviceFlags:
+    """A step's `found_inf` and `grad_scale` (set on the optimizer, as a loss scaler does), as the Triton
+    kernel takes them: one float32 [2] device tensor [skip, gradient divisor]. Tensors that step
+    elsewhere (eager, the C++ kernel) read it on the host once per step, then skip or divide."""
+
+    def __init__(self, found_inf: Tensor | None, grad_scale: Tensor | None, device: torch.device) -> None:
+        skip = found_inf if found_inf is not None else torch.zeros((), device=device)
+        divisor = grad_scale if grad_scale is not None else torch.ones((), device=device)
+        self.tensor = torch.stack([skip.reshape(()).float(), divisor.reshape(()).float()]).to(device)
+        self._host: tuple[bool, Tensor] | None = None
+
+    @classmethod
+    def of(cls, optimizer: RotationalOptimizer) -> _DeviceFlags | None:
+        found_inf, grad_scale = getattr(optimizer, "found_inf", None), getattr(optimizer, "grad_scale", None)
+        if found_inf is None and grad_scale is None:
+            return None
+        return cls(found_inf, grad_scale, next(_local(p).device for g in optimizer.param_groups for p in g["params"]))
+
+    def on_device(self, launch: Any) -> bool:
+        """Whether `launch` takes the flags in its kernel (Triton, on the flags' device)."""
+        from pretrain.optim import fused
+
+        return isinstance(launch, fused.Launch) and launch.device == self.tensor.device
+
+    def apply_on_host(self, grads: list[Tensor]) -> bool:
+        """Read the flags (a host sync, once a step); False: skip. Otherwise divide `grads` in place."""
+        if self._host is None:
+            skip, divisor = self.tensor.tolist()
+            self._host = (skip != 0.0, self.tensor[1])
+        if self._host[0]:
+            return False
+        for g in grads:
+            g.div_(self._host[1].to(g.device))
+        return True
+
+
 @dataclass
 class _Plan:
     """How a group's live tensors step: their step counters, the fused launches, the rest (param, rotational)."""
@@ -474,6 +535,12 @@ class _StepCounts:
             torch._foreach_add_(self.views, 1.0)
         else:
             self.storage.add_(1.0)
+
+    def retreat(self) -> None:
+        if self.storage is None:
+            torch._foreach_sub_(self.views, 1.0)
+        else:
+            self.storage.sub_(1.0)
 
 
 def _packed_base(steps: list[Tensor]) -> Tensor | None:

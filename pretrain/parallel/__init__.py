@@ -17,6 +17,7 @@ from pretrain.parallel.engine import DDPEngine, Engine, FSDPEngine, OptimizerVie
 from pretrain.parallel.world import (
     StepWatchdog,
     World,
+    average_over_ranks,
     barrier,
     check_world,
     close_world,
@@ -26,8 +27,8 @@ from pretrain.parallel.world import (
 )
 from pretrain.params import ParamSpec
 
-__all__ = ["ENGINES", "Engine", "OptimizerView", "StepWatchdog", "World", "barrier", "build_engine", "check_world",
-           "close_world", "decided_by_main", "init_world", "mean_over_ranks"]
+__all__ = ["ENGINES", "Engine", "OptimizerView", "StepWatchdog", "World", "average_over_ranks", "barrier",
+           "build_engine", "check_world", "close_world", "decided_by_main", "init_world", "mean_over_ranks"]
 
 EngineBuilder = Callable[[Config, nn.Module, list[ParamSpec], World, torch.dtype], Engine]
 

@@ -6,7 +6,7 @@ An engine owns the wrapped model and the optimizer of one strategy and gives the
         with engine.accumulate(last=micro == grad_accum - 1), engine.autocast():
             loss = loss_of(engine.model(x))           # this rank's micro-batch mean
             engine.backward(loss / grad_accum)
-    grad_norm = engine.step()                          # clip, update; global norm before clipping
+    loss, grad_norm = engine.step(global_mean_loss)   # clip, update; global norm before clipping
 
 Gradient accumulation and clipping mean the same in every strategy: the gradient is the mean
 over the global batch (all ranks x micro-steps, each micro-batch equally weighted) and it is
@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor
 from pretrain.errors import UserError
 from pretrain.model import fold_gains, unwrap
 from pretrain.optim.segments import SegmentMap
+from pretrain.parallel.host_copy import HostCopy
 from pretrain.parallel.world import World
 
 
@@ -75,17 +76,16 @@ class Engine(Protocol):
     def backward(self, loss: torch.Tensor) -> None:
         """Add d(loss)/d(parameters) to the accumulated gradient."""
 
-    def step(self, before_update: Callable[[], None] | None = None) -> float:
-        """Clip the accumulated gradient and apply the update; return the global norm before clipping.
+    def step(self, loss: torch.Tensor, before_update: Callable[[], None] | None = None) -> tuple[float, float]:
+        """Clip the accumulated gradient and apply the update; return (loss, global norm before clipping).
 
-        `before_update`, if given, runs after clipping, right before the parameters change (the
-        rotation tracker's capture). A non-finite norm means no update was applied, except under
-        DeepSpeed ZeRO 0 and ZeRO 1/2 in bf16 mode, which apply it; the loop stops such a run. Where
-        the engine `scales_loss`, it has also lowered the loss scale.
+        `loss` is the global batch's mean loss, still on the device. A non-finite loss drops the
+        step's gradients without an update and gives a NaN norm. `before_update`, if given, runs
+        after clipping, right before the parameters change (the rotation tracker's capture). A
+        non-finite norm means no update was applied, except under DeepSpeed ZeRO 0 and ZeRO 1/2
+        in bf16 mode, which apply it; the loop stops such a run. Where the engine `scales_loss`,
+        it has also lowered the loss scale.
         """
-
-    def skip(self) -> None:
-        """Drop this step's gradients without an update (a non-finite loss)."""
 
     def optimizer_view(self) -> OptimizerView | None:
         """Where the rotation tracker reads updates; None: the model's own parameters."""
@@ -113,6 +113,11 @@ class TorchEngine:
         self.dtype, self.max_norm = dtype, max_norm
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
         self.scales_loss = self.scaler.is_enabled()
+        self._params = [p for group in optimizer.param_groups for p in group["params"]]
+        # Unscaled plain tensors whose optimizer takes its clipping and skip as device tensors step
+        # without a host sync in between (`_step_on_device`); anything else reads the loss first.
+        self._decides_on_device = not self.scales_loss and takes_device_flags(optimizer) and not any(
+            isinstance(p, DTensor) for p in self._params)
 
     def loss_scale(self) -> float:
         return self.scaler.get_scale()
@@ -129,19 +134,52 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self, before_update: Callable[[], None] | None = None) -> float:
+    def step(self, loss: torch.Tensor, before_update: Callable[[], None] | None = None) -> tuple[float, float]:
+        if before_update is None and self._decides_on_device:
+            return self._step_on_device(loss)
+        value = float(loss)  # a host sync: the backward pass must be done
+        if not math.isfinite(value):
+            self.skip()
+            return value, math.nan
         self.scaler.unscale_(self.optimizer)
-        norm = clip_grad_norm([p for group in self.optimizer.param_groups for p in group["params"]], self.max_norm)
+        norm = clip_grad_norm(self._params, self.max_norm)  # a second one, for the norm
         if not math.isfinite(norm):
             self.scaler.update()  # an fp16 overflow lowers the loss scale; otherwise nothing
             self.skip()
-            return norm
+            return value, norm
         if before_update is not None:
             before_update()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return value, norm
+
+    def _step_on_device(self, loss: torch.Tensor) -> tuple[float, float]:
+        """The step without waiting for the GPU: the optimizer is queued before the loss and norm are read.
+
+        Its kernels take the clipping and the skip as device tensors (the `grad_scale` and
+        `found_inf` a loss scaler would hand torch's fused AdamW): the gradient is divided by
+        max(1, (norm + 1e-6) / max_norm), the same clipping as `clip_grad_norm`, and a non-finite
+        loss or norm leaves the weights and the optimizer state as they were. The loss and norm
+        are copied to the host before the optimizer is queued and read after, so the optimizer
+        keeps the GPU busy while the host finishes this step and starts the next one.
+        """
+        grads = [p.grad for p in self._params if p.grad is not None]
+        norm = grad_norm(grads) if grads else loss.new_zeros(())
+        finite = loss.isfinite() & norm.isfinite()
+        numbers = HostCopy(torch.stack([loss.double(), norm.double()]))
+        self.optimizer.found_inf = (~finite).float()
+        self.optimizer.grad_scale = ((norm.float() + 1e-6) / self.max_norm).clamp_min(1.0) if self.max_norm > 0 \
+            else None
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf, self.optimizer.grad_scale
+        value, norm_value = numbers.tolist()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not (math.isfinite(value) and math.isfinite(norm_value)) and hasattr(self.optimizer, "rewind_step"):
+            self.optimizer.rewind_step()  # its step counts live on the host (torch's fused AdamW: on the device)
+        return value, norm_value if math.isfinite(value) else math.nan
 
     def skip(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -263,21 +301,38 @@ class FSDPEngine(TorchEngine):
         self._load_scaler(state_dir)
 
 
+def takes_device_flags(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.step()` honours `grad_scale` and `found_inf` tensors set on it, as a loss
+    scaler hands them, without reading them: torch's fused Adam/AdamW do, in the kernel, and so
+    does our optimizer where every tensor takes its Triton step (`takes_device_flags`)."""
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        return all(group.get("fused") for group in optimizer.param_groups)
+    return bool(getattr(optimizer, "takes_device_flags", False))
+
+
+def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of `grads`, on the device (a DTensor where the gradients are).
+
+    Plain tensors of one device and dtype take their norms from one `_foreach_norm`, without
+    torch's per-tensor Python, which on a GPT-2 step kept the GPU waiting for ~1 ms
+    (benchmarks/RESULTS.md); DTensors (FSDP2) and mixed sets take torch's path.
+    """
+    plain = not any(isinstance(g, DTensor) for g in grads) and len({(g.device, g.dtype) for g in grads}) == 1
+    return (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if plain
+            else torch.nn.utils.get_total_norm(grads))
+
+
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     """Scale the gradients to a global L2 norm of at most `max_norm` (<= 0: leave them); return the norm before.
 
     torch's `clip_grad_norm_` arithmetic (gradients times min(1, max_norm / (norm + 1e-6))), with
-    the norm read first (the one host sync of a step) and the scaling pass left out when it would
-    multiply by exactly 1. Plain tensors of one device and dtype take their norms from one
-    `_foreach_norm`, without torch's per-tensor Python, which on a GPT-2 step kept the GPU waiting
-    for ~1 ms (benchmarks/RESULTS.md); DTensors (FSDP2) and mixed sets take torch's path.
+    the norm read first (a host sync) and the scaling pass left out when it would multiply by
+    exactly 1.
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    plain = not any(isinstance(g, DTensor) for g in grads) and len({(g.device, g.dtype) for g in grads}) == 1
-    total = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if plain
-             else torch.nn.utils.get_total_norm(grads))
+    total = grad_norm(grads)
     norm = float(total.full_tensor() if isinstance(total, DTensor) else total)
     # A norm this far below max_norm gives a coefficient >= 1, clamped to 1: the pass would change
     # nothing. torch takes the coefficient in the norm's dtype, rounded three times (the sum, a

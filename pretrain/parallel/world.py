@@ -118,17 +118,22 @@ def close_world() -> None:
         dist.destroy_process_group()
 
 
-def mean_over_ranks(values: torch.Tensor) -> list[float]:
-    """This rank's 1-d `values` (on its device) averaged over all ranks, read in one host sync.
+def average_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """This rank's `values` (on its device) averaged over all ranks, on the device: no host sync.
 
-    The logged loss is the global batch's. Reduced on the device, in float64: reading each rank's
-    number first and uploading it again would cost a sync for the read and one for the upload.
+    Reduced in float64: the logged loss is the global batch's, and reading each rank's number
+    first and uploading it again would cost a sync for the read and one for the upload.
     """
     if dist.is_initialized() and dist.get_world_size() > 1:
         values = values.double()
         dist.all_reduce(values)
         values = values / dist.get_world_size()
-    return values.tolist()
+    return values
+
+
+def mean_over_ranks(values: torch.Tensor) -> list[float]:
+    """`average_over_ranks` of 1-d `values`, read in one host sync."""
+    return average_over_ranks(values).tolist()
 
 
 def decided_by_main(decide: Callable[[], T]) -> T:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -135,7 +136,13 @@ class DeepSpeedEngine:
         if not self._last:
             self.ds.step()  # a micro-step: DeepSpeed only counts it
 
-    def step(self, before_update: Callable[[], None] | None = None) -> float:
+    def step(self, loss: torch.Tensor, before_update: Callable[[], None] | None = None) -> tuple[float, float]:
+        value = float(loss)
+        if not math.isfinite(value):
+            # Nothing to drop: a non-finite loss stops the run (config.validate refuses train.nan_policy=skip
+            # under DeepSpeed, whose gradients already sit in its own reduced buffers and whose micro-step
+            # count would drift), so the gradients DeepSpeed holds are never applied.
+            return value, math.nan
         # ZeRO 1-3 measure the norm inside their step; stage 0 (fp32, whole averaged gradients on
         # every rank) clips without recording it, so it is taken here, before DeepSpeed clips.
         norm = (torch.nn.utils.get_total_norm([p.grad for p in self.raw_model.parameters() if p.grad is not None])
@@ -148,13 +155,7 @@ class DeepSpeedEngine:
             # and the loop stops the run after train.max_skips overflows in a row, with one line.
             scaler.raise_error_at_min_scale = False
         self.ds.step()
-        return float(norm if norm is not None else self.ds.get_global_grad_norm())
-
-    def skip(self) -> None:
-        # Nothing to drop: a non-finite loss stops the run (config.validate refuses train.nan_policy=skip
-        # under DeepSpeed, whose gradients already sit in its own reduced buffers and whose micro-step
-        # count would drift), so the gradients DeepSpeed holds are never applied.
-        pass
+        return value, float(norm if norm is not None else self.ds.get_global_grad_norm())
 
     def optimizer_view(self) -> OptimizerView:
         maps = {id(flat): m for flat, (m, _, _) in self.maps.items()}

@@ -1,0 +1,146 @@
+"""The optimizer step queued before the loss and norm are read (TorchEngine._step_on_device) against
+the step that reads them first: same clipping, same skips, same training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import pretrain.parallel.engine as engine_module
+from pretrain.logger import read_metrics
+from pretrain.optim.rotational import RotationalOptimizer
+from pretrain.parallel.engine import SingleEngine
+from pretrain.parallel.world import World
+from pretrain.train import train
+from tests.train_utils import tiny_config
+
+# The on-device path divides the gradient by (norm + 1e-6) / max_norm where the synced one
+# multiplies it by max_norm / (norm + 1e-6): equal to rounding.
+LOSS_RTOL = 1e-5
+WEIGHT_RTOL = 1e-5
+
+
+# torch's fused AdamW, and ours (plain biases, rotational matrices) in its Triton kernel, which
+# runs in Triton's interpreter without a GPU (tests/conftest.py).
+OPTIMIZERS = ["torch-adamw", "rv-adamw", "rv-lion", "sgdm"]
+
+
+def _optimizer(name: str, params, fused: bool = True) -> torch.optim.Optimizer:
+    if name == "torch-adamw":
+        return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=fused, foreach=not fused)
+    rule = name.removeprefix("rv-")
+    rotational = name.startswith("rv-")
+    return RotationalOptimizer([{"params": list(params), "rotational": None if rotational else False}], rule=rule,
+                               lr=1e-2 if rule != "lion" else 1e-3, weight_decay=0.1, fused=fused)
+
+
+def _engine(name: str = "torch-adamw", fused: bool = True, max_norm: float = 1.0) -> tuple[SingleEngine,
+                                                                                           torch.nn.Module]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    return SingleEngine(model, _optimizer(name, model.parameters(), fused), World(0, 1, 0), torch.float32,
+                        max_norm), model
+
+
+def _backward(model: torch.nn.Module, scale: float = 1.0) -> torch.Tensor:
+    x = torch.linspace(-1, 1, 32).view(4, 8)
+    loss = (model(x) * scale).square().mean()
+    loss.backward()
+    return loss.detach()
+
+
+def _state(engine: SingleEngine, model: torch.nn.Module) -> list[torch.Tensor]:
+    """Weights and every optimizer state tensor (moments, step counts, per-neuron norms and averages)."""
+    tensors = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        state = engine.optimizer.state.get(p, {})
+        tensors += [state[k].clone() for k in sorted(state)]
+    return tensors
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("max_norm", [1e-3, 1.0, 0.0])  # clipped, not clipped, clipping off
+def test_queued_step_equals_the_synced_step(name, max_norm):
+    queued, model_q = _engine(name, max_norm=max_norm)
+    synced, model_s = _engine(name, max_norm=max_norm)
+    assert queued._decides_on_device and not _engine(name, fused=False)[0]._decides_on_device
+    for _ in range(5):
+        loss_q, norm_q = queued.step(_backward(model_q, 30.0))
+        loss_s, norm_s = synced.step(_backward(model_s, 30.0), before_update=lambda: None)  # the synced path
+        assert loss_q == pytest.approx(loss_s, rel=LOSS_RTOL) and norm_q == pytest.approx(norm_s, rel=LOSS_RTOL)
+        assert all(p.grad is None for p in model_q.parameters())
+    for a, b in zip(_state(queued, model_q), _state(synced, model_s), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("bad", ["gradient", "loss"])
+def test_a_non_finite_step_changes_nothing(name, bad):
+    engine, model = _engine(name)
+    engine.step(_backward(model))
+    before = _state(engine, model)
+    loss = _backward(model)
+    if bad == "gradient":
+        next(model.parameters()).grad[0, 0] = math.nan
+    else:
+        loss = torch.tensor(math.inf)
+    value, norm = engine.step(loss)
+    assert math.isnan(norm) and (math.isfinite(value) == (bad == "gradient"))
+    for a, b in zip(before, _state(engine, model), strict=True):
+        assert torch.equal(a, b)  # weights, moments and the step count
+    assert all(p.grad is None for p in model.parameters())
+    engine.step(_backward(model))  # and the next step is an ordinary one
+    assert int(engine.optimizer.state[next(model.parameters())]["step"]) == 2
+
+
+@pytest.mark.parametrize("rule", ["adamw", "lion"])
+def test_eager_tensors_read_the_flags_on_the_host(rule):
+    """Where a tensor does not take the Triton step, the optimizer reads the flags itself: skip, or divide."""
+    flagged, model_f = _engine(f"rv-{rule}", fused=False)
+    plain, model_p = _engine(f"rv-{rule}", fused=False)
+    for skip in (0.0, 1.0, 0.0):
+        _backward(model_f, 30.0)
+        _backward(model_p, 30.0)
+        before = _state(plain, model_p)
+        flagged.optimizer.found_inf, flagged.optimizer.grad_scale = torch.tensor(skip), torch.tensor(4.0)
+        flagged.optimizer.step()
+        if not skip:
+            for p in model_p.parameters():
+                p.grad /= 4.0
+            plain.optimizer.step()
+        else:
+            flagged.optimizer.rewind_step()
+        for a, b in zip(_state(flagged, model_f), _state(plain, model_p), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+        if skip:
+            assert all(torch.equal(a, b) for a, b in zip(before, _state(flagged, model_f), strict=True))
+        flagged.optimizer.zero_grad()
+        plain.optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("optim", ["adamw", "rv-adamw"])
+def test_training_with_the_queued_step_equals_the_synced_one(tiny_data_dir, tmp_path, monkeypatch, optim):
+    """20 steps of the tiny recipe with a fused step (torch's AdamW; ours in Triton's interpreter),
+    metrics every 5 steps (those steps sync): the same losses and weights as with every step synced."""
+    args = [f"optim.name={optim}", "optim.fused=true", "optim.lr=1e-2", "train.steps=20", "checkpoint.every=20",
+            "train.eval_every=20", "logging.rotation_every=5"]
+    queued_steps = []
+    step_on_device = SingleEngine._step_on_device
+    monkeypatch.setattr(SingleEngine, "_step_on_device",
+                        lambda engine, loss: queued_steps.append(1) or step_on_device(engine, loss))
+    queued = train(tiny_config(tiny_data_dir, tmp_path / "queued", *args))
+    assert len(queued_steps) == 15  # all but the measured steps 1, 5, 10, 15, 20
+    monkeypatch.setattr(engine_module, "takes_device_flags", lambda optimizer: False)
+    synced = train(tiny_config(tiny_data_dir, tmp_path / "synced", *args))
+    assert sorted(queued.losses) == list(range(1, 21))
+    norms = [r["train/grad_norm"] for r in read_metrics(tmp_path / "queued") if "train/grad_norm" in r]
+    assert max(norms) > 1.0 > min(norms)  # steps with and without clipping (train.grad_clip=1)
+    for step, value in synced.losses.items():
+        assert queued.losses[step] == pytest.approx(value, rel=LOSS_RTOL), step
+    got = load_file(queued.checkpoint / "model" / "model.safetensors")
+    want = load_file(synced.checkpoint / "model" / "model.safetensors")
+    for name, w in want.items():
+        assert ((got[name] - w).norm() / w.norm()).item() <= WEIGHT_RTOL, name
