@@ -26,6 +26,7 @@ WEIGHT_RTOL = 1e-5
 # torch's fused AdamW, and ours (plain biases, rotational matrices) in its Triton kernel, which
 # runs in Triton's interpreter without a GPU (tests/conftest.py).
 OPTIMIZERS = ["torch-adamw", "rv-adamw", "rv-lion", "sgdm"]
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _optimizer(name: str, params, fused: bool = True) -> torch.optim.Optimizer:
@@ -40,13 +41,13 @@ def _optimizer(name: str, params, fused: bool = True) -> torch.optim.Optimizer:
 def _engine(name: str = "torch-adamw", fused: bool = True, max_norm: float = 1.0) -> tuple[SingleEngine,
                                                                                            torch.nn.Module]:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).to(DEVICE)
     return SingleEngine(model, _optimizer(name, model.parameters(), fused), World(0, 1, 0), torch.float32,
                         max_norm), model
 
 
 def _backward(model: torch.nn.Module, scale: float = 1.0) -> torch.Tensor:
-    x = torch.linspace(-1, 1, 32).view(4, 8)
+    x = torch.linspace(-1, 1, 32, device=DEVICE).view(4, 8)
     loss = (model(x) * scale).square().mean()
     loss.backward()
     return loss.detach()
@@ -86,7 +87,7 @@ def test_a_non_finite_step_changes_nothing(name, bad):
     if bad == "gradient":
         next(model.parameters()).grad[0, 0] = math.nan
     else:
-        loss = torch.tensor(math.inf)
+        loss = torch.tensor(math.inf, device=DEVICE)
     value, norm = engine.step(loss)
     assert math.isnan(norm) and (math.isfinite(value) == (bad == "gradient"))
     for a, b in zip(before, _state(engine, model), strict=True):
@@ -105,7 +106,8 @@ def test_eager_tensors_read_the_flags_on_the_host(rule):
         _backward(model_f, 30.0)
         _backward(model_p, 30.0)
         before = _state(plain, model_p)
-        flagged.optimizer.found_inf, flagged.optimizer.grad_scale = torch.tensor(skip), torch.tensor(4.0)
+        flagged.optimizer.found_inf = torch.tensor(skip, device=DEVICE)
+        flagged.optimizer.grad_scale = torch.tensor(4.0, device=DEVICE)
         flagged.optimizer.step()
         if not skip:
             for p in model_p.parameters():
