@@ -66,10 +66,11 @@ if want 2; then
 fi
 
 if want 4; then
-  section "4. Optimizer step alone, llama-125m parameter set; then GPT-2 124M's (Conv1D: column neurons)"
+  section "4. Optimizer step alone, llama-125m parameter set; then GPT-2 124M's (Conv1D: column neurons); then the metric sums' tiles"
   run 180 $py benchmarks/bench_optim_gpu.py --reps 40
   run 120 $py benchmarks/bench_optim_gpu.py --set gpt2 --reps 30 \
     --names torch-fused,adamw,rv-adamw,rv-adamw+sums,rv-lion,rv-adamw@8x256x8,rv-adamw@16x256x8,rv-adamw@4x1024x8,rv-adamw@8x1024x8,rv-adamw@8x1024x16
+  run 90 $py benchmarks/bench_sums_gpu.py --set gpt2 --reps 30 --tiles default,8x256x8,8x256x4,16x128x8,4x512x8
 fi
 
 if want 3; then

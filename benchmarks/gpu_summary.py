@@ -134,6 +134,10 @@ def figures(report: Report) -> list[Figure]:
               if r["optimizer"] == "rv-adamw" else r["optimizer"])
              for r in opt_gpt2 if r.get("optimizer") == "rv-adamw" or r.get("optimizer", "").startswith("rv-adamw@")]
     best_tile = min((t for t in tiles if t[0] is not None), default=(None, ""))
+    sums = [(_number(r.get("device ms")), r["kernels"]) for r in report.rows("4", "rotation sums")
+            if r.get("kernels", "").startswith("sums @")]
+    sums_default = next((ms for ms, name in sums if name.endswith("(default)")), None)
+    best_sums = min((t for t in sums if t[0] is not None), default=(None, ""))
     rows = [
         Figure("GPT-2 124M adamw, tokens/s against nanoGPT bench.py", _ratio(_number(nano and nano.group(1)),
                                                                             adamw_ms), "x", ">= 1.0"),
@@ -155,6 +159,8 @@ def figures(report: Report) -> list[Figure]:
             _value(opt_llama, "step ms", optimizer="rv-lion"), fused_llama), "x", "<= 1.10"),
         Figure(f"optimizer step, GPT-2 set: best rv-adamw column tile ({best_tile[1] or '-'}) against torch fused "
                "AdamW", best_tile[0], "x", "<= 1.10"),
+        Figure(f"rotation sums of a measured step, GPT-2 set: best tile ({best_sums[1] or '-'}) against the "
+               "default", _ratio(best_sums[0], sums_default), "x", ""),
         Figure("rotation_every=1, llama 16 x 512 eager: adamw step time", _cost(metrics, "adamw", "1"), "cost", "< 10"),
         Figure("rotation_every=1, llama 16 x 512 eager: rv-adamw step time", _cost(metrics, "rv-adamw", "1"), "cost",
                "< 10"),

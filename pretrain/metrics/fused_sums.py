@@ -22,6 +22,12 @@ from pretrain.optim.fused import PointerTables, compile_only
 # Tests set this under Triton's interpreter (TRITON_INTERPRET=1) to run the kernel on CPU tensors.
 RUN_ON_CPU = False
 _BLOCK_N, _BLOCK_K = 8, 128
+# The batched kernels' tiles (neurons, elements per neuron, warps) for row neurons (nn.Linear,
+# embeddings) and column neurons (GPT-2's Conv1D [in, out]). The optimizer's column walk took
+# 2.4-2.7x torch's fused AdamW with 4 warps and 1.85x with 8 (pretrain/optim/fused.py); these have
+# not been measured apart: `benchmarks/bench_sums_gpu.py` compares tiles (`NAME@8x256x8` rows).
+ROW_TILE = (_BLOCK_N, _BLOCK_K, 4)
+COLUMN_TILE = (_BLOCK_N, _BLOCK_K, 4)
 
 
 @triton.jit
@@ -148,8 +154,9 @@ class Batch:
         rows, cols = weights[0].shape
         self.neurons, self.width = (rows, cols) if axis % 2 == 0 else (cols, rows)
         self.stride_n, self.stride_k = (cols, 1) if axis % 2 == 0 else (1, cols)
-        self.block_k = min(_BLOCK_K, triton.next_power_of_2(self.width))
-        self.tiles = triton.cdiv(self.neurons, _BLOCK_N)
+        self.block_n, block_k, self.num_warps = ROW_TILE if axis % 2 == 0 else COLUMN_TILE
+        self.block_k = min(block_k, triton.next_power_of_2(self.width))
+        self.tiles = triton.cdiv(self.neurons, self.block_n)
         self.count = len(weights)
         self.copies: list[Tensor] = []
         self._tables = PointerTables(weights[0].device)
@@ -157,8 +164,8 @@ class Batch:
     def _launch(self, kernel: Any, *tables: Tensor, warmup: bool = False) -> None:
         grid = (self.tiles * self.count,)
         args = (*tables, self.neurons, self.width, self.stride_n, self.stride_k, self.tiles)
-        constants = dict(BLOCK_N=_BLOCK_N, BLOCK_K=self.block_k, NUM_K=triton.cdiv(self.width, self.block_k),
-                         num_warps=4)
+        constants = dict(BLOCK_N=self.block_n, BLOCK_K=self.block_k, NUM_K=triton.cdiv(self.width, self.block_k),
+                         num_warps=self.num_warps)
         if warmup:
             compile_only(kernel, grid, args, constants)
         else:
