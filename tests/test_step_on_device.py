@@ -13,6 +13,7 @@ import pretrain.parallel.engine as engine_module
 from pretrain.logger import read_metrics
 from pretrain.optim.rotational import RotationalOptimizer
 from pretrain.parallel.engine import SingleEngine
+from pretrain.parallel.host_copy import HostCopy
 from pretrain.parallel.world import World
 from pretrain.train import train
 from tests.train_utils import tiny_config
@@ -146,3 +147,26 @@ def test_training_with_the_queued_step_equals_the_synced_one(tiny_data_dir, tmp_
     want = load_file(synced.checkpoint / "model" / "model.safetensors")
     for name, w in want.items():
         assert ((got[name] - w).norm() / w.norm()).item() <= WEIGHT_RTOL, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["torch-adamw", "rv-adamw"])
+def test_a_queued_step_waits_for_nothing_before_its_read(name, monkeypatch):
+    """Under CUDA's sync debug mode, a steady-state queued step makes no synchronizing call until it
+    reads its numbers (which wait on their own copy's event only)."""
+    engine, model = _engine(name)
+    engine.step(_backward(model))  # the first step plans and compiles
+    loss = _backward(model)
+    read = HostCopy.tolist
+
+    def read_after_the_check(copy: HostCopy) -> list[float]:
+        torch.cuda.set_sync_debug_mode(0)
+        return read(copy)
+
+    monkeypatch.setattr(HostCopy, "tolist", read_after_the_check)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        value, norm = engine.step(loss)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert math.isfinite(value) and math.isfinite(norm)
