@@ -108,6 +108,21 @@ def test_a_non_finite_gradient_spreads_as_in_the_eager_step(device, rule):
     assert_non_finite_gradient_spreads_alike(rule, device)
 
 
+@pytest.mark.parametrize("rotational", [True, False], ids=["rv", "plain"])
+def test_a_tensor_without_a_gradient_on_some_steps_keeps_its_own_step_count(device, rotational):
+    """Steps without the last tensor's gradient advance only the others' counts; a step with it again
+    must not take the plan made when all counts were equal, which steps them all with one count."""
+    pairs = make_pair("adamw", rotational, 0, True, device)
+    for step in range(5):
+        for opt, params in pairs:
+            set_grads(params, step)
+            if step not in (0, 3):
+                params[3].grad = None  # the last tensor of the first group
+            opt.step()
+    assert [int(pairs[1][0].state[p]["step"]) for p in pairs[1][1]] == [5, 5, 5, 2, 5]
+    assert_same(*pairs)
+
+
 class _RejectingCompiler:
     """The step kernel on a device whose compiler rejects it: `warmup` (compile only) raises, as Triton's
     does when a lowering pass fails; a launch would still go to the real kernel."""

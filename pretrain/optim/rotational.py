@@ -87,6 +87,8 @@ class RotationalOptimizer(Optimizer):
         # Rotation-tracker requests for the next step: id(param) -> (neuron axis, float64 [neurons, 4] rows).
         self._track: dict[int, tuple[int, Tensor]] = {}
         self._plans: dict[tuple, _Plan] = {}  # how a group steps, by (group, its flags, live and tracked tensors)
+        self._live: dict[int, tuple[int, ...]] = {}  # id(group) -> ids of the tensors its last step stepped
+        self._live_changes = 0  # how often a group stepped other tensors than at its step before
         self._stepped = [0, 0]  # tensors of the last step: [taken by a fused kernel, all]
         self._advanced: list[_StepCounts] = []  # the counters the last step advanced (see `rewind_step`)
         self._fused_required = fused is True
@@ -245,11 +247,20 @@ class RotationalOptimizer(Optimizer):
             return
         # What a step of these tensors needs is the same every step: after the first, the checks,
         # flags and fused launches come from the cache (the host time of a fused GPU step).
+        live_ids = tuple(map(id, live))
         key = (id(group), group["rotational"], group["weight_decay"] > 0, group["per_neuron"], group["neuron_axis"],
-               tuple(map(id, live)), tuple(sorted(self._track)), flags is not None)
+               live_ids, tuple(sorted(self._track)), flags is not None)
+        if self._live.get(id(group)) != live_ids:
+            self._live[id(group)] = live_ids
+            self._live_changes += 1
         plan = self._plans.get(key)
-        if plan is None or not plan.steps.holds([self.state[p] for p in live]):
+        # A fused launch steps its tensors with one step count. Steps of other live sets (a tensor
+        # without a gradient on some steps) advance only some counters: a plan made while they were
+        # equal must not step them with one count once they differ (the lagging tensor's bias correction).
+        if plan is None or not plan.steps.holds([self.state[p] for p in live]) or (
+                plan.launches and plan.live_changes != self._live_changes and not plan.steps.equal()):
             plan = self._plans[key] = self._plan(group, rule, live, flags)
+        plan.live_changes = self._live_changes
         plan.steps.advance()
         self._advanced.append(plan.steps)
         self._stepped[0] += len(live) - len(plan.rest)
@@ -502,6 +513,7 @@ class _Plan:
     steps: _StepCounts
     launches: list[_FusedLaunch]
     rest: list[tuple[Tensor, bool]]
+    live_changes: int = 0  # the optimizer's `_live_changes` when its counters were last known equal
 
 
 class _StepCounts:
@@ -535,6 +547,10 @@ class _StepCounts:
             torch._foreach_add_(self.views, 1.0)
         else:
             self.storage.add_(1.0)
+
+    def equal(self) -> bool:
+        """Whether all counters hold the same count."""
+        return len({float(v) for v in self.views}) <= 1
 
     def retreat(self) -> None:
         if self.storage is None:
