@@ -21,7 +21,9 @@ class HostCopy:
             self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             self._host.copy_(values, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            # Behind the copy: on the stream of the values' device, which the copy runs on (a
+            # single-process run on cuda:1 leaves cuda:0 the current device).
+            self._event.record(torch.cuda.current_stream(values.device))
         else:
             self._host = values.detach()
 
