@@ -123,6 +123,35 @@ def test_a_tensor_without_a_gradient_on_some_steps_keeps_its_own_step_count(devi
     assert_same(*pairs)
 
 
+def test_tensors_of_other_step_counts_step_fused_and_report_their_rotation_sums(device):
+    """Launches split by step count: after steps without one tensor's gradient every tensor still takes
+    the fused step, and a measured step writes every tracked tensor's sums (float64 reference)."""
+    pairs = make_pair("adamw", True, 0, True, device)
+    (_, params), (opt, fused_params) = pairs
+    for step in range(3):
+        for o, ps in pairs:
+            set_grads(ps, step)
+            if step:
+                ps[1].grad = None  # a tensor of the same shape as ps[0]: their launch splits
+            o.step()
+    matrices = fused_params[:-1]
+    for _, ps in pairs:
+        set_grads(ps, 9)
+    before = [p.detach().double().clone() for p in matrices]
+    rows = {id(p): (0, torch.zeros(p.shape[0], 4, dtype=torch.float64, device=device)) for p in matrices}
+    opt.request_rotation_sums(rows)
+    for o, _ in pairs:
+        o.step()
+    assert opt.fused_fraction == 1.0
+    assert [int(opt.state[p]["step"]) for p in matrices] == [4, 2, 4, 4]
+    assert_same(*pairs)
+    for w0, p in zip(before, matrices, strict=True):
+        dw = p.detach().double() - w0
+        expected = torch.stack([(w0 * w0).sum(1), (w0 * dw).sum(1), (dw * dw).sum(1),
+                                p.grad.double().square().sum(1)], dim=1)
+        torch.testing.assert_close(rows[id(p)][1], expected, rtol=1e-12, atol=1e-18)
+
+
 class _RejectingCompiler:
     """The step kernel on a device whose compiler rejects it: `warmup` (compile only) raises, as Triton's
     does when a lowering pass fails; a launch would still go to the real kernel."""

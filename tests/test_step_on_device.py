@@ -170,3 +170,24 @@ def test_a_queued_step_waits_for_nothing_before_its_read(name, monkeypatch):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert math.isfinite(value) and math.isfinite(norm)
+
+
+def test_an_optimizer_that_had_to_read_its_flags_is_read_first_from_then_on(monkeypatch):
+    """A tensor outside the Triton step (here a non-contiguous one) reads the flags on the host; the
+    engine then takes the synced step, which costs no more, instead of a queued step that waits anyway."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).to(DEVICE)
+    odd = torch.nn.Parameter(torch.randn(16, 8, device=DEVICE).t())  # non-contiguous: the eager step
+    optimizer = RotationalOptimizer([{"params": [*model.parameters(), odd]}], rule="adamw", lr=1e-2,
+                                    weight_decay=0.1, fused=True)
+    engine = SingleEngine(model, optimizer, World(0, 1, 0), torch.float32, 1.0)
+    queued = []
+    step_on_device = SingleEngine._step_on_device
+    monkeypatch.setattr(SingleEngine, "_step_on_device", lambda e, loss: queued.append(1) or step_on_device(e, loss))
+    for _ in range(3):
+        loss = _backward(model)
+        odd.grad = torch.ones_like(odd)
+        before = odd.detach().clone()
+        engine.step(loss)
+        assert not torch.equal(odd, before)  # it stepped, eagerly
+    assert len(queued) == 1 and not optimizer.takes_device_flags

@@ -91,6 +91,8 @@ class RotationalOptimizer(Optimizer):
         self._live_changes = 0  # how often a group stepped other tensors than at its step before
         self._stepped = [0, 0]  # tensors of the last step: [taken by a fused kernel, all]
         self._advanced: list[_StepCounts] = []  # the counters the last step advanced (see `rewind_step`)
+        self._reads_flags_on_host = False  # whether a step with device flags had to read them (`takes_device_flags`)
+        self._all_triton: bool | None = None  # whether every tensor's device has the Triton step (None: not known)
         self._fused_required = fused is True
         super().__init__(params, defaults)
         if fused is not False:
@@ -103,7 +105,7 @@ class RotationalOptimizer(Optimizer):
     @torch.no_grad()
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        self._plans = {}
+        self._plans, self._all_triton = {}, None
         group = self.param_groups[-1]
         if group["rule"] not in INNER_RULES:
             raise ValueError(f"unknown rule {group['rule']!r}; expected one of {', '.join(INNER_RULES)}")
@@ -125,6 +127,8 @@ class RotationalOptimizer(Optimizer):
                 self._step_group(group, flags)
         finally:
             self._track = {}
+        if flags is not None and flags.read_on_host:
+            self._reads_flags_on_host = True  # some tensors step outside the Triton kernel (a fallback)
         return loss
 
     @property
@@ -134,8 +138,12 @@ class RotationalOptimizer(Optimizer):
         they go into the Triton kernel; tensors that step elsewhere read them on the host."""
         from pretrain.optim import fused
 
-        devices = {_local(p).device.type for group in self.param_groups for p in group["params"]}
-        return bool(devices) and all(self._kernels.get(d) is fused for d in devices)
+        if self._reads_flags_on_host:  # a step read them (a fallback): reading first costs no more
+            return False
+        if self._all_triton is None:  # asked every step: the answer is kept until the groups change
+            devices = {_local(p).device.type for group in self.param_groups for p in group["params"]}
+            self._all_triton = bool(devices) and all(self._kernels.get(d) is fused for d in devices)
+        return self._all_triton
 
     def rewind_step(self) -> None:
         """Take back the step counts of the last step, which its `found_inf` skipped on the device."""
@@ -255,10 +263,11 @@ class RotationalOptimizer(Optimizer):
             self._live_changes += 1
         plan = self._plans.get(key)
         # A fused launch steps its tensors with one step count. Steps of other live sets (a tensor
-        # without a gradient on some steps) advance only some counters: a plan made while they were
-        # equal must not step them with one count once they differ (the lagging tensor's bias correction).
+        # without a gradient on some steps) advance only some counters: a plan whose launches held
+        # equal counts must not step them with one count once they differ (the lagging tensor's bias
+        # correction); planned again, its launches split by count.
         if plan is None or not plan.steps.holds([self.state[p] for p in live]) or (
-                plan.launches and plan.live_changes != self._live_changes and not plan.steps.equal()):
+                plan.launches and plan.live_changes != self._live_changes and not self._counts_match(plan)):
             plan = self._plans[key] = self._plan(group, rule, live, flags)
         plan.live_changes = self._live_changes
         plan.steps.advance()
@@ -302,10 +311,17 @@ class RotationalOptimizer(Optimizer):
         return _Plan(steps, launches, rest)
 
     def _fused_step(self, group: dict[str, Any], launches: list[_FusedLaunch], flags: _DeviceFlags | None) -> None:
-        """Run the fused launches of a group; all its live tensors share one step count (they step together)."""
-        hyper = _hyper(group, int(self.state[launches[0].params[0]]["step"]))
+        """Run the fused launches of a group, each with its tensors' step count (one count per launch)."""
+        hypers: dict[int, Hyper] = {}
         for entry in launches:
-            self._run(entry, hyper, flags=flags)
+            step = int(self.state[entry.params[0]]["step"])
+            if step not in hypers:
+                hypers[step] = _hyper(group, step)
+            self._run(entry, hypers[step], flags=flags)
+
+    def _counts_match(self, plan: _Plan) -> bool:
+        """Whether the tensors of each of the plan's launches still hold one step count."""
+        return all(len({float(self.state[p]["step"]) for p in entry.params}) <= 1 for entry in plan.launches)
 
     def _run(self, entry: _FusedLaunch, hyper: Hyper, warmup: bool = False, flags: _DeviceFlags | None = None) -> None:
         params = entry.params
@@ -341,8 +357,9 @@ class RotationalOptimizer(Optimizer):
                     flags: _DeviceFlags | None) -> tuple:
         """([_FusedLaunch], [(param, rotational)] left to the eager path) for these live tensors.
 
-        A launch holds tensors of one shape, walk and kind; tracked tensors are walked along the
-        tracker's neuron axis. All live tensors of a group share their step count (they step together).
+        A launch holds tensors of one shape, walk, kind and step count (tensors that missed steps,
+        having had no gradient, or a partial resume, hold other counts); tracked tensors are walked
+        along the tracker's neuron axis.
         """
         members: dict[tuple, list[Tensor]] = {}
         rest = []
@@ -357,17 +374,15 @@ class RotationalOptimizer(Optimizer):
             kernel = self._kernels.get(_local(p).device.type)
             if ok and kernel is not None and kernel.supports(_local(p), _local(p.grad), axis):
                 walk = axis % p.dim() if axis is not None else None
-                members.setdefault((kernel, tuple(_local(p).shape), walk, rot, tracked is not None), []).append(p)
+                key = (kernel, tuple(_local(p).shape), walk, rot, tracked is not None, int(self.state[p]["step"]))
+                members.setdefault(key, []).append(p)
             elif tracked is not None:
                 raise RuntimeError("rotation sums were requested for a tensor the fused step does not cover")
             else:
                 rest.append((p, rot))
-        steps = {int(self.state[p]["step"]) for params in members.values() for p in params}
-        if len(steps) > 1:
-            return [], [(p, rot) for p, rot in zip(live, rotational, strict=True)]  # e.g. a partial resume
-        hyper = _hyper(group, steps.pop() + 1 if steps else 1)  # the step about to be taken
         launches = []
-        for (kernel, _, walk, rot, tracked), params in members.items():
+        for (kernel, _, walk, rot, tracked, step), params in members.items():
+            hyper = _hyper(group, step + 1)  # the step about to be taken
             states = [self.state[p] for p in params]
             launch = kernel.make_launch(walk, rot, [_local(p) for p in params],
                                         [[_local(st[name]) for st in states] for name in rule.buffers],
@@ -488,6 +503,11 @@ class _DeviceFlags:
             return None
         return cls(found_inf, grad_scale, next(_local(p).device for g in optimizer.param_groups for p in g["params"]))
 
+    @property
+    def read_on_host(self) -> bool:
+        """Whether some tensors of the step read the flags on the host."""
+        return self._host is not None
+
     def on_device(self, launch: Any) -> bool:
         """Whether `launch` takes the flags in its kernel (Triton, on the flags' device)."""
         from pretrain.optim import fused
@@ -547,10 +567,6 @@ class _StepCounts:
             torch._foreach_add_(self.views, 1.0)
         else:
             self.storage.add_(1.0)
-
-    def equal(self) -> bool:
-        """Whether all counters hold the same count."""
-        return len({float(v) for v in self.views}) <= 1
 
     def retreat(self) -> None:
         if self.storage is None:

@@ -95,10 +95,12 @@ def init_world(cfg: Config, device: torch.device) -> bool:
     long the survivors of a dead rank wait before they fail; under torchrun the agent stops them at once.
     """
     world = check_world(cfg)
+    if device.type == "cuda":
+        # The run's device becomes the current one: Triton kernels, CUDA events and new streams
+        # use the current device, and a single process on `train.device=cuda:1` left it at cuda:0.
+        torch.cuda.set_device(device)
     if cfg.parallel.strategy == "single" or dist.is_initialized():
         return False
-    if device.type == "cuda":
-        torch.cuda.set_device(world.local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if "MASTER_ADDR" not in os.environ:
         if world.size > 1:
