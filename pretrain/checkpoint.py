@@ -105,7 +105,8 @@ def verify_checkpoint(ckpt: Path) -> str | None:
         manifest = json.loads((ckpt / MANIFEST).read_text())
         files = manifest["files"]
     except FileNotFoundError:
-        return f"no {MANIFEST} (an incomplete checkpoint, or one written before checksums were recorded)"
+        return (f"no {MANIFEST} (an incomplete checkpoint, or one written before checksums were recorded: "
+                f"if you trust its files, `pretrain seal {ckpt}` records them)")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"{MANIFEST} is unreadable ({exc})"
     for name, entry in files.items():
@@ -237,7 +238,27 @@ def _quiet_transformers() -> Iterator[None]:
 def _write_manifest(ckpt: Path) -> None:
     files = sorted(p for p in ckpt.rglob("*") if p.is_file())
     entries = {str(p.relative_to(ckpt)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
-    (ckpt / MANIFEST).write_text(json.dumps({"format": 1, "files": entries}, indent=1) + "\n")
+    write_text_durably(ckpt / MANIFEST, json.dumps({"format": 1, "files": entries}, indent=1) + "\n")
+
+
+def seal_checkpoint(ckpt: Path) -> None:
+    """Record the checksums of a complete checkpoint written before checksums existed, so it can be resumed.
+
+    Resume trusts only checksummed checkpoints (the pickles in `state/` load after they verify).
+    Sealing says: these files are the ones that run wrote. It refuses a folder that already has
+    checksums (verify it as it is), a temp folder or one without its trainer state and model
+    (an interrupted write, which no checksum makes whole).
+    """
+    if not ckpt.is_dir():
+        raise UserError(f"{ckpt} is not a folder; pass a checkpoint folder (checkpoints/step_NNNNNN)")
+    if (ckpt / MANIFEST).exists():
+        raise UserError(f"{ckpt} already has {MANIFEST}; resume verifies it as it is (a checkpoint that does "
+                        "not verify was changed after it was written)")
+    if ckpt.name.startswith(".tmp-") or not (ckpt / "state" / "trainer.pt").is_file() \
+            or not (ckpt / "model").is_dir():
+        raise UserError(f"{ckpt} is not a complete checkpoint (a temp folder, or no state/trainer.pt or model/); "
+                        "resume an earlier one")
+    _write_manifest(ckpt)
 
 
 def _publish(tmp: Path, final: Path) -> None:

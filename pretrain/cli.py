@@ -1,4 +1,4 @@
-"""`pretrain` command line: prepare, train, config, generate, metrics, study, export, push."""
+"""`pretrain` command line: prepare, train, config, generate, metrics, study, seal, export, push."""
 
 from __future__ import annotations
 
@@ -49,6 +49,15 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     from pretrain.generate import generate_text
 
     print(generate_text(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+
+
+def _cmd_seal(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from pretrain.checkpoint import seal_checkpoint
+
+    seal_checkpoint(Path(args.checkpoint))
+    print(f"recorded the checksums of {args.checkpoint}; `pretrain train ... --resume` verifies them from now on")
 
 
 def _cmd_metrics(args: argparse.Namespace) -> None:
@@ -155,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --print-commands: what each line starts with instead of `pretrain train`, e.g. "
                         "'bash launch/slurm/node.sh' (it must take the recipe and overrides as arguments)")
     p.set_defaults(func=_cmd_study)
+
+    p = sub.add_parser("seal", help="record the checksums of a checkpoint written before they existed",
+                       description="Resume only continues checkpoints whose files match their recorded sha256. "
+                                   "A checkpoint written by an older version has none: after checking that it "
+                                   "is complete, this records them. Seal only checkpoints you trust.")
+    p.add_argument("checkpoint", help="checkpoint folder, e.g. runs/x/checkpoints/step_000500")
+    p.set_defaults(func=_cmd_seal)
 
     add_export_parser(sub)
     add_push_parser(sub)

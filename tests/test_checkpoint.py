@@ -221,3 +221,24 @@ def test_a_disk_that_fills_during_a_checkpoint_is_one_line_and_keeps_the_run(tin
     root = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000004"]  # nothing half-written
     assert verify_checkpoint(root / "step_000004") is None and (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+def test_a_checkpoint_written_before_checksums_resumes_once_sealed(tiny_data_dir, tmp_path, capsys):
+    """An older version's checkpoint (no checksums.json) is refused by resume with one line naming
+    `pretrain seal`; sealed, it resumes from its own step, and a second seal is refused."""
+    args = tiny_args(tiny_data_dir, tmp_path / "run")
+    assert main(["train", *args, "--stop-at", "4"]) == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000004"
+    (ckpt / "checksums.json").unlink()  # as written before checksums were recorded
+    capsys.readouterr()
+    assert main(["train", *args, "--resume", "auto"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"pretrain seal {ckpt}" in err[0]
+    assert main(["seal", str(tmp_path / "run")]) == 2  # the run folder is not a checkpoint
+    assert main(["seal", str(ckpt)]) == 0
+    assert main(["seal", str(ckpt)]) == 2  # it has checksums now
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "not a complete checkpoint" in err[0] and "already has checksums.json" in err[1]
+    assert main(["train", *args, "--resume", "auto"]) == 0
+    assert f"resumed from {ckpt} at step 4" in capsys.readouterr().out
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_000008"
