@@ -39,7 +39,7 @@ import torch
 import yaml
 
 from pretrain.config import Config, config_to_dict, save_config
-from pretrain.durable import fsync_dir, fsync_tree, sha256_file, write_text_durably
+from pretrain.durable import durable_temp, fsync_dir, fsync_tree, sha256_file, write_text_durably
 from pretrain.errors import UserError, disk_error
 
 FORMAT_VERSION = 1
@@ -236,7 +236,9 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def _write_manifest(ckpt: Path) -> None:
-    files = sorted(p for p in ckpt.rglob("*") if p.is_file())
+    # Not its own temp file: an interrupted seal leaves it behind, and this write renames it away.
+    temp = durable_temp(ckpt / MANIFEST)
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p != temp)
     entries = {str(p.relative_to(ckpt)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
     write_text_durably(ckpt / MANIFEST, json.dumps({"format": 1, "files": entries}, indent=1) + "\n")
 

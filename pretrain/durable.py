@@ -46,9 +46,14 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(Path(folder))
 
 
+def durable_temp(path: Path) -> Path:
+    """The temp file `write_text_durably` writes `path` through (an interrupted write leaves it behind)."""
+    return path.with_name(f".{path.name}.tmp")
+
+
 def write_text_durably(path: Path, text: str) -> None:
     """Replace `path` by `text` atomically: temp file, fsync, rename, fsync of the folder."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = durable_temp(path)
     with tmp.open("w") as f:
         f.write(text)
         f.flush()

@@ -242,3 +242,18 @@ def test_a_checkpoint_written_before_checksums_resumes_once_sealed(tiny_data_dir
     assert main(["train", *args, "--resume", "auto"]) == 0
     assert f"resumed from {ckpt} at step 4" in capsys.readouterr().out
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_000008"
+
+
+def test_seal_leaves_out_the_manifest_temp_file_an_interrupted_seal_left(tmp_path, capsys):
+    """A seal killed between writing `.checksums.json.tmp` and renaming it leaves that file; sealing again must
+    not list it (the rename takes it away, and resume would then refuse the checkpoint for a missing file)."""
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000004"
+    (ckpt / "state").mkdir(parents=True)
+    (ckpt / "model").mkdir()
+    torch.save({"step": 4}, ckpt / "state" / "trainer.pt")
+    (ckpt / "model" / "model.safetensors").write_bytes(b"w" * 100)
+    (ckpt / f".{MANIFEST}.tmp").write_text('{"format": 1, "fi')  # torn by the interrupted seal
+    assert main(["seal", str(ckpt)]) == 0
+    assert verify_checkpoint(ckpt) is None
+    assert sorted(json.loads((ckpt / MANIFEST).read_text())["files"]) == ["model/model.safetensors",
+                                                                           "state/trainer.pt"]
