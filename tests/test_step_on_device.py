@@ -172,22 +172,52 @@ def test_a_queued_step_waits_for_nothing_before_its_read(name, monkeypatch):
     assert math.isfinite(value) and math.isfinite(norm)
 
 
-def test_an_optimizer_that_had_to_read_its_flags_is_read_first_from_then_on(monkeypatch):
-    """A tensor outside the Triton step (here a non-contiguous one) reads the flags on the host; the
-    engine then takes the synced step, which costs no more, instead of a queued step that waits anyway."""
+def _odd_model(max_norm: float) -> tuple[SingleEngine, torch.nn.Module, torch.nn.Parameter]:
+    """A model plus a non-contiguous weight, which takes the eager step outside the Triton kernel."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).to(DEVICE)
-    odd = torch.nn.Parameter(torch.randn(16, 8, device=DEVICE).t())  # non-contiguous: the eager step
+    odd = torch.nn.Parameter(torch.randn(16, 8, device=DEVICE).t())
     optimizer = RotationalOptimizer([{"params": [*model.parameters(), odd]}], rule="adamw", lr=1e-2,
                                     weight_decay=0.1, fused=True)
-    engine = SingleEngine(model, optimizer, World(0, 1, 0), torch.float32, 1.0)
+    return SingleEngine(model, optimizer, World(0, 1, 0), torch.float32, max_norm), model, odd
+
+
+def _odd_step(engine: SingleEngine, model: torch.nn.Module, odd: torch.nn.Parameter, step: int) -> None:
+    x = torch.linspace(-1, 1, 32, device=DEVICE).view(4, 8) * (1 + 0.1 * step)
+    loss = (model(x).sum(1) + odd.square().sum() * 0.01 * (step + 1)).square().mean()
+    loss.backward()
+    engine.step(loss.detach())
+
+
+def test_an_optimizer_with_a_tensor_outside_the_triton_step_is_read_first(monkeypatch):
+    """A tensor outside the Triton step (here a non-contiguous one) would read the flags on the host: the
+    engine takes the synced step, which costs no more, from the first step on."""
+    engine, model, odd = _odd_model(1.0)
+    assert not engine.optimizer.takes_device_flags
     queued = []
     step_on_device = SingleEngine._step_on_device
     monkeypatch.setattr(SingleEngine, "_step_on_device", lambda e, loss: queued.append(1) or step_on_device(e, loss))
-    for _ in range(3):
-        loss = _backward(model)
-        odd.grad = torch.ones_like(odd)
+    for step in range(3):
         before = odd.detach().clone()
-        engine.step(loss)
+        _odd_step(engine, model, odd, step)
         assert not torch.equal(odd, before)  # it stepped, eagerly
-    assert len(queued) == 1 and not optimizer.takes_device_flags
+    assert not queued
+
+
+def test_a_resume_with_a_tensor_outside_the_triton_step_is_exact():
+    """With clipping active the two paths differ at rounding: a resumed run must take the same path at
+    each step as the uninterrupted one (a path chosen from an earlier step of the process would not)."""
+    whole = _odd_model(0.05)
+    for step in range(4):
+        _odd_step(*whole, step)
+    first = _odd_model(0.05)
+    for step in range(2):
+        _odd_step(*first, step)
+    resumed = _odd_model(0.05)
+    resumed[1].load_state_dict(first[1].state_dict())
+    resumed[2].data.copy_(first[2])
+    resumed[0].optimizer.load_state_dict(first[0].optimizer.state_dict())
+    for step in range(2, 4):
+        _odd_step(*resumed, step)
+    for a, b in zip([*whole[1].parameters(), whole[2]], [*resumed[1].parameters(), resumed[2]], strict=True):
+        assert torch.equal(a, b)

@@ -91,8 +91,7 @@ class RotationalOptimizer(Optimizer):
         self._live_changes = 0  # how often a group stepped other tensors than at its step before
         self._stepped = [0, 0]  # tensors of the last step: [taken by a fused kernel, all]
         self._advanced: list[_StepCounts] = []  # the counters the last step advanced (see `rewind_step`)
-        self._reads_flags_on_host = False  # whether a step with device flags had to read them (`takes_device_flags`)
-        self._all_triton: bool | None = None  # whether every tensor's device has the Triton step (None: not known)
+        self._all_triton: bool | None = None  # whether every tensor takes the Triton step (None: not known)
         self._fused_required = fused is True
         super().__init__(params, defaults)
         if fused is not False:
@@ -127,23 +126,35 @@ class RotationalOptimizer(Optimizer):
                 self._step_group(group, flags)
         finally:
             self._track = {}
-        if flags is not None and flags.read_on_host:
-            self._reads_flags_on_host = True  # some tensors step outside the Triton kernel (a fallback)
         return loss
 
     @property
     def takes_device_flags(self) -> bool:
         """Whether `step` can take its skip and gradient divisor as device tensors without reading them:
         set as `found_inf` and `grad_scale` (as torch's fused AdamW takes them from a loss scaler),
-        they go into the Triton kernel; tensors that step elsewhere read them on the host."""
+        they go into the Triton kernel; tensors that step elsewhere read them on the host.
+
+        False where some tensor steps elsewhere (reading first costs no more then). Decided from the
+        groups, never from an earlier step, so a resumed run takes the path the uninterrupted one took
+        (the two clip alike only to rounding); a kernel the device's compiler rejects, known only at
+        the first step, leaves its tensors reading the flags on the host.
+        """
+        if self._all_triton is None:  # asked every step: the answer is kept until the groups change
+            pairs = [(group, p) for group in self.param_groups for p in group["params"]]
+            self._all_triton = bool(pairs) and all(self._takes_triton_step(group, p) for group, p in pairs)
+        return self._all_triton
+
+    def _takes_triton_step(self, group: dict[str, Any], p: Tensor) -> bool:
+        """Whether `p` goes into a Triton launch (`_fused_plan`, as far as it is known before a step)."""
         from pretrain.optim import fused
 
-        if self._reads_flags_on_host:  # a step read them (a fallback): reading first costs no more
+        if self._kernels.get(_local(p).device.type) is not fused:
             return False
-        if self._all_triton is None:  # asked every step: the answer is kept until the groups change
-            devices = {_local(p).device.type for group in self.param_groups for p in group["params"]}
-            self._all_triton = bool(devices) and all(self._kernels.get(d) is fused for d in devices)
-        return self._all_triton
+        axis = _axis(group) if _is_rotational(group, p) else None
+        if _is_rotational(group, p) and (axis is None or id(p) in self._segment_maps
+                                         or _partial_group(p, axis) is not None):
+            return False
+        return fused.supports(_local(p), None, axis)
 
     def rewind_step(self) -> None:
         """Take back the step counts of the last step, which its `found_inf` skipped on the device."""
@@ -231,6 +242,7 @@ class RotationalOptimizer(Optimizer):
         self.state[flat].update(state)
         self._plans.clear()
         self._segment_maps[id(flat)] = segment_map
+        self._all_triton = None  # it steps eagerly now
 
     @torch.no_grad()
     def init_state(self) -> None:
@@ -502,11 +514,6 @@ class _DeviceFlags:
         if found_inf is None and grad_scale is None:
             return None
         return cls(found_inf, grad_scale, next(_local(p).device for g in optimizer.param_groups for p in g["params"]))
-
-    @property
-    def read_on_host(self) -> bool:
-        """Whether some tensors of the step read the flags on the host."""
-        return self._host is not None
 
     def on_device(self, launch: Any) -> bool:
         """Whether `launch` takes the flags in its kernel (Triton, on the flags' device)."""

@@ -135,7 +135,7 @@ class TorchEngine:
         self.scaler.scale(loss).backward()
 
     def step(self, loss: torch.Tensor, before_update: Callable[[], None] | None = None) -> tuple[float, float]:
-        # Asked every step: an optimizer that had to read the flags on the host stops taking them.
+        # Asked every step: an optimizer's answer changes with its groups (add_param_group).
         if before_update is None and self._decides_on_device and takes_device_flags(self.optimizer):
             return self._step_on_device(loss)
         value = float(loss)  # a host sync: the backward pass must be done
