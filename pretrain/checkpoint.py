@@ -41,6 +41,7 @@ import yaml
 from pretrain.config import Config, config_to_dict, save_config
 from pretrain.durable import durable_temp, fsync_dir, fsync_tree, sha256_file, write_text_durably
 from pretrain.errors import UserError, disk_error
+from pretrain.run_lock import holder
 
 FORMAT_VERSION = 1
 # Config keys that define the trajectory of a run; a checkpoint resumes only under equal values.
@@ -260,6 +261,10 @@ def seal_checkpoint(ckpt: Path) -> None:
             or not (ckpt / "model").is_dir():
         raise UserError(f"{ckpt} is not a complete checkpoint (a temp folder, or no state/trainer.pt or model/); "
                         "resume an earlier one")
+    run_dir = ckpt.resolve().parent.parent
+    who = holder(run_dir)
+    if who is not None:  # it may prune or re-save this very folder while its files are hashed
+        raise UserError(f"run folder {run_dir} is in use by another process ({who}); seal after it ends")
     _write_manifest(ckpt)
 
 

@@ -257,3 +257,22 @@ def test_seal_leaves_out_the_manifest_temp_file_an_interrupted_seal_left(tmp_pat
     assert verify_checkpoint(ckpt) is None
     assert sorted(json.loads((ckpt / MANIFEST).read_text())["files"]) == ["model/model.safetensors",
                                                                            "state/trainer.pt"]
+
+
+def test_seal_refuses_a_checkpoint_of_a_run_another_process_holds(tmp_path, capsys):
+    """The holder of the run folder may prune or re-save the checkpoint while it is hashed: one line, exit 2."""
+    from pretrain.run_lock import RunLock
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000004"
+    (ckpt / "state").mkdir(parents=True)
+    (ckpt / "model").mkdir()
+    torch.save({"step": 4}, ckpt / "state" / "trainer.pt")
+    lock = RunLock.acquire(tmp_path / "run")
+    try:
+        capsys.readouterr()
+        assert main(["seal", str(ckpt)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is in use by another process" in err[0] and not (ckpt / MANIFEST).exists()
+    finally:
+        lock.release()
+    assert main(["seal", str(ckpt)]) == 0 and verify_checkpoint(ckpt) is None
