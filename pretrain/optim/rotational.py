@@ -100,6 +100,7 @@ class RotationalOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._plans.clear()  # the state tensors the plans point at were replaced
+        self._all_triton = None  # and the groups, with the loaded ones' options
 
     @torch.no_grad()
     def add_param_group(self, param_group: dict[str, Any]) -> None:
