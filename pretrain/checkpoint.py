@@ -250,7 +250,7 @@ def seal_checkpoint(ckpt: Path) -> None:
     Resume trusts only checksummed checkpoints (the pickles in `state/` load after they verify).
     Sealing says: these files are the ones that run wrote. It refuses a folder that already has
     checksums (verify it as it is), a temp folder or one without its trainer state and model
-    (an interrupted write, which no checksum makes whole).
+    (an interrupted write, which no checksum makes whole), and one holding a symbolic link.
     """
     if not ckpt.is_dir():
         raise UserError(f"{ckpt} is not a folder; pass a checkpoint folder (checkpoints/step_NNNNNN)")
@@ -261,6 +261,10 @@ def seal_checkpoint(ckpt: Path) -> None:
             or not (ckpt / "model").is_dir():
         raise UserError(f"{ckpt} is not a complete checkpoint (a temp folder, or no state/trainer.pt or model/); "
                         "resume an earlier one")
+    links = [p for p in ckpt.rglob("*") if p.is_symlink()]
+    if links:  # the manifest would not look inside a linked folder, and resume would load it unchecked
+        raise UserError(f"{ckpt} holds a symbolic link ({links[0].relative_to(ckpt)}); copy the files it points "
+                        "to into the checkpoint, then seal it")
     run_dir = ckpt.resolve().parent.parent
     who = holder(run_dir)
     if who is not None:  # it may prune or re-save this very folder while its files are hashed

@@ -145,13 +145,24 @@ class StepOutcome:
         return self.loss_scaled and math.isfinite(self.loss) and not math.isfinite(self.grad_norm)
 
 
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """`auto`: this rank's GPU if there is one, else the CPU."""
+def pick_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
+    """`auto`: this rank's GPU if there is one, else the CPU; `cuda`: this rank's GPU (LOCAL_RANK)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"train.device={name} but no CUDA device is visible; use train.device=cpu")
-    return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
+    device = torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
+    if name.startswith("cuda:") and world_size > 1:
+        raise UserError(f"train.device={name} names one GPU for all {world_size} ranks; use train.device=cuda "
+                        "(each rank takes the GPU of its LOCAL_RANK)")
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and name == "cuda" and local_rank >= count:
+        raise UserError(f"LOCAL_RANK={local_rank} but this process sees {count} GPU(s); launch at most {count} "
+                        "processes per node (or set CUDA_VISIBLE_DEVICES)")
+    if device.type == "cuda" and device.index is not None and device.index >= count:
+        raise UserError(f"train.device={name} but this process sees {count} GPU(s) (indices from 0); pick one "
+                        "of them or set CUDA_VISIBLE_DEVICES")
+    return device
 
 
 def pick_precision(name: str, device: torch.device) -> torch.dtype:
@@ -375,7 +386,7 @@ def train(cfg: Config, resume: str | None = None, stop_at: int | None = None) ->
     Every rank of a distributed launch calls this; rank 0 alone writes the run directory.
     """
     world = check_world(cfg)
-    device = pick_device(cfg.train.device, world.local_rank)
+    device = pick_device(cfg.train.device, world.local_rank, world.size)
     created_group = init_world(cfg, device)
     try:
         with setup(cfg, world, device, resume, stop_at) as run:

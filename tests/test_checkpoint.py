@@ -244,14 +244,20 @@ def test_a_checkpoint_written_before_checksums_resumes_once_sealed(tiny_data_dir
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_000008"
 
 
-def test_seal_leaves_out_the_manifest_temp_file_an_interrupted_seal_left(tmp_path, capsys):
-    """A seal killed between writing `.checksums.json.tmp` and renaming it leaves that file; sealing again must
-    not list it (the rename takes it away, and resume would then refuse the checkpoint for a missing file)."""
+def _unsealed_checkpoint(tmp_path: Path) -> Path:
+    """The files of a complete checkpoint as written before checksums were recorded (contents stand-ins)."""
     ckpt = tmp_path / "run" / "checkpoints" / "step_000004"
     (ckpt / "state").mkdir(parents=True)
     (ckpt / "model").mkdir()
     torch.save({"step": 4}, ckpt / "state" / "trainer.pt")
     (ckpt / "model" / "model.safetensors").write_bytes(b"w" * 100)
+    return ckpt
+
+
+def test_seal_leaves_out_the_manifest_temp_file_an_interrupted_seal_left(tmp_path, capsys):
+    """A seal killed between writing `.checksums.json.tmp` and renaming it leaves that file; sealing again must
+    not list it (the rename takes it away, and resume would then refuse the checkpoint for a missing file)."""
+    ckpt = _unsealed_checkpoint(tmp_path)
     (ckpt / f".{MANIFEST}.tmp").write_text('{"format": 1, "fi')  # torn by the interrupted seal
     assert main(["seal", str(ckpt)]) == 0
     assert verify_checkpoint(ckpt) is None
@@ -263,10 +269,7 @@ def test_seal_refuses_a_checkpoint_of_a_run_another_process_holds(tmp_path, caps
     """The holder of the run folder may prune or re-save the checkpoint while it is hashed: one line, exit 2."""
     from pretrain.run_lock import RunLock
 
-    ckpt = tmp_path / "run" / "checkpoints" / "step_000004"
-    (ckpt / "state").mkdir(parents=True)
-    (ckpt / "model").mkdir()
-    torch.save({"step": 4}, ckpt / "state" / "trainer.pt")
+    ckpt = _unsealed_checkpoint(tmp_path)
     lock = RunLock.acquire(tmp_path / "run")
     try:
         capsys.readouterr()
@@ -276,3 +279,15 @@ def test_seal_refuses_a_checkpoint_of_a_run_another_process_holds(tmp_path, caps
     finally:
         lock.release()
     assert main(["seal", str(ckpt)]) == 0 and verify_checkpoint(ckpt) is None
+
+
+def test_seal_refuses_a_checkpoint_holding_a_symbolic_link(tmp_path, capsys):
+    """A linked folder is not looked into by the manifest, and resume would load its files unchecked."""
+    ckpt = _unsealed_checkpoint(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    (ckpt / "state").rename(elsewhere)
+    (ckpt / "state").symlink_to(elsewhere, target_is_directory=True)
+    capsys.readouterr()
+    assert main(["seal", str(ckpt)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "symbolic link (state)" in err[0] and not (ckpt / MANIFEST).exists()

@@ -113,3 +113,24 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data_dir, tmp_pa
     assert latest in errors[0]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoints" / latest / "model")
     assert model is not None
+
+
+@pytest.mark.parametrize(("name", "local_rank", "world", "expected"), [
+    ("cuda", 1, 2, "cuda:1"),  # each rank its LOCAL_RANK's GPU
+    ("cuda:1", 0, 1, "cuda:1"),  # one process on the GPU it names
+    ("cuda:1", 0, 2, "names one GPU for all 2 ranks"),
+    ("cuda:2", 0, 1, "sees 2 GPU(s)"),
+    ("cuda", 2, 3, "LOCAL_RANK=2 but this process sees 2 GPU(s)"),
+])
+def test_pick_device_refuses_a_gpu_the_launch_cannot_use(monkeypatch, name, local_rank, world, expected):
+    """With two (pretended) GPUs: a device every rank would share, or one that is not there, is one line."""
+    from pretrain.errors import UserError
+    from pretrain.train import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    if expected.startswith("cuda"):
+        assert pick_device(name, local_rank, world) == torch.device(expected)
+    else:
+        with pytest.raises(UserError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+            pick_device(name, local_rank, world)

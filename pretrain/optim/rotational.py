@@ -149,13 +149,17 @@ class RotationalOptimizer(Optimizer):
         """Whether `p` goes into a Triton launch (`_fused_plan`, as far as it is known before a step)."""
         from pretrain.optim import fused
 
-        if self._kernels.get(_local(p).device.type) is not fused:
-            return False
-        axis = _axis(group) if _is_rotational(group, p) else None
-        if _is_rotational(group, p) and (axis is None or id(p) in self._segment_maps
-                                         or _partial_group(p, axis) is not None):
-            return False
-        return fused.supports(_local(p), None, axis)
+        ok, axis = self._kernel_walk(group, p, _is_rotational(group, p), None)
+        return ok and self._kernels.get(_local(p).device.type) is fused and fused.supports(_local(p), None, axis)
+
+    def _kernel_walk(self, group: dict[str, Any], p: Tensor, rot: bool,
+                     tracked: tuple[int, Tensor] | None) -> tuple[bool, int | None]:
+        """(whether a fused kernel may step `p` at all, the axis it would walk; None: flat)."""
+        if rot:
+            axis = _axis(group)
+            return axis is not None and id(p) not in self._segment_maps and _partial_group(p, axis) is None, axis
+        axis = tracked[0] if tracked is not None else None
+        return tracked is None or _partial_group(p, axis) is None, axis
 
     def rewind_step(self) -> None:
         """Take back the step counts of the last step, which its `found_inf` skipped on the device."""
@@ -378,12 +382,7 @@ class RotationalOptimizer(Optimizer):
         rest = []
         for p, rot in zip(live, rotational, strict=True):
             tracked = self._track.get(id(p))
-            if rot:
-                axis = _axis(group)
-                ok = axis is not None and id(p) not in self._segment_maps and _partial_group(p, axis) is None
-            else:
-                axis = tracked[0] if tracked is not None else None
-                ok = tracked is None or _partial_group(p, axis) is None
+            ok, axis = self._kernel_walk(group, p, rot, tracked)
             kernel = self._kernels.get(_local(p).device.type)
             if ok and kernel is not None and kernel.supports(_local(p), _local(p.grad), axis):
                 walk = axis % p.dim() if axis is not None else None
