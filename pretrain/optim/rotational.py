@@ -149,17 +149,17 @@ class RotationalOptimizer(Optimizer):
         """Whether `p` goes into a Triton launch (`_fused_plan`, as far as it is known before a step)."""
         from pretrain.optim import fused
 
-        ok, axis = self._kernel_walk(group, p, _is_rotational(group, p), None)
+        ok, axis = self._kernel_walk(group, p, _is_rotational(group, p))
         return ok and self._kernels.get(_local(p).device.type) is fused and fused.supports(_local(p), None, axis)
 
     def _kernel_walk(self, group: dict[str, Any], p: Tensor, rot: bool,
-                     tracked: tuple[int, Tensor] | None) -> tuple[bool, int | None]:
-        """(whether a fused kernel may step `p` at all, the axis it would walk; None: flat)."""
+                     tracked_axis: int | None = None) -> tuple[bool, int | None]:
+        """(whether a fused kernel may step `p` at all, the axis it would walk; None: flat). A rotational
+        tensor walks its group's neuron axis; a plain one flat, or the tracker's axis when it is tracked."""
         if rot:
             axis = _axis(group)
             return axis is not None and id(p) not in self._segment_maps and _partial_group(p, axis) is None, axis
-        axis = tracked[0] if tracked is not None else None
-        return tracked is None or _partial_group(p, axis) is None, axis
+        return tracked_axis is None or _partial_group(p, tracked_axis) is None, tracked_axis
 
     def rewind_step(self) -> None:
         """Take back the step counts of the last step, which its `found_inf` skipped on the device."""
@@ -175,13 +175,11 @@ class RotationalOptimizer(Optimizer):
         group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
         if group is None:
             return False
-        if _is_rotational(group, p):
-            own = _axis(group)
-            if own is None or own % p.dim() != axis % p.dim() or _partial_group(p, own) is not None:
-                return False
-        elif _partial_group(p, axis) is not None:
+        rot = _is_rotational(group, p)
+        ok, walk = self._kernel_walk(group, p, rot, axis)
+        if rot and walk is not None and walk % p.dim() != axis % p.dim():  # it walks its own axis only
             return False
-        return kernel.supports(_local(p), None, axis)
+        return ok and kernel.supports(_local(p), None, axis)
 
     @property
     def fused_fraction(self) -> float:
@@ -382,7 +380,7 @@ class RotationalOptimizer(Optimizer):
         rest = []
         for p, rot in zip(live, rotational, strict=True):
             tracked = self._track.get(id(p))
-            ok, axis = self._kernel_walk(group, p, rot, tracked)
+            ok, axis = self._kernel_walk(group, p, rot, tracked[0] if tracked is not None else None)
             kernel = self._kernels.get(_local(p).device.type)
             if ok and kernel is not None and kernel.supports(_local(p), _local(p.grad), axis):
                 walk = axis % p.dim() if axis is not None else None
@@ -524,8 +522,7 @@ class _DeviceFlags:
     def apply_on_host(self, grads: list[Tensor]) -> bool:
         """Read the flags (a host sync, once a step); False: skip. Otherwise divide `grads` in place."""
         if self._host is None:
-            skip, divisor = self.tensor.tolist()
-            self._host = (skip != 0.0, self.tensor[1])
+            self._host = (float(self.tensor[0]) != 0.0, self.tensor[1])
         if self._host[0]:
             return False
         for g in grads:
