@@ -15,6 +15,8 @@ the `step()` call (when it nears the step time, Python and launches bound the st
 `logging.rotation_every=1` step). `NAME@32x64x4` plans NAME's kernel launches with column tiles of
 32 columns x 64 rows and 4 warps (`pretrain.optim.fused.COLUMN_TILE`), to compare the column walk's
 tiles; a tile whose rows cover a neuron (768 rows: `@4x1024x8`) walks it in one pass.
+`NAME@r4096x8` plans them with row tiles of 4096 elements and 8 warps (`fused.ROW_TILE`: llama's
+matrices and every embedding). `benchmarks/kernel_codegen.py` gives each tile's registers on CPU.
 """
 
 from __future__ import annotations
@@ -70,10 +72,14 @@ def main() -> None:
     args = parser.parse_args()
     shapes = (llama_shapes if args.set == "llama" else gpt2_shapes)(args.layers)
     optimizers = {}
-    default_tile = fused.COLUMN_TILE
+    default_tiles = fused.ROW_TILE, fused.COLUMN_TILE
     for name in args.names.split(","):
         spec, _, tile = name.partition("@")
-        fused.COLUMN_TILE = tuple(int(n) for n in tile.split("x")) if tile else default_tile
+        fused.ROW_TILE, fused.COLUMN_TILE = default_tiles
+        if tile.startswith("r"):
+            fused.ROW_TILE = tuple(int(n) for n in tile[1:].split("x"))
+        elif tile:
+            fused.COLUMN_TILE = tuple(int(n) for n in tile.split("x"))
         opt, params = build(spec.removesuffix("+sums"), shapes)
         rows = None
         if spec.endswith("+sums"):
@@ -89,6 +95,7 @@ def main() -> None:
             if rows is not None:
                 opt.request_rotation_sums(rows)
             opt.step()
+    fused.ROW_TILE, fused.COLUMN_TILE = default_tiles
     times: dict[str, list[float]] = {name: [] for name in optimizers}
     host: dict[str, list[float]] = {name: [] for name in optimizers}
     names = list(optimizers)

@@ -42,7 +42,7 @@ section "Device"
 if want 0; then
   section "0. GPU tests: the compiled kernels against the eager paths (AdamW cases; CI covers every rule in the interpreter)"
   run 150 $py -m pytest -q -p no:cacheprovider tests/test_optim_fused.py tests/test_metrics_fused_sums.py \
-    tests/test_metrics_training.py tests/test_metrics_layer_sums.py tests/test_step_on_device.py \
+    tests/test_metrics_training.py tests/test_metrics_layer_sums.py tests/test_step_on_device.py tests/test_kernel_codegen.py \
     ${GPU_TESTS-tests/test_loss.py} -k "not lion and not sgdm and not training_with_the_queued"
 fi
 
@@ -66,8 +66,9 @@ if want 2; then
 fi
 
 if want 4; then
-  section "4. Optimizer step alone, llama-125m parameter set; then GPT-2 124M's (Conv1D: column neurons); then the metric sums' tiles"
-  run 180 $py benchmarks/bench_optim_gpu.py --reps 40
+  section "4. Optimizer step alone, llama-125m parameter set (and its row tiles); then GPT-2 124M's (Conv1D: column neurons); then the metric sums' tiles"
+  run 180 $py benchmarks/bench_optim_gpu.py --reps 40 \
+    --names torch-fused,adamw,adamw:eager,rv-adamw,rv-adamw:eager,rv-adamw+sums,lion,lion:eager,rv-lion,rv-lion:eager,sgdm,rv-sgdm,rv-adamw@r4096x8,rv-adamw@r2048x4,rv-adamw@r1024x4,rv-adamw@r4096x16,rv-adamw@r8192x16
   run 120 $py benchmarks/bench_optim_gpu.py --set gpt2 --reps 30 \
     --names torch-fused,adamw,rv-adamw,rv-adamw+sums,rv-lion,rv-adamw@8x256x8,rv-adamw@16x256x8,rv-adamw@4x1024x8,rv-adamw@8x1024x8,rv-adamw@8x1024x16
   run 90 $py benchmarks/bench_sums_gpu.py --set gpt2 --reps 30 --tiles default,8x256x8,8x256x4,16x128x8,4x512x8

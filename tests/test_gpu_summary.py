@@ -77,8 +77,9 @@ def test_the_committed_h200_report_gives_the_figures_in_results_md():
     assert nano == pytest.approx(34.3688 / 37.2) and rv_gpt2 == pytest.approx(390_111 / 440_210)
     assert mfu == 40.4 and rv_llama == pytest.approx(508_067 / 516_528) and peak == 17.75
     assert mfu_before is None and peak_before is None  # run 2 did not run section 7
-    step_rv_adamw, step_rv_lion, best_tile = values[7:10]
+    step_rv_adamw, step_rv_lion, best_row_tile, best_tile = values[7:11]
     assert step_rv_adamw == pytest.approx(2.591 / 1.692) and step_rv_lion == pytest.approx(2.216 / 1.692)
+    assert best_row_tile == step_rv_adamw  # only the default row tile was timed
     assert best_tile is None  # the GPT-2 parameter set came later
     table = summary(Report.parse((REPO / "benchmarks" / "gpu_check_h200.md").read_text()))
     assert table.startswith("Device: NVIDIA H200") and "| 0.924x | >= 1.000x | **not met** |" in table
@@ -105,6 +106,25 @@ def test_tiles_before_rows_and_failed_sections():
     assert failed.value is None and failed.met() == "" and "not in the report" in failed.cell()
     # Section 4's llama table is missing: its rows say so instead of reading the GPT-2 table.
     assert rows["optimizer step, llama set: rv-adamw against torch fused AdamW"].value is None
+    row_tile = next(f for name, f in rows.items() if "row tile" in name)
+    assert row_tile.value is None and "(-)" in row_tile.name
+
+
+def test_the_best_row_tile_of_the_llama_table():
+    failed = "FAILED rc=124: the llama set timed out, so only the GPT-2 table follows"
+    report = Report.parse(SYNTHETIC.replace(failed, """
+optimizer step, llama parameter set (109.5M fp32), NVIDIA H100 80GB HBM3, torch 2.11.0, median of 40
+| optimizer | step ms | vs torch fused AdamW | host ms |
+|---|---|---|---|
+| torch-fused | 1.200 | 1.00x | 0.500 |
+| rv-adamw | 1.500 | 1.25x | 0.400 |
+| rv-adamw@r4096x8 | 1.800 | 1.50x | 0.400 |
+| rv-adamw@r1024x4 | 1.260 | 1.05x | 0.400 |
+"""))
+    rows = {f.name: f for f in figures(report)}
+    tile = next(f for name, f in rows.items() if "row tile" in name)
+    assert "(rv-adamw@r1024x4)" in tile.name and tile.value == pytest.approx(1.05) and tile.met() == "met"
+    assert rows["optimizer step, llama set: rv-adamw against torch fused AdamW"].value == pytest.approx(1.25)
 
 
 def test_the_committed_session6_reports_give_the_figures_in_results_md():

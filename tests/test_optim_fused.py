@@ -52,8 +52,14 @@ def test_two_pass_neurons_match_eager(device, monkeypatch, axis):
     """Neurons longer than a tile take the kernel's two-pass loop."""
     import pretrain.optim.fused as fused
 
-    monkeypatch.setattr(fused, "_TILE_ELEMENTS", 64)
-    pairs = make_pair("adamw", True, axis, True, device, shapes=[(12, 100), (100, 12)])
+    monkeypatch.setattr(fused, "ROW_TILE", (64, 4))
+    monkeypatch.setattr(fused, "ONE_PASS_WIDTH", 64)
+    monkeypatch.setattr(fused, "COLUMN_TILE", (8, 64, 4))
+    shapes = [(12, 100), (7, 130)] if axis == 0 else [(100, 12), (130, 7)]
+    for shape in shapes:  # every tensor's neurons are longer than its tile
+        layout = fused.Layout.of(torch.empty(shape), axis)
+        assert fused.tile_for(layout)[1] < layout.width
+    pairs = make_pair("adamw", True, axis, True, device, shapes=shapes)
     run_steps(pairs)
     assert_same(*pairs)
 
@@ -215,3 +221,29 @@ def test_pointer_tables_upload_only_when_an_address_changes(device):
     moved = tables.get("w", [a, c])
     assert moved is not first and moved.tolist() == [a.data_ptr(), c.data_ptr()]
     assert tables.address("w") == (a.data_ptr(), c.data_ptr()) and tables.address("g") is None
+
+
+def test_loaded_state_is_realigned_for_the_kernels_16_byte_loads(device):
+    """A state dict whose tensors are views at 4-byte offsets (a checkpoint of views into one buffer) loads
+    into 16-byte-aligned tensors, which `fused.Launch` requires; the values and the next step are unchanged."""
+    import pretrain.optim.fused as fused
+
+    pairs = make_pair("adamw", True, 0, True, device)
+    run_steps(pairs, steps=2)
+    (_, eager_params), (opt, params) = pairs
+    state = opt.state_dict()
+    for per_param in state["state"].values():
+        for name, value in per_param.items():
+            if value.dim():
+                buffer = torch.empty(value.numel() + 1, dtype=value.dtype, device=value.device)
+                per_param[name] = buffer[1:].view_as(value).copy_(value)
+                assert per_param[name].data_ptr() % 16
+    opt.load_state_dict(state)
+    for p in params:
+        for name, value in opt.state[p].items():
+            assert not value.dim() or fused._aligned(value), name
+    for opt_, params_ in pairs:
+        set_grads(params_, 2)
+        opt_.step()
+    assert_same(*pairs)
+    assert opt.fused_fraction == 1.0

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from pretrain.optim.fused import PointerTables, compile_only
+from pretrain.optim.fused import PointerTables, compile_only, table_address, table_rows
 
 # Tests set this under Triton's interpreter (TRITON_INTERPRET=1) to run the kernel on CPU tensors.
 RUN_ON_CPU = False
@@ -88,12 +88,6 @@ def delta_sums(before: Tensor, after: Tensor, axis: int) -> Tensor:
 
 
 @triton.jit
-def _pointer(table, t, DTYPE: tl.constexpr):
-    """The `DTYPE` tensor address at `table[t]`, 16-byte aligned (`Batch` checks it)."""
-    return tl.multiple_of(tl.load(table + t), 16).to(tl.pointer_type(DTYPE))
-
-
-@triton.jit
 def _program_tile(tiles, neurons, BLOCK_N: tl.constexpr):
     """(tensor index, neuron offsets, their mask) of this program: `tiles` programs per tensor."""
     pid = tl.program_id(0)
@@ -105,10 +99,10 @@ def _program_tile(tiles, neurons, BLOCK_N: tl.constexpr):
 def _capture_kernel(w_tab, g_tab, copy_tab, out_tab, neurons, width, stride_n, stride_k, tiles,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr):
     t, n_offs, n_mask = _program_tile(tiles, neurons, BLOCK_N)
-    W = _pointer(w_tab, t, tl.float32)
-    G = _pointer(g_tab, t, tl.float32)
-    C = _pointer(copy_tab, t, tl.float32)
-    OUT = _pointer(out_tab, t, tl.float64)
+    W = table_address(w_tab, t, tl.float32)
+    G = table_address(g_tab, t, tl.float32)
+    C = table_address(copy_tab, t, tl.float32)
+    OUT = table_rows(out_tab, t)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float64)
     for i in range(NUM_K):
         k_offs = i * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -124,9 +118,9 @@ def _capture_kernel(w_tab, g_tab, copy_tab, out_tab, neurons, width, stride_n, s
 def _delta_kernel(copy_tab, w_tab, out_tab, neurons, width, stride_n, stride_k, tiles,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr):
     t, n_offs, n_mask = _program_tile(tiles, neurons, BLOCK_N)
-    OUT = _pointer(out_tab, t, tl.float64)
-    w_sq, dot, dw_sq = _delta_tile(_pointer(copy_tab, t, tl.float32), _pointer(w_tab, t, tl.float32), n_offs, n_mask,
-                                   width, stride_n, stride_k, BLOCK_N, BLOCK_K, NUM_K)
+    OUT = table_rows(out_tab, t)
+    before, after = table_address(copy_tab, t, tl.float32), table_address(w_tab, t, tl.float32)
+    w_sq, dot, dw_sq = _delta_tile(before, after, n_offs, n_mask, width, stride_n, stride_k, BLOCK_N, BLOCK_K, NUM_K)
     tl.store(OUT + n_offs * 4 + 0, w_sq, mask=n_mask)
     tl.store(OUT + n_offs * 4 + 1, dot, mask=n_mask)
     tl.store(OUT + n_offs * 4 + 2, dw_sq, mask=n_mask)
@@ -161,11 +155,15 @@ class Batch:
         self.copies: list[Tensor] = []
         self._tables = PointerTables(weights[0].device)
 
-    def _launch(self, kernel: Any, *tables: Tensor, warmup: bool = False) -> None:
-        grid = (self.tiles * self.count,)
+    def arguments(self, *tables: Tensor) -> tuple[tuple[int], tuple, dict[str, Any]]:
+        """(grid, arguments, compile-time constants) of either kernel, given its pointer tables."""
         args = (*tables, self.neurons, self.width, self.stride_n, self.stride_k, self.tiles)
         constants = dict(BLOCK_N=self.block_n, BLOCK_K=self.block_k, NUM_K=triton.cdiv(self.width, self.block_k),
                          num_warps=self.num_warps)
+        return (self.tiles * self.count,), args, constants
+
+    def _launch(self, kernel: Any, *tables: Tensor, warmup: bool = False) -> None:
+        grid, args, constants = self.arguments(*tables)
         if warmup:
             compile_only(kernel, grid, args, constants)
         else:

@@ -33,8 +33,16 @@ from torch import Tensor
 from pretrain.optim.hyper import RULE_IDS, Hyper, KernelRejected
 
 _TINY = torch.finfo(torch.float32).tiny
-# Elements of one tile held in registers (per role); larger neurons loop over their elements.
-_TILE_ELEMENTS = 4096
+# Row neurons (nn.Linear [out, in], embeddings, flat chunks): a tile of up to this many elements of
+# each role, as many whole neurons as fit, with this many warps when full (4 when a narrow layout
+# leaves it part-empty). 2048 x 8 warps, not 4096: with 128-bit loads the kernel needs 80-127
+# registers a thread at 2048 elements against 127-175 at 4096, so three CTAs (24 warps) share an
+# SM instead of one (PTX for sm_90, benchmarks/kernel_codegen.py). Not yet timed on a GPU:
+# `benchmarks/bench_optim_gpu.py` compares tiles (`NAME@r4096x8` rows).
+ROW_TILE = (2048, 8)
+# A neuron up to this wide is held whole in registers, even past ROW_TILE's elements (one neuron a
+# tile): a second pass over a wider one re-reads the tensor. Wider ones loop over 1024-element slices.
+ONE_PASS_WIDTH = 4096
 # Elements per program for flat (non-neuron) tensors: norms, biases.
 _FLAT_BLOCK = 2048
 # Column neurons (GPT-2's Conv1D [in, out]) are walked (adjacent columns, rows, warps) at a time;
@@ -126,9 +134,21 @@ def _apply(W, M, V, offs, mask, w, u, m, v, a, b, c, lr, wd, scale,
 
 
 @triton.jit
-def _address(table, t):
-    """The fp32 tensor address at `table[t]`, 16-byte aligned."""
-    return tl.multiple_of(tl.load(table + t), 16).to(tl.pointer_type(tl.float32))
+def table_address(table, t, DTYPE: tl.constexpr):
+    """The `DTYPE` tensor address at `table[t]`, said to be 16-byte aligned (the launcher checks it).
+
+    The hint must be on the pointer: said of the int64 before the cast, it is lost, and every
+    load and store of the kernel became a 32-bit one with twice the registers (PTX for sm_90:
+    222 -> 104 registers a thread for plain AdamW; tests/test_kernel_codegen.py keeps it so).
+    """
+    return tl.multiple_of(tl.load(table + t).to(tl.pointer_type(DTYPE)), 16)
+
+
+@triton.jit
+def table_rows(table, t):
+    """The float64 [neurons, 4] rows at `table[t]` (the tracker's sums): no alignment is claimed, none is needed
+    for their strided stores."""
+    return tl.load(table + t).to(tl.pointer_type(tl.float64))
 
 
 @triton.jit
@@ -152,18 +172,18 @@ def _step_kernel(
     k_base = tl.arange(0, BLOCK_K)
     # Addresses come from tables; saying they are 16-byte aligned (Launch checks it) lets the
     # compiler use vector loads and stores.
-    W = _address(w_tab, t)
-    G = _address(g_tab, t)
-    M = _address(m_tab, t)
-    V = _address(v_tab, t)  # read by AdamW only
+    W = table_address(w_tab, t, tl.float32)
+    G = table_address(g_tab, t, tl.float32)
+    M = table_address(m_tab, t, tl.float32)
+    V = table_address(v_tab, t, tl.float32)  # read by AdamW only
     zero = tl.zeros([BLOCK_N], dtype=tl.float32)
     a, b, c = zero, zero, zero
     t_w = tl.zeros([BLOCK_N], dtype=tl.float64)
     t_dot, t_dw, t_g = t_w, t_w, t_w
 
     if ROTATIONAL:
-        norm_ptr = _address(norm_tab, t)
-        avg_ptr = _address(avg_tab, t)
+        norm_ptr = table_address(norm_tab, t, tl.float32)
+        avg_ptr = table_address(avg_tab, t, tl.float32)
         norm = tl.load(norm_ptr + n_offs, mask=n_mask, other=0.0)
         avg = tl.load(avg_ptr + n_offs, mask=n_mask, other=0.0)
         w_sq, u_sq, dot, w_sum, u_sum = zero, zero, zero, zero, zero
@@ -222,7 +242,7 @@ def _step_kernel(
                 t_g += tl.sum(g64 * g64, axis=1)
 
     if TRACK:
-        S = tl.load(sums_tab + t).to(tl.pointer_type(tl.float64))
+        S = table_rows(sums_tab, t)
         tl.store(S + n_offs * 4 + 0, t_w, mask=n_mask)
         tl.store(S + n_offs * 4 + 1, t_dot, mask=n_mask)
         tl.store(S + n_offs * 4 + 2, t_dw, mask=n_mask)
@@ -325,18 +345,16 @@ class Launch:
     def __init__(self, layout: Layout, rotational: bool, weights: list[Tensor], moments: list[list[Tensor]],
                  norms: list[Tensor] | None, avgs: list[Tensor] | None) -> None:
         self.layout, self.rotational, self.count = layout, rotational, len(weights)
-        self.block_k = triton.next_power_of_2(layout.width) if layout.width <= _TILE_ELEMENTS else 1024
-        if layout.stride_k != 1:  # column neurons
-            self.block_n, rows, self.num_warps = COLUMN_TILE
-            self.block_k = min(self.block_k, rows)
-        else:
-            self.block_n = max(1, min(16, _TILE_ELEMENTS // self.block_k))
-            self.num_warps = 8 if self.block_n * self.block_k >= 4096 else 4
+        self.block_n, self.block_k, self.num_warps = tile_for(layout)
         self.tiles = triton.cdiv(layout.neurons, self.block_n)
         self.numel = weights[0].numel()
         self.device = weights[0].device
         self._tables = PointerTables(self.device)
-        # Tables of tensors that never move (moments, per-neuron state) are built once.
+        # Tables of tensors that never move (moments, per-neuron state) are built once. The kernel
+        # reads them with 16-byte loads; the optimizer keeps its state so aligned (load_state_dict).
+        fixed = [t for role in (*moments, norms or [], avgs or []) for t in role]
+        if not all(_aligned(t) for t in fixed):
+            raise ValueError("optimizer state of a fused launch is not 16-byte aligned")
         self._fixed = [self._tables.get("m", moments[0]), self._tables.get("v", moments[-1]),
                        self._tables.get("norm", norms or weights), self._tables.get("avg", avgs or weights)]
         self._no_sums = torch.zeros(len(weights), dtype=torch.int64, device=self.device)
@@ -349,6 +367,15 @@ class Launch:
         nothing, else the gradient is divided by the divisor (clipping decided on the device).
         `warmup`: compile and load the kernel for these arguments and run nothing (KernelRejected).
         """
+        grid, args, constants = self.arguments(weights, grads, hyper, sums, flags)
+        if warmup:
+            compile_only(_step_kernel, grid, args, constants)
+        else:
+            _step_kernel[grid](*args, **constants)
+
+    def arguments(self, weights: list[Tensor], grads: list[Tensor], hyper: Hyper, sums: list[Tensor] | None = None,
+                  flags: Tensor | None = None) -> tuple[tuple[int], tuple, dict[str, Any]]:
+        """(grid, arguments, compile-time constants) of `_step_kernel` for `run`'s arguments."""
         layout = self.layout
         grad_ptrs: tuple[int, ...] | None = tuple(g.data_ptr() for g in grads)
         if grad_ptrs != self._tables.address("g") and any(ptr % 16 for ptr in grad_ptrs):
@@ -364,11 +391,20 @@ class Launch:
             RULE=RULE_IDS[hyper.rule], ROTATIONAL=self.rotational, ZERO_MEAN=hyper.zero_mean, TRACK=sums is not None,
             FLAGS=flags is not None, SINGLE_PASS=self.block_k >= layout.width, BLOCK_N=self.block_n,
             BLOCK_K=self.block_k, NUM_K=triton.cdiv(layout.width, self.block_k), num_warps=self.num_warps)
-        grid = (self.tiles * self.count,)
-        if warmup:
-            compile_only(_step_kernel, grid, args, constants)
-        else:
-            _step_kernel[grid](*args, **constants)
+        return (self.tiles * self.count,), args, constants
+
+
+def tile_for(layout: Layout) -> tuple[int, int, int]:
+    """(neurons, elements of each, warps) of one program's tile: `COLUMN_TILE` for column neurons, else
+    as many whole neurons as `ROW_TILE` holds."""
+    width = triton.next_power_of_2(layout.width)
+    if layout.stride_k != 1:
+        block_n, rows, warps = COLUMN_TILE
+        return block_n, min(width, rows), warps
+    elements, warps = ROW_TILE
+    block_k = width if width <= max(elements, ONE_PASS_WIDTH) else min(1024, elements)
+    block_n = max(1, min(16, elements // block_k))
+    return block_n, block_k, warps if block_n * block_k >= elements else 4
 
 
 def make_launch(walk: int | None, rotational: bool, weights: list[Tensor], moments: list[list[Tensor]],

@@ -99,6 +99,10 @@ class RotationalOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        for state in self.state.values():  # the Triton step reads state with 16-byte loads (fused.table_address)
+            for name, value in state.items():
+                if isinstance(value, Tensor) and value.dim() and _local(value).data_ptr() % 16:
+                    state[name] = value.clone()
         self._plans.clear()  # the state tensors the plans point at were replaced
         self._all_triton = None  # and the groups, with the loaded ones' options
 
