@@ -7,7 +7,9 @@ logits are read in row chunks that are upcast one at a time; forward keeps only 
 log-sum-exp (4 bytes a token) and backward writes the gradient chunk by chunk *into the logits'
 own memory*, which nothing else needs once the loss is known. The arithmetic is the same
 (fp32 log-sum-exp over each row), so losses and gradients match the plain expression within
-rounding (tests/test_loss.py). Under `torch.compile` each chunk becomes one fused reduction.
+rounding (tests/test_loss.py). Under `torch.compile` forward is one fused reduction, and
+backward one expression that inductor makes a single kernel: it reads the bf16 logits and
+writes the bf16 gradient, with the fp32 softmax in registers only.
 
 The model stays a stock `transformers` model: the loss is computed from its `logits` output.
 """
@@ -57,15 +59,19 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         logits, targets, lse = ctx.saved_tensors
         rows, vocab = logits.shape
         scale = grad_out.float() / rows
-        # Eager: the logits are dead once their gradient is known, so their memory takes it. A
-        # compiled backward gets a fresh buffer (graphs do not mutate saved tensors; inductor
-        # plans that memory itself).
-        grad_logits = torch.empty_like(logits) if torch.compiler.is_compiling() else logits
+        if torch.compiler.is_compiling():
+            # One expression, which inductor makes one kernel: bf16 logits in, bf16 gradient out, the
+            # fp32 softmax only in registers. (The eager loop below, compiled, stored each chunk's fp32
+            # softmax for its scatter and read it back: three times the memory traffic.)
+            target = torch.arange(vocab, device=logits.device)[None, :] == targets[:, None]
+            grad = torch.exp(logits.float() - lse[:, None]) - target.float()
+            return (grad * scale).to(logits.dtype), None
+        # Eager: the logits are dead once their gradient is known, so their memory takes it.
         for start, end in _row_chunks(rows, vocab):
             grad = torch.exp(logits[start:end].float() - lse[start:end, None])
             grad.scatter_add_(1, targets[start:end, None], torch.full_like(grad[:, :1], -1.0))
-            grad_logits[start:end] = grad * scale
-        return grad_logits, None
+            logits[start:end] = grad * scale
+        return logits, None
 
 
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
