@@ -27,6 +27,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from pretrain.config import ModelConfig
 from pretrain.errors import UserError
 from pretrain.params import LinearGain, neuron_axis_of
+from pretrain.rope import compute_rotary_once
 
 # Sizes: hidden, layers, heads, kv heads, MLP width, context. MLP widths of the llama presets
 # follow the SwiGLU rule (~8/3 hidden, rounded to 256); gpt2 uses 4x hidden.
@@ -129,6 +130,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_id: int) ->
         model_cls = LlamaForCausalLM if cfg.arch == "llama" else GPT2LMHeadModel
         model = model_cls(hf_config)
     model.config._attn_implementation = CAUSAL_SDPA
+    compute_rotary_once(model)
     if cfg.linear_gains:
         add_linear_gains(model)
     return model
