@@ -377,16 +377,20 @@ class Launch:
                   flags: Tensor | None = None) -> tuple[tuple[int], tuple, dict[str, Any]]:
         """(grid, arguments, compile-time constants) of `_step_kernel` for `run`'s arguments."""
         layout = self.layout
+        weight_ptrs = tuple(w.data_ptr() for w in weights)
+        if weight_ptrs != self._tables.address("w") and any(ptr % 16 for ptr in weight_ptrs):
+            raise RuntimeError("a weight of a fused launch moved to an address that is not 16-byte aligned")
         grad_ptrs: tuple[int, ...] | None = tuple(g.data_ptr() for g in grads)
         if grad_ptrs != self._tables.address("g") and any(ptr % 16 for ptr in grad_ptrs):
             # A gradient that is a view into a flat buffer (FSDP2's reduce-scatter output, say) may
             # not be 16-byte aligned; the kernel only reads gradients, so an aligned copy will do.
             grads, grad_ptrs = [g if _aligned(g) else g.clone() for g in grads], None
         sums_table = self._tables.get("sums", sums) if sums is not None else self._no_sums
-        args = (self._tables.get("w", weights), self._tables.get("g", grads, grad_ptrs), *self._fixed, sums_table,
-                flags if flags is not None else self._no_sums, self.numel, layout.neurons, layout.width,
-                layout.stride_n, layout.stride_k, self.tiles, hyper.lr, hyper.weight_decay, hyper.beta1, hyper.beta2,
-                hyper.eps, hyper.scale, hyper.eta, hyper.decay, hyper.decay_bias, hyper.rot_eps)
+        tables = self._tables.get("w", weights, weight_ptrs), self._tables.get("g", grads, grad_ptrs)
+        args = (*tables, *self._fixed, sums_table, flags if flags is not None else self._no_sums, self.numel,
+                layout.neurons, layout.width, layout.stride_n, layout.stride_k, self.tiles, hyper.lr,
+                hyper.weight_decay, hyper.beta1, hyper.beta2, hyper.eps, hyper.scale, hyper.eta, hyper.decay,
+                hyper.decay_bias, hyper.rot_eps)
         constants = dict(
             RULE=RULE_IDS[hyper.rule], ROTATIONAL=self.rotational, ZERO_MEAN=hyper.zero_mean, TRACK=sums is not None,
             FLAGS=flags is not None, SINGLE_PASS=self.block_k >= layout.width, BLOCK_N=self.block_n,
