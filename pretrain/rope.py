@@ -49,7 +49,8 @@ def compute_rotary_once(model: nn.Module) -> int:
     """Give every static-frequency `LlamaRotaryEmbedding` of `model` the `RotaryTable` forward; returns how many."""
     count = 0
     for module in model.modules():
-        if type(module) is LlamaRotaryEmbedding and module.rope_type in ("default", "linear", "llama3", "yarn"):
+        static = getattr(module, "rope_type", None) in ("default", "linear", "llama3", "yarn")
+        if type(module) is LlamaRotaryEmbedding and static and hasattr(module, "attention_scaling"):
             module.__class__ = RotaryTable
             count += 1
     return count

@@ -24,13 +24,16 @@ def tiny_llama(**overrides) -> LlamaConfig:
                                    "original_max_position_embeddings": 16}],
                          ids=["default", "linear", "yarn"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_table_is_transformers_own_bit_for_bit(rope, dtype):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_the_table_is_transformers_own_bit_for_bit(rope, dtype, device):
     config = tiny_llama(**({"rope_parameters": rope} if rope else {}))
-    stock = LlamaRotaryEmbedding(config)
-    ours = LlamaRotaryEmbedding(config)
+    stock = LlamaRotaryEmbedding(config).to(device)
+    ours = LlamaRotaryEmbedding(config).to(device)
     assert compute_rotary_once(ours) == 1 and type(ours) is RotaryTable
-    x = torch.randn(2, 50, 64, dtype=dtype)
+    x = torch.randn(2, 50, 64, dtype=dtype, device=device)
     for positions in (torch.arange(50)[None], torch.stack([torch.arange(50), torch.arange(7, 57)])):
+        positions = positions.to(device)
         for got, expected in zip(ours(x, positions), stock(x, positions), strict=True):
             assert got.dtype == expected.dtype == dtype
             assert torch.equal(got, expected)
