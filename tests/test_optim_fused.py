@@ -247,3 +247,27 @@ def test_loaded_state_is_realigned_for_the_kernels_16_byte_loads(device):
         opt_.step()
     assert_same(*pairs)
     assert opt.fused_fraction == 1.0
+
+
+@pytest.mark.parametrize("rotational", [True, False], ids=["rv", "plain"])
+def test_gradients_at_unaligned_addresses_step_as_aligned_ones(device, rotational):
+    """Gradients that are views into one flat buffer at 4-byte offsets (FSDP2's reduce-scatter output, DDP's
+    buckets) are read from aligned copies, which must outlive the kernel's launch (the tables hold addresses)."""
+
+    def set_unaligned_grads(params: list[torch.Tensor], step: int) -> None:
+        set_grads(params, step)
+        flat = torch.empty(1 + sum(p.numel() for p in params), device=params[0].device)
+        start = 1
+        for p in params:
+            grad, p.grad = p.grad, flat[start:start + p.numel()].view_as(p)
+            p.grad.copy_(grad)
+            start += p.numel()
+        assert all(p.grad.data_ptr() % 16 for p in params)
+
+    pairs = make_pair("adamw", rotational, 0, True, device)
+    for step in range(3):
+        for opt, params in pairs:
+            set_unaligned_grads(params, step)
+            opt.step()
+    assert pairs[1][0].fused_fraction == 1.0
+    assert_same(*pairs)
