@@ -367,36 +367,31 @@ class Launch:
         nothing, else the gradient is divided by the divisor (clipping decided on the device).
         `warmup`: compile and load the kernel for these arguments and run nothing (KernelRejected).
         """
-        grads = self.aligned_gradients(grads)  # copies, if any, must live until the kernel is queued
-        grid, args, constants = self.arguments(weights, grads, hyper, sums, flags)
+        grid, args, constants, copies = self._arguments(weights, grads, hyper, sums, flags)
         if warmup:
             compile_only(_step_kernel, grid, args, constants)
         else:
             _step_kernel[grid](*args, **constants)
-
-    def aligned_gradients(self, grads: list[Tensor]) -> list[Tensor]:
-        """`grads`, with a 16-byte-aligned copy in place of each gradient that is not so aligned.
-
-        A gradient that is a view into a flat buffer (FSDP2's reduce-scatter output, say) may not
-        be; the kernel only reads gradients, so a copy will do. The caller holds the copies until
-        the kernel is queued: the table has only their addresses.
-        """
-        ptrs = tuple(g.data_ptr() for g in grads)
-        if ptrs == self._tables.address("g") or not any(ptr % 16 for ptr in ptrs):
-            return grads
-        return [g if _aligned(g) else g.clone() for g in grads]
+        del copies  # held until the kernel is queued: its table has only their addresses
 
     def arguments(self, weights: list[Tensor], grads: list[Tensor], hyper: Hyper, sums: list[Tensor] | None = None,
                   flags: Tensor | None = None) -> tuple[tuple[int], tuple, dict[str, Any]]:
-        """(grid, arguments, compile-time constants) of `_step_kernel` for `run`'s arguments (gradients aligned:
-        `aligned_gradients`)."""
+        """(grid, arguments, compile-time constants) of `_step_kernel` for `run`'s arguments, to compile it: the
+        aligned copies of unaligned gradients, if any, are freed on return."""
+        return self._arguments(weights, grads, hyper, sums, flags)[:3]
+
+    def _arguments(self, weights: list[Tensor], grads: list[Tensor], hyper: Hyper, sums: list[Tensor] | None,
+                   flags: Tensor | None) -> tuple[tuple[int], tuple, dict[str, Any], list[Tensor]]:
+        """`arguments`, and the gradients whose addresses the gradient table holds (copies of unaligned ones)."""
         layout = self.layout
         weight_ptrs = tuple(w.data_ptr() for w in weights)
         if weight_ptrs != self._tables.address("w") and any(ptr % 16 for ptr in weight_ptrs):
             raise RuntimeError("a weight of a fused launch moved to an address that is not 16-byte aligned")
-        grad_ptrs = tuple(g.data_ptr() for g in grads)
+        grad_ptrs: tuple[int, ...] | None = tuple(g.data_ptr() for g in grads)
         if grad_ptrs != self._tables.address("g") and any(ptr % 16 for ptr in grad_ptrs):
-            raise RuntimeError("a gradient of a fused launch is not 16-byte aligned (Launch.aligned_gradients)")
+            # A gradient that is a view into a flat buffer (FSDP2's reduce-scatter output, say) may
+            # not be 16-byte aligned; the kernel only reads gradients, so an aligned copy will do.
+            grads, grad_ptrs = [g if _aligned(g) else g.clone() for g in grads], None
         sums_table = self._tables.get("sums", sums) if sums is not None else self._no_sums
         tables = self._tables.get("w", weights, weight_ptrs), self._tables.get("g", grads, grad_ptrs)
         args = (*tables, *self._fixed, sums_table, flags if flags is not None else self._no_sums, self.numel,
@@ -407,7 +402,7 @@ class Launch:
             RULE=RULE_IDS[hyper.rule], ROTATIONAL=self.rotational, ZERO_MEAN=hyper.zero_mean, TRACK=sums is not None,
             FLAGS=flags is not None, SINGLE_PASS=self.block_k >= layout.width, BLOCK_N=self.block_n,
             BLOCK_K=self.block_k, NUM_K=triton.cdiv(layout.width, self.block_k), num_warps=self.num_warps)
-        return (self.tiles * self.count,), args, constants
+        return (self.tiles * self.count,), args, constants, grads
 
 
 def tile_for(layout: Layout) -> tuple[int, int, int]:
