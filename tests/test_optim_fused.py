@@ -266,8 +266,8 @@ def test_loaded_state_is_realigned_for_the_kernels_16_byte_loads(device):
 
 @pytest.mark.parametrize("rotational", [True, False], ids=["rv", "plain"])
 def test_gradients_at_unaligned_addresses_step_as_aligned_ones(device, rotational):
-    """Gradients that are views into one flat buffer at 4-byte offsets (FSDP2's reduce-scatter output, DDP's
-    buckets) are read from aligned copies, which must outlive the kernel's launch (the tables hold addresses)."""
+    """Gradients that are views into one flat buffer at 4-byte offsets (FSDP2's reduce-scatter output, say)
+    are read from aligned copies, which must outlive the kernel's launch (the tables hold addresses)."""
 
     def set_unaligned_grads(params: list[torch.Tensor], step: int) -> None:
         set_grads(params, step)
