@@ -43,8 +43,12 @@ import pretrain.optim.fused as fused
 from benchmarks.bench_optim import gpt2_shapes, llama_shapes
 from pretrain.optim.hyper import Hyper
 
+# Hopper's (and A100's) limits per SM: registers, resident blocks, resident warps (2048 threads).
 _REGISTERS_PER_SM = 65536
-_CTAS_PER_SM = 32  # Hopper's limit of resident blocks
+_CTAS_PER_SM = 32
+_WARPS_PER_SM = 64
+# Registers are allocated to a warp in units of 256, i.e. a thread's count rounded up to a multiple of 8.
+_REGISTER_UNIT = 8
 
 
 @dataclass(frozen=True)
@@ -64,8 +68,10 @@ class Codegen:
 
     @property
     def ctas_per_sm(self) -> int:
-        """Resident CTAs of this kernel that one SM's registers hold."""
-        return min(_CTAS_PER_SM, _REGISTERS_PER_SM // max(1, self.registers * 32 * self.num_warps))
+        """Resident CTAs of this kernel that one SM's registers hold (within its block and warp limits)."""
+        allocated = -(-max(1, self.registers) // _REGISTER_UNIT) * _REGISTER_UNIT
+        by_registers = _REGISTERS_PER_SM // (allocated * 32 * self.num_warps)
+        return min(_CTAS_PER_SM, _WARPS_PER_SM // self.num_warps, by_registers)
 
     @staticmethod
     def vector_share(ops: Counter) -> float:

@@ -61,6 +61,22 @@ def test_every_launch_leaves_room_for_16_warps_an_sm(launches):
         assert launch["local_bytes"] == 0, launch  # nothing spilled
 
 
+def test_occupancy_counts_registers_as_the_hardware_allocates_them():
+    """A warp's registers come in units of 256 (a thread's count rounded up to 8), and an SM holds 64 warps."""
+    from collections import Counter
+
+    from benchmarks.kernel_codegen import Codegen
+
+    def occupancy(registers: int, warps: int) -> tuple[int, int]:
+        code = Codegen(registers, 0, Counter(), Counter(), warps)
+        return code.ctas_per_sm, code.warps_per_sm
+
+    assert occupancy(41, 8) == (5, 40)  # 48 registers allocated: 65536 // (48 * 256) = 5, not 65536 // (41 * 256) = 6
+    assert occupancy(80, 8) == (3, 24) and occupancy(128, 8) == (2, 16)
+    assert occupancy(24, 8) == (8, 64)  # the registers would hold 10 CTAs
+    assert occupancy(16, 1) == (32, 32)  # at most 32 CTAs
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_offline_compile_is_the_jits_own():
     """On a GPU: the PTX compiled here for the device's architecture is the one Triton's JIT makes there."""

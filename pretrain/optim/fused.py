@@ -367,15 +367,22 @@ class Launch:
         nothing, else the gradient is divided by the divisor (clipping decided on the device).
         `warmup`: compile and load the kernel for these arguments and run nothing (KernelRejected).
         """
-        grid, args, constants = self.arguments(weights, grads, hyper, sums, flags)
+        grid, args, constants, copies = self._arguments(weights, grads, hyper, sums, flags)
         if warmup:
             compile_only(_step_kernel, grid, args, constants)
         else:
             _step_kernel[grid](*args, **constants)
+        del copies  # held until the kernel is queued: its table has only their addresses
 
     def arguments(self, weights: list[Tensor], grads: list[Tensor], hyper: Hyper, sums: list[Tensor] | None = None,
                   flags: Tensor | None = None) -> tuple[tuple[int], tuple, dict[str, Any]]:
-        """(grid, arguments, compile-time constants) of `_step_kernel` for `run`'s arguments."""
+        """(grid, arguments, compile-time constants) of `_step_kernel` for `run`'s arguments, to compile it: the
+        aligned copies of unaligned gradients, if any, are freed on return."""
+        return self._arguments(weights, grads, hyper, sums, flags)[:3]
+
+    def _arguments(self, weights: list[Tensor], grads: list[Tensor], hyper: Hyper, sums: list[Tensor] | None,
+                   flags: Tensor | None) -> tuple[tuple[int], tuple, dict[str, Any], list[Tensor]]:
+        """`arguments`, and the gradients whose addresses the gradient table holds (copies of unaligned ones)."""
         layout = self.layout
         weight_ptrs = tuple(w.data_ptr() for w in weights)
         if weight_ptrs != self._tables.address("w") and any(ptr % 16 for ptr in weight_ptrs):
@@ -395,7 +402,7 @@ class Launch:
             RULE=RULE_IDS[hyper.rule], ROTATIONAL=self.rotational, ZERO_MEAN=hyper.zero_mean, TRACK=sums is not None,
             FLAGS=flags is not None, SINGLE_PASS=self.block_k >= layout.width, BLOCK_N=self.block_n,
             BLOCK_K=self.block_k, NUM_K=triton.cdiv(layout.width, self.block_k), num_warps=self.num_warps)
-        return (self.tiles * self.count,), args, constants
+        return (self.tiles * self.count,), args, constants, grads
 
 
 def tile_for(layout: Layout) -> tuple[int, int, int]:
