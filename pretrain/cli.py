@@ -14,19 +14,22 @@ OVERRIDES_HELP = "dotted overrides applied after the YAML, e.g. optim.lr=3e-3 tr
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
     from pretrain.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # refused before the tokenizer libraries load, as in train
     from pretrain.data import prepare_data
 
-    cfg = load_config(args.config, args.overrides)
     out = prepare_data(cfg.data, progress=True)
     print(f"data ready in {out}")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from pretrain.config import load_config
+
+    # A bad recipe or override is refused before torch and transformers load (~6 s on a small CPU).
+    cfg = load_config(args.config, args.overrides)
     from pretrain.generate import generate_text
     from pretrain.train import train
 
-    cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume, stop_at=args.stop_at)
     if not result.is_main:  # rank 0 reports and samples for the whole run
         return
