@@ -15,6 +15,7 @@ import torch
 
 from pretrain.logger import read_metrics
 from tests.optim_pairs import (
+    SHAPES,
     angle_history,
     assert_non_finite_gradient_spreads_alike,
     assert_rotation_sums_equal_a_float64_reference,
@@ -104,6 +105,22 @@ def test_column_tiles_match_eager(device, monkeypatch, tile):
 @pytest.mark.parametrize("rotational", [True, False], ids=["rv", "plain"])
 def test_rotation_sums_equal_a_float64_reference(device, rotational):
     assert_rotation_sums_equal_a_float64_reference(device, rotational, axis=1)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_two_pass_rotation_sums_of_plain_tensors_equal_a_float64_reference(device, monkeypatch, axis):
+    """The sums a measured step writes from the kernel's two-pass loop (neurons longer than a tile) for
+    tensors the plain rule steps; the rotational ones' are checked with the column tiles above (the
+    writing pass, where the sums are taken, is the same code for both)."""
+    import pretrain.optim.fused as fused
+
+    monkeypatch.setattr(fused, "ROW_TILE", (16, 4))
+    monkeypatch.setattr(fused, "ONE_PASS_WIDTH", 16)
+    monkeypatch.setattr(fused, "COLUMN_TILE", (8, 8, 4))
+    for shape in SHAPES:  # every tracked tensor's neurons are longer than its tile
+        layout = fused.Layout.of(torch.empty(shape), axis)
+        assert fused.tile_for(layout)[1] < layout.width
+    assert_rotation_sums_equal_a_float64_reference(device, False, axis=axis)
 
 
 def test_training_with_the_fused_step_matches_eager(device, tiny_data_dir, tmp_path):
