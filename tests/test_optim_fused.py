@@ -48,18 +48,24 @@ def test_fused_step_matches_eager(device, rule, rotational, axis, zero_mean):
     assert_same(*pairs)
 
 
+def use_two_pass_tiles(monkeypatch, elements: int, rows: int, shapes: list[tuple[int, int]], axis: int) -> None:
+    """Row tiles of `elements` elements a neuron and column tiles of `rows` rows, which every neuron of `shapes`
+    along `axis` exceeds: the kernel takes its two-pass loop for all of them."""
+    import pretrain.optim.fused as fused
+
+    monkeypatch.setattr(fused, "ROW_TILE", (elements, 4))
+    monkeypatch.setattr(fused, "ONE_PASS_WIDTH", elements)
+    monkeypatch.setattr(fused, "COLUMN_TILE", (8, rows, 4))
+    for shape in shapes:
+        layout = fused.Layout.of(torch.empty(shape), axis)
+        assert fused.tile_for(layout)[1] < layout.width, shape
+
+
 @pytest.mark.parametrize("axis", [0, 1])
 def test_two_pass_neurons_match_eager(device, monkeypatch, axis):
     """Neurons longer than a tile take the kernel's two-pass loop."""
-    import pretrain.optim.fused as fused
-
-    monkeypatch.setattr(fused, "ROW_TILE", (64, 4))
-    monkeypatch.setattr(fused, "ONE_PASS_WIDTH", 64)
-    monkeypatch.setattr(fused, "COLUMN_TILE", (8, 64, 4))
     shapes = [(12, 100), (7, 130)] if axis == 0 else [(100, 12), (130, 7)]
-    for shape in shapes:  # every tensor's neurons are longer than its tile
-        layout = fused.Layout.of(torch.empty(shape), axis)
-        assert fused.tile_for(layout)[1] < layout.width
+    use_two_pass_tiles(monkeypatch, 64, 64, shapes, axis)
     pairs = make_pair("adamw", True, axis, True, device, shapes=shapes)
     run_steps(pairs)
     assert_same(*pairs)
@@ -112,14 +118,7 @@ def test_two_pass_rotation_sums_of_plain_tensors_equal_a_float64_reference(devic
     """The sums a measured step writes from the kernel's two-pass loop (neurons longer than a tile) for
     tensors the plain rule steps; the rotational ones' are checked with the column tiles above (the
     writing pass, where the sums are taken, is the same code for both)."""
-    import pretrain.optim.fused as fused
-
-    monkeypatch.setattr(fused, "ROW_TILE", (16, 4))
-    monkeypatch.setattr(fused, "ONE_PASS_WIDTH", 16)
-    monkeypatch.setattr(fused, "COLUMN_TILE", (8, 8, 4))
-    for shape in SHAPES:  # every tracked tensor's neurons are longer than its tile
-        layout = fused.Layout.of(torch.empty(shape), axis)
-        assert fused.tile_for(layout)[1] < layout.width
+    use_two_pass_tiles(monkeypatch, 16, 8, SHAPES, axis)
     assert_rotation_sums_equal_a_float64_reference(device, False, axis=axis)
 
 

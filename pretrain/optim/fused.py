@@ -354,7 +354,7 @@ class Launch:
         # reads them with 16-byte loads; the optimizer keeps its state so aligned (load_state_dict).
         fixed = [t for role in (*moments, norms or [], avgs or []) for t in role]
         if not all(_aligned(t) for t in fixed):
-            raise ValueError("optimizer state of a fused launch is not 16-byte aligned")
+            raise RuntimeError("optimizer state of a fused launch is not 16-byte aligned")
         self._fixed = [self._tables.get("m", moments[0]), self._tables.get("v", moments[-1]),
                        self._tables.get("norm", norms or weights), self._tables.get("avg", avgs or weights)]
         self._no_sums = torch.zeros(len(weights), dtype=torch.int64, device=self.device)
