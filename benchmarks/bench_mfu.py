@@ -15,11 +15,15 @@ same weights, so their ratios come from one process on one device.
   and the loss is `F.cross_entropy(logits.float())` outside the compiled region.
 
 `step ms` is the median of steps that each start and end with the device idle (a sync), as
-nanoGPT's bench.py times its steps (its loss read ends each one), with one more sync between
-the two parts it is split into: `fwd+bwd ms`, the forward and backward passes, and `update ms`,
-the rest (the loss and norm reads, clipping, the optimizer step until the device is done, and
-the rotation metrics on a measured step). Each column is the median of its own part, so they
-add up to `step ms` only approximately. `loop ms` is the mean of as many more steps run back to
+nanoGPT's bench.py times its steps: its loss read, after the optimizer step, ends each one, and
+nothing else in its step waits. Nothing else waits in ours either but the step's own loss and
+norm read. The step is split into `fwd+bwd ms`, from its start to the end of the backward pass
+on the device (a CUDA event, so the split adds no wait; on a CPU, the clock), and `update ms`,
+the rest (clipping, the optimizer step until the device is done, and the rotation metrics on a
+measured step). Until session 9 a sync split the two parts, which left the device idle while
+the host started the update: step times of earlier reports are not comparable. Each column is
+the median of its own part, so they add up to `step ms` only approximately. `loop ms` is the
+mean of as many more steps run back to
 back, exactly as `pretrain train` runs them: no sync but the step's own loss and norm read,
 which (`engine.step` on the device, pretrain/parallel/engine.py) need not wait for the update,
 so the host prepares the next step while the device finishes the last one's update. That is
@@ -45,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gzip
+import math
 import os
 import shutil
 import statistics
@@ -98,6 +103,30 @@ def plain_loss(compile: bool) -> Callable:
 Mark = Callable[[str], contextlib.AbstractContextManager]
 
 
+class SplitTimer:
+    """Where a step's first part ended, without a wait: a CUDA event queued behind its kernels, or on a
+    CPU (where every op has finished when it returns) the clock. Made when the device is idle."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.events = None
+        if device.type == "cuda":
+            self.events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            self.events[0].record()  # the device is idle: this runs at once
+        self.host_mark: float | None = None
+
+    def mark(self) -> None:
+        if self.events is not None:
+            self.events[1].record()
+        else:
+            self.host_mark = time.perf_counter()
+
+    def seconds_to_mark(self, start: float) -> float:
+        """Seconds from `start` (the clock when this timer was made) to the mark; after the step's last sync."""
+        if self.events is not None:
+            return self.events[0].elapsed_time(self.events[1]) / 1e3
+        return self.host_mark - start
+
+
 def no_mark(label: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
@@ -122,22 +151,25 @@ class BenchStep:
         """Seconds of the whole step and of its forward/backward part; `mark` labels the parts in a trace."""
         self._sync()
         start = time.perf_counter()
-        with mark("forward_backward"):  # ends in a sync, to time the two parts apart
+        split = SplitTimer(self.device)
+        with mark("forward_backward"):
             loss = forward_backward(self.engine, self.loader, step, self.grad_accum, self.device, self.loss_fn)
-            self._sync()
-        passed = time.perf_counter()
+        split.mark()
         self._update(loss, step, mark)
         self._sync()
-        return time.perf_counter() - start, passed - start
+        return time.perf_counter() - start, split.seconds_to_mark(start)
 
     def _update(self, loss: torch.Tensor, step: int, mark: Mark = no_mark) -> None:
         """Clip, step and (on a measured step) the rotation metrics, as the loop's train_step does."""
         measuring = self.tracker.should_measure(step)
         with mark("engine.step"):
-            self.engine.step(loss, self.tracker.capture if measuring else None)
+            applied = all(math.isfinite(x) for x in self.engine.step(loss, self.tracker.capture if measuring else None))
         if measuring:
             with mark("rotation metrics"):
-                self.tracker.measure(step, self.lr)
+                if applied:
+                    self.tracker.measure(step, self.lr)
+                else:
+                    self.tracker.discard()
 
     def loop(self, first_step: int, count: int) -> float:
         """Seconds a step of `count` steps run back to back, as the training loop runs them: each step

@@ -214,6 +214,8 @@ def train_step(run: Run, step: int) -> StepOutcome:
                           loss_scaled=engine.scales_loss)
     if measuring and outcome.applied:
         outcome.rotation = run.tracker.measure(step, lr)
+    elif measuring:  # captured before the engine knew the step would be dropped
+        run.tracker.discard()
     return outcome
 
 

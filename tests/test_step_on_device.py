@@ -4,18 +4,27 @@ the step that reads them first: same clipping, same skips, same training."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import pretrain.parallel.engine as engine_module
+from pretrain.config import OptimConfig
 from pretrain.logger import read_metrics
+from pretrain.metrics import RotationTracker
+from pretrain.metrics.history import LAYER_METRICS
+from pretrain.metrics.sources import FusedSource, ModelSource
+from pretrain.optim.builder import build_optimizer
 from pretrain.optim.rotational import RotationalOptimizer
 from pretrain.parallel.engine import SingleEngine
 from pretrain.parallel.host_copy import HostCopy
 from pretrain.parallel.world import World
-from pretrain.train import train
+from pretrain.params import classify_parameters
+from pretrain.train import _tracker_source, train
+from tests.test_metrics_training import tiny_gpt2
 from tests.train_utils import tiny_config
 
 # The on-device path divides the gradient by (norm + 1e-6) / max_norm where the synced one
@@ -69,9 +78,10 @@ def test_queued_step_equals_the_synced_step(name, max_norm):
     queued, model_q = _engine(name, max_norm=max_norm)
     synced, model_s = _engine(name, max_norm=max_norm)
     assert queued._decides_on_device and not _engine(name, fused=False)[0]._decides_on_device
+    synced._decides_on_device = False  # the path that reads the loss and norm first
     for _ in range(5):
         loss_q, norm_q = queued.step(_backward(model_q, 30.0))
-        loss_s, norm_s = synced.step(_backward(model_s, 30.0), before_update=lambda: None)  # the synced path
+        loss_s, norm_s = synced.step(_backward(model_s, 30.0))
         assert loss_q == pytest.approx(loss_s, rel=LOSS_RTOL) and norm_q == pytest.approx(norm_s, rel=LOSS_RTOL)
         assert all(p.grad is None for p in model_q.parameters())
     for a, b in zip(_state(queued, model_q), _state(synced, model_s), strict=True):
@@ -127,22 +137,32 @@ def test_eager_tensors_read_the_flags_on_the_host(rule):
 @pytest.mark.parametrize("optim", ["adamw", "rv-adamw"])
 def test_training_with_the_queued_step_equals_the_synced_one(tiny_data_dir, tmp_path, monkeypatch, optim):
     """20 steps of the tiny recipe with a fused step (torch's AdamW; ours in Triton's interpreter),
-    metrics every 5 steps (those steps sync): the same losses and weights as with every step synced."""
+    metrics every 5 steps (queued too): the same losses, weights and rotation metrics as with every
+    step synced."""
     args = [f"optim.name={optim}", "optim.fused=true", "optim.lr=1e-2", "train.steps=20", "checkpoint.every=20",
             "train.eval_every=20", "logging.rotation_every=5"]
     queued_steps = []
     step_on_device = SingleEngine._step_on_device
     monkeypatch.setattr(SingleEngine, "_step_on_device",
-                        lambda engine, loss: queued_steps.append(1) or step_on_device(engine, loss))
+                        lambda engine, *args: queued_steps.append(1) or step_on_device(engine, *args))
     queued = train(tiny_config(tiny_data_dir, tmp_path / "queued", *args))
-    assert len(queued_steps) == 15  # all but the measured steps 1, 5, 10, 15, 20
+    assert len(queued_steps) == 20  # the measured steps 1, 5, 10, 15, 20 too
     monkeypatch.setattr(engine_module, "takes_device_flags", lambda optimizer: False)
     synced = train(tiny_config(tiny_data_dir, tmp_path / "synced", *args))
     assert sorted(queued.losses) == list(range(1, 21))
-    norms = [r["train/grad_norm"] for r in read_metrics(tmp_path / "queued") if "train/grad_norm" in r]
+    records = {path: [r for r in read_metrics(tmp_path / path)] for path in ("queued", "synced")}
+    norms = [r["train/grad_norm"] for r in records["queued"] if "train/grad_norm" in r]
     assert max(norms) > 1.0 > min(norms)  # steps with and without clipping (train.grad_clip=1)
     for step, value in synced.losses.items():
         assert queued.losses[step] == pytest.approx(value, rel=LOSS_RTOL), step
+    rotation = {path: [{k: v for k, v in r.items() if k.startswith("rotation/")} for r in rows]
+                for path, rows in records.items()}
+    rotation = {path: [r for r in rows if r] for path, rows in rotation.items()}
+    assert len(rotation["queued"]) == len(rotation["synced"]) == 5
+    for got, want in zip(rotation["queued"], rotation["synced"], strict=True):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-9), key
     got = load_file(queued.checkpoint / "model" / "model.safetensors")
     want = load_file(synced.checkpoint / "model" / "model.safetensors")
     for name, w in want.items():
@@ -156,7 +176,25 @@ def test_a_queued_step_waits_for_nothing_before_its_read(name, monkeypatch):
     reads its numbers (which wait on their own copy's event only)."""
     engine, model = _engine(name)
     engine.step(_backward(model))  # the first step plans and compiles
-    loss = _backward(model)
+    value, norm = _step_checking_syncs(engine, _backward(model), None, monkeypatch)
+    assert math.isfinite(value) and math.isfinite(norm)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["adamw", "rv-adamw"])
+def test_a_measured_queued_step_waits_for_nothing_before_its_read(name, monkeypatch):
+    """The same for a step the rotation tracker measures: its capture is queued with the update."""
+    engine, tracker, forward_backward = _measured_setup(name, 1e-3, queued=True)
+    engine.step(forward_backward(), tracker.capture)  # the first step plans and compiles
+    tracker.measure(1, 1e-2)
+    value, norm = _step_checking_syncs(engine, forward_backward(), tracker.capture, monkeypatch)
+    assert math.isfinite(value) and math.isfinite(norm)
+    assert tracker.measure(2, 1e-2)
+
+
+def _step_checking_syncs(engine: SingleEngine, loss: torch.Tensor, before_update: Callable | None,
+                         monkeypatch) -> tuple[float, float]:
+    """`engine.step` under CUDA's sync debug mode "error" until it reads its numbers."""
     read = HostCopy.tolist
 
     def read_after_the_check(copy: HostCopy) -> list[float]:
@@ -166,10 +204,9 @@ def test_a_queued_step_waits_for_nothing_before_its_read(name, monkeypatch):
     monkeypatch.setattr(HostCopy, "tolist", read_after_the_check)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        value, norm = engine.step(loss)
+        return engine.step(loss, before_update)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert math.isfinite(value) and math.isfinite(norm)
 
 
 def _odd_model(max_norm: float) -> tuple[SingleEngine, torch.nn.Module, torch.nn.Parameter]:
@@ -196,7 +233,7 @@ def test_an_optimizer_with_a_tensor_outside_the_triton_step_is_read_first(monkey
     assert not engine.optimizer.takes_device_flags
     queued = []
     step_on_device = SingleEngine._step_on_device
-    monkeypatch.setattr(SingleEngine, "_step_on_device", lambda e, loss: queued.append(1) or step_on_device(e, loss))
+    monkeypatch.setattr(SingleEngine, "_step_on_device", lambda e, *args: queued.append(1) or step_on_device(e, *args))
     for step in range(3):
         before = odd.detach().clone()
         _odd_step(engine, model, odd, step)
@@ -221,3 +258,82 @@ def test_a_resume_with_a_tensor_outside_the_triton_step_is_exact():
         _odd_step(*resumed, step)
     for a, b in zip([*whole[1].parameters(), whole[2]], [*resumed[1].parameters(), resumed[2]], strict=True):
         assert torch.equal(a, b)
+
+
+def _measured_setup(name: str, max_norm: float, queued: bool) -> tuple[SingleEngine, RotationTracker, Callable]:
+    """A tiny GPT-2 (Conv1D: column neurons) with `name` fused, its engine on one path, a tracker that
+    measures every step, and its forward/backward (returns the loss)."""
+    torch.manual_seed(0)
+    model = tiny_gpt2().to(DEVICE)
+    table = classify_parameters(model, rotational_embeddings=False)
+    cfg = OptimConfig(name=name, lr=1e-2, weight_decay=0.1, fused=True)
+    engine = SingleEngine(model, build_optimizer(model, table, cfg), World(0, 1, 0), torch.float32, max_norm)
+    assert engine._decides_on_device
+    engine._decides_on_device = queued
+    tracker = RotationTracker(model, table, cfg, 1, _tracker_source(engine, table))
+    x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+    def forward_backward() -> torch.Tensor:
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        return loss.detach()
+
+    return engine, tracker, forward_backward
+
+
+def _measured_run(name: str, max_norm: float, queued: bool, bad_step: int | None = None) -> RotationTracker:
+    """Three measured steps on one path; at `bad_step` the loss is non-finite (queued: the engine learns it
+    after the capture, which is then discarded; synced: the step is skipped)."""
+    engine, tracker, forward_backward = _measured_setup(name, max_norm, queued)
+    model = engine.model
+    for step in range(1, 4):
+        loss = forward_backward()
+        if step == bad_step and not queued:
+            model.zero_grad(set_to_none=True)
+            continue
+        value, norm = engine.step(torch.tensor(math.inf) if step == bad_step else loss, tracker.capture)
+        if math.isfinite(value) and math.isfinite(norm):
+            tracker.measure(step, 1e-2)
+        else:
+            tracker.discard()
+    return tracker
+
+
+def _assert_same_layers(got: RotationTracker, want: RotationTracker) -> None:
+    """Per-layer metrics equal to rounding. theta_cv is compared absolutely: under an RV optimizer every
+    neuron turns by the same angle, so its spread is ~1e-7, all of it rounding."""
+    for metric in LAYER_METRICS:
+        np.testing.assert_allclose(got.history.column(metric), want.history.column(metric),
+                                   **({"atol": 1e-6} if metric == "theta_cv" else {"rtol": 1e-5}), err_msg=metric)
+
+
+@pytest.mark.parametrize("name", ["adamw", "rv-adamw", "sgdm"])  # torch's fused AdamW (ModelSource), ours (FusedSource)
+@pytest.mark.parametrize("max_norm", [1e-3, 0.0])  # clipped by the update's divisor, or not clipped
+def test_a_measured_step_is_queued_and_records_what_the_synced_one_does(name, max_norm, monkeypatch):
+    queued_steps = []
+    step_on_device = SingleEngine._step_on_device
+    monkeypatch.setattr(SingleEngine, "_step_on_device",
+                        lambda engine, *args: queued_steps.append(1) or step_on_device(engine, *args))
+    queued = _measured_run(name, max_norm, queued=True)
+    assert len(queued_steps) == 3
+    synced = _measured_run(name, max_norm, queued=False)
+    assert isinstance(queued.source, ModelSource if name == "adamw" else FusedSource)
+    assert list(queued.history.steps) == list(synced.history.steps) == [1, 2, 3]
+    _assert_same_layers(queued, synced)
+    for layer in synced.layers:  # per neuron, the gradient norm is the clipped gradient's on both paths
+        for metric, want in synced.snapshot[layer].items():
+            torch.testing.assert_close(queued.snapshot[layer][metric], want, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["adamw", "rv-adamw"])
+def test_a_dropped_measured_step_records_nothing(name):
+    """A non-finite loss is known to the queued path only after the capture: the capture is discarded,
+    nothing is recorded, and the next measured step is the synced path's (which skipped the step)."""
+    queued = _measured_run(name, 1e-3, queued=True, bad_step=2)
+    synced = _measured_run(name, 1e-3, queued=False, bad_step=2)
+    assert list(queued.history.steps) == list(synced.history.steps) == [1, 3]
+    _assert_same_layers(queued, synced)
+    if isinstance(queued.source, FusedSource):
+        assert not queued.source.optimizer._track  # no request outlives its step
+    else:
+        assert queued.source._before is None  # no w_t copy kept

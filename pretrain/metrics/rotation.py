@@ -5,7 +5,7 @@ Per optimizer step the training loop does::
     measuring = tracker.should_measure(step)
     if measuring: tracker.capture()                # after backward + clip, before optimizer.step()
     optimizer.step()
-    if measuring: scalars = tracker.measure(step, lr)
+    if measuring: scalars = tracker.measure(step, lr)    # tracker.discard() if the step was dropped
 
 Only measurement steps cost anything: `capture` keeps one exact copy of the tracked weights
 (in their own dtype) and the per-neuron gradient norms; `measure` reduces the step's change
@@ -83,9 +83,19 @@ class RotationTracker:
         return self.every > 0 and (step % self.every == 0 or step == 1)
 
     @torch.no_grad()
-    def capture(self) -> None:
-        """Remember the pre-step weights and per-neuron gradient norms; call right before optimizer.step()."""
-        self.source.begin()
+    def capture(self, grad_divisor: torch.Tensor | None = None) -> None:
+        """Remember the pre-step weights and per-neuron gradient norms; call right before optimizer.step().
+
+        `grad_divisor`: the clipping the update will still apply to the gradients (a device scalar
+        it divides them by), or None where they are already clipped; the gradient norms recorded
+        are the clipped ones either way. Follow with `measure`, or `discard` if the step was dropped.
+        """
+        self.source.begin(grad_divisor)
+
+    @torch.no_grad()
+    def discard(self) -> None:
+        """Forget a capture whose step was dropped (non-finite), so nothing of it is recorded."""
+        self.source.end()
 
     @torch.no_grad()
     def measure(self, step: int, lr: float) -> dict[str, float]:

@@ -125,7 +125,8 @@ class ModelSource:
         self._batches: dict[tuple[int, ...], Any] = {}  # fused_sums.Batch by member tensors (None: rejected)
         self._torch_sums: set[int] = set()  # tensors whose batch was rejected: no Triton kernel measures them
 
-    def begin(self) -> None:
+    def begin(self, grad_divisor: Tensor | None = None) -> None:
+        """Copy w_t and sum |g|^2 of every tracked tensor; `grad_divisor`: the clipping still ahead of the update."""
         params = self._params()
         self._out, self._rows = self._sum_rows.zeroed(params)
         self._before = [None] * len(self.specs)
@@ -153,6 +154,8 @@ class ModelSource:
                 continue
             batch.capture(weights, grads, rows)
             self._batched.append((batch, members))
+        if grad_divisor is not None:  # the update divides every gradient by it: |g / d|^2 = |g|^2 / d^2
+            self._out[:, 3].div_(grad_divisor.double().square())
 
     def _capture_one(self, i: int, local: Tensor, grad: Tensor | None, params: list[Tensor]) -> None:
         """Tensor i's w_t copy and |g|^2 sums, on its own."""
@@ -215,8 +218,11 @@ class OptimizerSource:
         return [p for g in optimizer.param_groups for p in g["params"]
                 if id(p) in self.maps or self.names.get(id(p)) in self.base]
 
-    def begin(self) -> None:
-        """Arm the hooks: the next optimizer step(s) add their sums (ZeRO-3 steps once per sub-group)."""
+    def begin(self, grad_divisor: Tensor | None = None) -> None:
+        """Arm the hooks: the next optimizer step(s) add their sums (ZeRO-3 steps once per sub-group).
+
+        The hooks read the gradients the optimizer steps with, so no `grad_divisor` applies (DeepSpeed gives none).
+        """
         self._sums = torch.zeros(self.total, 4, dtype=torch.float64)
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -278,7 +284,8 @@ class FusedSource:
             return cls(model, optimizer, specs)
         return None
 
-    def begin(self) -> None:
+    def begin(self, grad_divisor: Tensor | None = None) -> None:
+        """Ask the next step for its sums; its kernel divides the gradient by `grad_divisor` before summing it."""
         params = self._params()
         self._sums, rows = self._sum_rows.zeroed(params)
         self.optimizer.request_rotation_sums({id(p): (spec.neuron_axis, r)

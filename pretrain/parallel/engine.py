@@ -37,6 +37,10 @@ from pretrain.optim.segments import SegmentMap
 from pretrain.parallel.host_copy import HostCopy
 from pretrain.parallel.world import World
 
+# The rotation tracker's capture, run right before the update: it gets the divisor the update will
+# still apply to the gradients (a device scalar), or None where they are already clipped.
+BeforeUpdate = Callable[[torch.Tensor | None], None]
+
 
 @dataclass(frozen=True)
 class OptimizerView:
@@ -76,15 +80,19 @@ class Engine(Protocol):
     def backward(self, loss: torch.Tensor) -> None:
         """Add d(loss)/d(parameters) to the accumulated gradient."""
 
-    def step(self, loss: torch.Tensor, before_update: Callable[[], None] | None = None) -> tuple[float, float]:
+    def step(self, loss: torch.Tensor, before_update: BeforeUpdate | None = None) -> tuple[float, float]:
         """Clip the accumulated gradient and apply the update; return (loss, global norm before clipping).
 
         `loss` is the global batch's mean loss, still on the device. A non-finite loss drops the
         step's gradients without an update and gives a NaN norm. `before_update`, if given, runs
-        after clipping, right before the parameters change (the rotation tracker's capture). A
-        non-finite norm means no update was applied, except under DeepSpeed ZeRO 0 and ZeRO 1/2
-        in bf16 mode, which apply it; the loop stops such a run. Where the engine `scales_loss`,
-        it has also lowered the loss scale.
+        right before the parameters change (the rotation tracker's capture), with the clipping
+        still to be applied to the gradients: None where they are already clipped in place, else
+        a device scalar the update divides them by. It may run for a step that is then dropped
+        (the engine that queues its update before reading the loss learns that only after), so
+        the caller discards what it captured when the step was not applied. A non-finite norm
+        means no update was applied, except under DeepSpeed ZeRO 0 and ZeRO 1/2 in bf16 mode,
+        which apply it; the loop stops such a run. Where the engine `scales_loss`, it has also
+        lowered the loss scale.
         """
 
     def optimizer_view(self) -> OptimizerView | None:
@@ -134,10 +142,10 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self, loss: torch.Tensor, before_update: Callable[[], None] | None = None) -> tuple[float, float]:
+    def step(self, loss: torch.Tensor, before_update: BeforeUpdate | None = None) -> tuple[float, float]:
         # Asked every step: an optimizer's answer changes with its groups (add_param_group).
-        if before_update is None and self._decides_on_device and takes_device_flags(self.optimizer):
-            return self._step_on_device(loss)
+        if self._decides_on_device and takes_device_flags(self.optimizer):
+            return self._step_on_device(loss, before_update)
         value = float(loss)  # a host sync: the backward pass must be done
         if not math.isfinite(value):
             self.skip()
@@ -149,13 +157,13 @@ class TorchEngine:
             self.skip()
             return value, norm
         if before_update is not None:
-            before_update()
+            before_update(None)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return value, norm
 
-    def _step_on_device(self, loss: torch.Tensor) -> tuple[float, float]:
+    def _step_on_device(self, loss: torch.Tensor, before_update: BeforeUpdate | None) -> tuple[float, float]:
         """The step without waiting for the GPU: the optimizer is queued before the loss and norm are read.
 
         Its kernels take the clipping and the skip as device tensors (the `grad_scale` and
@@ -163,7 +171,9 @@ class TorchEngine:
         max(1, (norm + 1e-6) / max_norm), the same clipping as `clip_grad_norm`, and a non-finite
         loss or norm leaves the weights and the optimizer state as they were. The loss and norm
         are copied to the host before the optimizer is queued and read after, so the optimizer
-        keeps the GPU busy while the host finishes this step and starts the next one.
+        keeps the GPU busy while the host finishes this step and starts the next one. A measured
+        step takes this path too (`before_update` is queued with the rest), so measuring neither
+        stalls the GPU nor changes the arithmetic of the update.
         """
         grads = [p.grad for p in self._params if p.grad is not None]
         norm = grad_norm(grads) if grads else loss.new_zeros(())
@@ -173,6 +183,8 @@ class TorchEngine:
         self.optimizer.grad_scale = ((norm.float() + 1e-6) / self.max_norm).clamp_min(1.0) if self.max_norm > 0 \
             else None
         try:
+            if before_update is not None:
+                before_update(self.optimizer.grad_scale)
             self.optimizer.step()
         finally:
             del self.optimizer.found_inf, self.optimizer.grad_scale

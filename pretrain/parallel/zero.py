@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from pretrain.errors import UserError
 from pretrain.model import fold_gains
 from pretrain.optim.rotational import RotationalOptimizer
 from pretrain.optim.segments import Segment, SegmentMap, TensorInfo
-from pretrain.parallel.engine import OptimizerView
+from pretrain.parallel.engine import BeforeUpdate, OptimizerView
 from pretrain.parallel.world import World
 from pretrain.parallel.zero_portable import load_portable, save_portable
 from pretrain.params import ParamSpec
@@ -136,7 +136,7 @@ class DeepSpeedEngine:
         if not self._last:
             self.ds.step()  # a micro-step: DeepSpeed only counts it
 
-    def step(self, loss: torch.Tensor, before_update: Callable[[], None] | None = None) -> tuple[float, float]:
+    def step(self, loss: torch.Tensor, before_update: BeforeUpdate | None = None) -> tuple[float, float]:
         value = float(loss)
         if not math.isfinite(value):
             # Nothing to drop: a non-finite loss stops the run (config.validate refuses train.nan_policy=skip
@@ -148,7 +148,7 @@ class DeepSpeedEngine:
         norm = (torch.nn.utils.get_total_norm([p.grad for p in self.raw_model.parameters() if p.grad is not None])
                 if self.stage == 0 else None)
         if before_update is not None:
-            before_update()
+            before_update(None)  # the tracker reads DeepSpeed's gradients inside its step (OptimizerSource)
         scaler = getattr(self.ds.optimizer, "loss_scaler", None)  # replaced by DeepSpeed's load_checkpoint
         if hasattr(scaler, "raise_error_at_min_scale"):
             # An overflow at the minimum scale would raise a bare Exception; the scale stays there instead
