@@ -61,7 +61,7 @@ if want 2; then
   section "2. Ours, configs/gpt2-124m.yaml, compile, 16 x 1024, vocab 50304 (rows vs the first: adamw, no metrics)"
   run 300 $py benchmarks/bench_mfu.py --config configs/gpt2-124m.yaml --device cuda --precision bf16 --compile \
     --micro-batch 16 --seq-len 1024 --vocab 50304 --steps 20 --warmup 6 \
-    --optims adamw,rv-adamw,rv-lion --rotation-every 0,1,10 --profile "$out/profile_gpt2.txt" \
+    --optims adamw,rv-adamw,rv-lion,adamw-plain --rotation-every 0,1,10 --profile "$out/profile_gpt2.txt" \
     --trace "$out/trace_gpt2.json.gz" --profile-steps 3 --profile-rows 0,1
   run 60 $py benchmarks/trace_gaps.py "$out/trace_gpt2.row0.json.gz" --top 15   # adamw, no metrics
   run 60 $py benchmarks/trace_gaps.py "$out/trace_gpt2.row1.json.gz" --top 10   # adamw, rotation_every=1

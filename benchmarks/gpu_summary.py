@@ -173,12 +173,17 @@ def figures(report: Report) -> list[Figure]:
                "< 10"),
         Figure("rotation_every=1, GPT-2 compiled: adamw step time", _cost(gpt2, "adamw", "1"), "cost", "< 10"),
         Figure("rotation_every=1, GPT-2 compiled: rv-adamw step time", _cost(gpt2, "rv-adamw", "1"), "cost", "< 10"),
+        Figure("rotation_every=1, GPT-2 compiled: adamw-plain (our AdamW kernel, which writes the sums) step time",
+               _cost(gpt2, "adamw-plain", "1"), "cost", "< 10"),
         Figure("rotation_every=10, GPT-2 compiled: adamw step time", _cost(gpt2, "adamw", "10"), "cost", "< 1"),
         Figure("rotation_every=10, GPT-2 compiled: rv-adamw step time", _cost(gpt2, "rv-adamw", "10"), "cost", "< 1"),
         Figure("shipped gpt2-124m recipe (0.5M tokens/step): adamw", _value(recipe, "tokens/s", optimizer="adamw"),
                "tokens/s", ""),
         Figure("shipped gpt2-124m recipe (0.5M tokens/step): rv-adamw", _value(recipe, "tokens/s",
                                                                               optimizer="rv-adamw"), "tokens/s", ""),
+        Figure("GPT-2 124M adamw-plain (our AdamW kernel) against adamw (torch's fused AdamW), tokens/s", _ratio(
+            _value(gpt2, "tokens/s", optimizer="adamw-plain", rotation_every="0"), _value(
+                gpt2, "tokens/s", optimizer="adamw", rotation_every="0")), "x", ""),
         Figure("GPT-2 124M adamw as `pretrain train` runs it (steps back to back, `loop ms`), against nanoGPT "
                "bench.py (each step ends in a sync)", _ratio(_number(nano and nano.group(1)), _value(
                    gpt2, "loop ms", optimizer="adamw", rotation_every="0")), "x", ""),

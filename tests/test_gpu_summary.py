@@ -26,6 +26,8 @@ time per iteration: 30.0000ms, MFU: 140.00%
 | adamw | 0 | 32.0 | 30.0 | 2.0 | 31.0 | 500,000 | 40.0% | 12.00 | 1.000x |
 | adamw | 1 | 35.2 | 30.0 | 5.2 | 34.0 | 454,545 | 36.4% | 12.00 | 0.909x |
 | rv-adamw | 0 | 33.0 | 30.0 | 3.0 | 32.0 | 490,000 | 39.2% | 12.00 | 0.980x |
+| adamw-plain | 0 | 32.5 | 30.0 | 2.5 | 31.5 | 495,000 | 39.6% | 12.00 | 0.985x |
+| adamw-plain | 1 | 33.8 | 30.0 | 3.8 | 32.8 | 476,000 | 38.1% | 12.00 | 0.947x |
 
 ## 4. Optimizer step alone
 
@@ -101,6 +103,10 @@ def test_tiles_before_rows_and_failed_sections():
     assert "(sums @8x256x8)" in sums.name and sums.value == pytest.approx(0.5) and sums.met() == ""
     assert rows["rotation_every=1, GPT-2 compiled: adamw step time"].value == pytest.approx(10.0)
     assert rows["rotation_every=1, GPT-2 compiled: adamw step time"].met() == "**not met**"  # 10% is not < 10%
+    plain = next(f for name, f in rows.items() if name.startswith("rotation_every=1, GPT-2 compiled: adamw-plain"))
+    assert plain.value == pytest.approx(100 * (33.8 / 32.5 - 1)) and plain.met() == "met"
+    ours = next(f for name, f in rows.items() if name.startswith("GPT-2 124M adamw-plain"))
+    assert ours.value == pytest.approx(495_000 / 500_000) and ours.met() == ""
     assert rows["llama-125m 32 x 1024, peak memory before (section 7)"].cell() == "23.81 GiB"
     failed = rows["llama-125m 32 x 1024 compiled, MFU of adamw"]  # section 3 failed: no number, no verdict
     assert failed.value is None and failed.met() == "" and "not in the report" in failed.cell()
