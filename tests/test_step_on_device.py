@@ -307,8 +307,9 @@ def _assert_same_layers(got: RotationTracker, want: RotationTracker) -> None:
                                    **({"atol": 1e-6} if metric == "theta_cv" else {"rtol": 1e-5}), err_msg=metric)
 
 
-@pytest.mark.parametrize("name", ["adamw", "rv-adamw", "sgdm"])  # torch's fused AdamW (ModelSource), ours (FusedSource)
-@pytest.mark.parametrize("max_norm", [1e-3, 0.0])  # clipped by the update's divisor, or not clipped
+# torch's fused AdamW (ModelSource: it divides its sums) and ours (FusedSource: the kernel divides the
+# gradient), rotational and plain; max_norm 1e-3 clips every step through the update's divisor, 0 never.
+@pytest.mark.parametrize("name, max_norm", [("adamw", 1e-3), ("adamw", 0.0), ("rv-adamw", 1e-3), ("sgdm", 1e-3)])
 def test_a_measured_step_is_queued_and_records_what_the_synced_one_does(name, max_norm, monkeypatch):
     queued_steps = []
     step_on_device = SingleEngine._step_on_device
