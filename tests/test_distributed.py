@@ -136,8 +136,8 @@ BF16 = "train.precision=bf16"
 # also checks the fused C++ step under FSDP2 (Runs.fused_cpp).
 FUSED = "optim.fused=true"
 CASES += [("llama", "rv-adamw", "fsdp2", FUSED)]
-# torch's fused AdamW takes the step without a host sync before it (TorchEngine._step_on_device) on
-# the steps that measure no rotation metrics: DDP's on-device loss average, clipping and skip flag.
+# torch's fused AdamW takes the step without a host sync before it (TorchEngine._step_on_device), the
+# steps that measure rotation metrics too: DDP's on-device loss average, clipping and skip flag.
 ON_DEVICE = "optim.fused=true logging.rotation_every=5"
 CASES += [("llama", "adamw", "ddp", ON_DEVICE)]
 BF16_STRATEGIES = ("ddp", "fsdp2", "zero2")
