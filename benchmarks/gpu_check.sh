@@ -72,7 +72,7 @@ if want 4; then
   run 180 $py benchmarks/bench_optim_gpu.py --reps 40 \
     --names torch-fused,adamw,adamw:eager,rv-adamw,rv-adamw:eager,rv-adamw+sums,lion,lion:eager,rv-lion,rv-lion:eager,sgdm,rv-sgdm,rv-adamw@r4096x8,rv-adamw@r2048x4,rv-adamw@r1024x4,rv-adamw@r4096x16,rv-adamw@r8192x16
   run 120 $py benchmarks/bench_optim_gpu.py --set gpt2 --reps 30 \
-    --names torch-fused,adamw,rv-adamw,rv-adamw+sums,rv-lion,rv-adamw@8x256x8,rv-adamw@16x256x8,rv-adamw@4x1024x8,rv-adamw@8x1024x8,rv-adamw@8x1024x16
+    --names torch-fused,adamw,rv-adamw,rv-adamw+sums,rv-lion,rv-adamw@8x256x8,rv-adamw@16x256x8,rv-adamw@4x1024x8,rv-adamw@8x1024x8,rv-adamw@8x1024x16,rv-adamw@8x1024x32,rv-adamw@4x1024x16
   run 90 $py benchmarks/bench_sums_gpu.py --set gpt2 --reps 30 --tiles default,8x256x8,8x256x4,16x128x8,4x512x8
 fi
 
