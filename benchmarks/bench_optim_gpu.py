@@ -17,6 +17,9 @@ the `step()` call (when it nears the step time, Python and launches bound the st
 tiles; a tile whose rows cover a neuron (768 rows: `@4x1024x8`) walks it in one pass.
 `NAME@r4096x8` plans them with row tiles of 4096 elements and 8 warps (`fused.ROW_TILE`: llama's
 matrices and every embedding). `benchmarks/kernel_codegen.py` gives each tile's registers on CPU.
+Fused rows (torch's and ours) step as a training step on a GPU does (`TorchEngine._step_on_device`):
+with `found_inf` and `grad_scale` set as device tensors (no skip, divisor 1), which both take in
+their kernels; eager rows without them, as the engine steps them. Until session 9 no row had them.
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ def main() -> None:
         elif tile:
             fused.COLUMN_TILE = tuple(int(n) for n in tile.split("x"))
         opt, params = build(spec.removesuffix("+sums"), shapes)
+        if not spec.endswith(":eager"):
+            opt.found_inf, opt.grad_scale = torch.zeros((), device="cuda"), torch.ones((), device="cuda")
         rows = None
         if spec.endswith("+sums"):
             axes = [(t, 0) for t in params.get("matrices", []) + params["embedding"]]

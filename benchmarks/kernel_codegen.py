@@ -196,11 +196,12 @@ def sums_launches(shapes: dict[str, list[tuple[int, ...]]], count: int = 2) -> I
 
 
 def all_launches(shapes: dict[str, list[tuple[int, ...]]]) -> Iterator[KernelLaunch]:
-    """What a run makes: the RV-AdamW step plain, measured and queued; RV-Lion's; our plain AdamW; the sums."""
+    """What a GPU run makes, every step queued (flags): the RV-AdamW step plain and measured, RV-Lion's, our plain
+    AdamW's, and the sums that measure torch's AdamW."""
     yield from step_launches(shapes, "adamw", True, tracked=False, flags=True)
-    yield from step_launches(shapes, "adamw", True, tracked=True, flags=False)
+    yield from step_launches(shapes, "adamw", True, tracked=True, flags=True)
     yield from step_launches(shapes, "lion", True, tracked=False, flags=True)
-    yield from step_launches(shapes, "adamw", False, tracked=False, flags=False)
+    yield from step_launches(shapes, "adamw", False, tracked=False, flags=True)
     yield from sums_launches(shapes)
 
 

@@ -49,8 +49,13 @@ _FLAT_BLOCK = 2048
 # a neuron longer than the tile's rows takes two passes. 8 columns fill a 32-byte sector. With 4
 # warps every tile took 2.4-2.7x torch's fused AdamW on GPT-2's set (H100 and H200): the two-pass
 # walk keeps five per-lane sums, and 4 warps leave too few threads in flight. 8 warps: 3.80 ->
-# 2.59 ms (H200; `benchmarks/bench_optim_gpu.py --set gpt2` compares tiles, RESULTS.md).
-COLUMN_TILE = (8, 256, 8)
+# 2.59 ms (H200, 8 x 256, when every access was 32-bit; RESULTS.md). With 128-bit accesses a thread
+# of an 8 x 256 tile holds 8 elements of each role and needs 113 registers, and 171 in a measured
+# step, which runs queued (with flags) since session 9: two CTAs an SM, then one. 8 x 128 holds one
+# 128-bit vector of each role a thread: 64 and 128 registers, four CTAs an SM, then two (PTX for
+# sm_90, benchmarks/kernel_codegen.py). An occupancy argument, not yet timed on a GPU:
+# `benchmarks/bench_optim_gpu.py --set gpt2` compares tiles (`NAME@8x256x8` rows).
+COLUMN_TILE = (8, 128, 8)
 
 
 @triton.jit
