@@ -22,7 +22,10 @@ on the device (a CUDA event, so the split adds no wait; on a CPU, the clock), an
 the rest (clipping, the optimizer step until the device is done, and the rotation metrics on a
 measured step). Until session 9 a sync split the two parts, which left the device idle while
 the host started the update: step times of earlier reports are not comparable. Each column is
-the median of its own part, so they add up to `step ms` only approximately. `loop ms` is the
+the median of its own part, so they add up to `step ms` only approximately. `measured ms` is
+the median of the timed steps that recorded rotation metrics (`-`: none did); with
+`--rotation-every 10` it gives their cost against the same row's other steps
+(benchmarks/gpu_summary.py), a comparison that row-to-row drift does not blur. `loop ms` is the
 mean of as many more steps run back to
 back, exactly as `pretrain train` runs them: no sync but the step's own loss and norm read,
 which (`engine.step` on the device, pretrain/parallel/engine.py) need not wait for the update,
@@ -278,9 +281,9 @@ def main() -> None:
           f"{'compiled' if args.compile else 'eager'}, loss {args.loss}, batch {args.micro_batch} x {args.seq_len}"
           f" x {args.grad_accum} accumulation, torch {torch.__version__}"
           + (f", sdpa {args.sdpa}" if args.sdpa != "auto" else ""))
-    print("| optimizer | rotation_every | step ms | fwd+bwd ms | update ms | loop ms | tokens/s | MFU | peak GiB "
-          "| vs first row |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| optimizer | rotation_every | step ms | fwd+bwd ms | update ms | measured ms | loop ms | tokens/s | MFU "
+          "| peak GiB | vs first row |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     with sdpa_backends(args.sdpa):  # compilation picks the kernel, so the whole run is inside
         run_rows(args, model, loss_fn, loader, device, dtype, base, tokens, model_flops)
 
@@ -311,7 +314,7 @@ def run_rows(args: argparse.Namespace, model: torch.nn.Module, loss_fn: Callable
             tracker = RotationTracker(model, table, run_cfg.optim, every,
                                       FusedSource.build(model, engine.optimizer, tracked))
             bench_step = BenchStep(engine, loader, tracker, loss_fn, device, args.grad_accum, run_cfg.optim.lr)
-            times, passes = [], []
+            times, passes, measured = [], [], []
             for step in range(1, args.warmup + args.steps + 1):
                 if step == args.warmup + 1 and cuda:
                     torch.cuda.reset_peak_memory_stats(device)
@@ -319,6 +322,8 @@ def run_rows(args: argparse.Namespace, model: torch.nn.Module, loss_fn: Callable
                 if step > args.warmup:
                     times.append(step_seconds)
                     passes.append(pass_seconds)
+                    if tracker.should_measure(step):
+                        measured.append(step_seconds)
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
             # Steps 1..warmup+steps ran; continuing the count keeps rotation_every's measured steps in step.
             loop_time = bench_step.loop(args.warmup + args.steps + 1, args.steps)
@@ -332,8 +337,9 @@ def run_rows(args: argparse.Namespace, model: torch.nn.Module, loss_fn: Callable
             step_time, pass_time = statistics.median(times), statistics.median(passes)
             update_time = statistics.median(t - p for t, p in zip(times, passes, strict=True))
             first = first or step_time
+            measured_ms = f"{statistics.median(measured) * 1e3:.1f}" if measured else "-"
             print(f"| {spec} | {every} | {step_time * 1e3:.1f} | {pass_time * 1e3:.1f} | "
-                  f"{update_time * 1e3:.1f} | {loop_time * 1e3:.1f} | {tokens / step_time:,.0f} | "
+                  f"{update_time * 1e3:.1f} | {measured_ms} | {loop_time * 1e3:.1f} | {tokens / step_time:,.0f} | "
                   f"{100 * model_flops * tokens / step_time / (args.peak_tflops * 1e12):.1f}% | {peak:.2f} | "
                   f"{first / step_time:.3f}x |", flush=True)
         del engine

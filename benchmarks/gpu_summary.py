@@ -116,8 +116,18 @@ _FORMATS = {"x": "{:.3f}x", "cost": "{:+.1f}%", "mfu": "{:.1f}%", "GiB": "{:.2f}
 
 
 def _cost(table: Table, optimizer: str, every: str) -> float | None:
-    """Percent more step time with `logging.rotation_every=every` than with 0."""
-    off, on = (_value(table, "step ms", optimizer=optimizer, rotation_every=e) for e in ("0", every))
+    """Percent more step time with `logging.rotation_every=every` than with 0.
+
+    Every step measured (1): that row's step time against the row without metrics. Every k > 1
+    steps: the measured steps' extra time over the same row's median step, spread over k steps,
+    which compares steps of one row, not two rows apart (rows differ by ~2% run to run, more
+    than the < 1% this figure is held to). Reports without a `measured ms` column compare rows.
+    """
+    on = _value(table, "step ms", optimizer=optimizer, rotation_every=every)
+    measured = _value(table, "measured ms", optimizer=optimizer, rotation_every=every)
+    if int(every) > 1 and measured is not None and on:
+        return 100 * (measured - on) / (int(every) * on)
+    off = _value(table, "step ms", optimizer=optimizer, rotation_every="0")
     return 100 * (on / off - 1) if on is not None and off else None
 
 

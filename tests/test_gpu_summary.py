@@ -142,3 +142,20 @@ def test_the_committed_session6_reports_give_the_figures_in_results_md():
     tile = next(name for name in h200 if "column tile (rv-adamw@8x256x8)" in name)
     assert h200[tile] == pytest.approx(2.592 / 1.399)
     assert h200["rotation_every=1, llama 16 x 512 eager: adamw step time"] == pytest.approx(100 * (47.2 / 43.8 - 1))
+
+
+def test_the_cost_of_every_tenth_step_compares_steps_of_one_row():
+    """With `measured ms`, every=10's cost is its measured steps' extra time over its own median step, /10;
+    rows apart (here 2% apart by drift alone) would say +2.0%. Every step measured still compares rows."""
+    report = Report.parse("""## 2. Ours, gpt2
+
+| optimizer | rotation_every | step ms | fwd+bwd ms | update ms | measured ms | loop ms |
+|---|---|---|---|---|---|---|
+| adamw | 0 | 35.0 | 33.0 | 2.0 | - | 34.0 |
+| adamw | 1 | 37.1 | 33.0 | 4.1 | 37.1 | 36.0 |
+| adamw | 10 | 35.7 | 33.0 | 2.7 | 37.8 | 35.0 |
+""")
+    rows = {f.name: f for f in figures(report)}
+    assert rows["rotation_every=10, GPT-2 compiled: adamw step time"].value == pytest.approx(100 * 2.1 / 357)
+    assert rows["rotation_every=10, GPT-2 compiled: adamw step time"].met() == "met"  # +0.59% < 1%
+    assert rows["rotation_every=1, GPT-2 compiled: adamw step time"].value == pytest.approx(100 * (37.1 / 35 - 1))
