@@ -193,7 +193,7 @@ def profile_steps(bench_step: BenchStep, first_step: int, count: int) -> torch.p
     if bench_step.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     schedule = torch.profiler.schedule(wait=0, warmup=1, active=count, repeat=1)
-    with torch.profiler.profile(activities=activities, schedule=schedule) as profiler:
+    with torch.profiler.profile(activities=activities, schedule=schedule, record_shapes=True) as profiler:
         for step in range(first_step, first_step + 1 + count):
             bench_step(step, torch.profiler.record_function)
             profiler.step()
@@ -215,6 +215,10 @@ def write_profile(profiler: torch.profiler.profile, path: str, count: int, cuda:
         out.write(f"torch.profiler key_averages over {count} untimed step(s) after row {row}'s timed ones; "
                   f"times are totals over all {count}\n")
         out.write(profiler.key_averages().table(sort_by=sort_by, row_limit=40))
+        # Which tensors an op ran on tells calls of one name apart (e.g. a reduction over a norm's
+        # weight gradient from one over a bias's).
+        out.write("\n\nThe same, by input shapes (top 30):\n")
+        out.write(profiler.key_averages(group_by_input_shape=True).table(sort_by=sort_by, row_limit=30))
 
 
 def write_trace(profiler: torch.profiler.profile, path: str) -> None:
