@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import pretrain.parallel.engine as engine_module
 from pretrain.config import OptimConfig
 from pretrain.logger import read_metrics
-from pretrain.metrics import RotationTracker
+from pretrain.metrics import RotationTracker, fused_sums
 from pretrain.metrics.history import LAYER_METRICS
 from pretrain.metrics.sources import FusedSource, ModelSource
 from pretrain.optim.builder import build_optimizer
@@ -282,20 +282,20 @@ def _measured_setup(name: str, max_norm: float, queued: bool) -> tuple[SingleEng
 
 
 def _measured_run(name: str, max_norm: float, queued: bool, bad_step: int | None = None) -> RotationTracker:
-    """Three measured steps on one path; at `bad_step` the loss is non-finite (queued: the engine learns it
-    after the capture, which is then discarded; synced: the step is skipped)."""
+    """Three measured steps on one path, taken as the loop's `train_step` takes them; at `bad_step` the loss
+    is non-finite (queued: the engine learns it after the capture; synced: before it) and the step's capture,
+    if any, is discarded."""
     engine, tracker, forward_backward = _measured_setup(name, max_norm, queued)
-    model = engine.model
     for step in range(1, 4):
         loss = forward_backward()
-        if step == bad_step and not queued:
-            model.zero_grad(set_to_none=True)
-            continue
         value, norm = engine.step(torch.tensor(math.inf) if step == bad_step else loss, tracker.capture)
         if math.isfinite(value) and math.isfinite(norm):
             tracker.measure(step, 1e-2)
         else:
             tracker.discard()
+            with pytest.raises(RuntimeError, match="needs capture"):  # nothing of the capture is left
+                tracker.measure(step, 1e-2)
+            tracker.discard()  # twice, or with nothing captured (the synced path), is harmless
     return tracker
 
 
@@ -309,8 +309,14 @@ def _assert_same_layers(got: RotationTracker, want: RotationTracker) -> None:
 
 # torch's fused AdamW (ModelSource: it divides its sums) and ours (FusedSource: the kernel divides the
 # gradient), rotational and plain; max_norm 1e-3 clips every step through the update's divisor, 0 never.
-@pytest.mark.parametrize("name, max_norm", [("adamw", 1e-3), ("adamw", 0.0), ("rv-adamw", 1e-3), ("sgdm", 1e-3)])
-def test_a_measured_step_is_queued_and_records_what_the_synced_one_does(name, max_norm, monkeypatch):
+# `batched`: ModelSource's fp32 tensors in its batched Triton kernels (fused_sums.Batch, as on a GPU, where
+# the capture kernel writes |g|^2 itself), run in the interpreter.
+@pytest.mark.parametrize("name, max_norm, batched", [("adamw", 1e-3, False), ("adamw", 1e-3, True),
+                                                     ("adamw", 0.0, False), ("rv-adamw", 1e-3, False),
+                                                     ("sgdm", 1e-3, False)])
+def test_a_measured_step_is_queued_and_records_what_the_synced_one_does(name, max_norm, batched, monkeypatch):
+    if batched:
+        monkeypatch.setattr(fused_sums, "RUN_ON_CPU", True)
     queued_steps = []
     step_on_device = SingleEngine._step_on_device
     monkeypatch.setattr(SingleEngine, "_step_on_device",
@@ -319,6 +325,8 @@ def test_a_measured_step_is_queued_and_records_what_the_synced_one_does(name, ma
     assert len(queued_steps) == 3
     synced = _measured_run(name, max_norm, queued=False)
     assert isinstance(queued.source, ModelSource if name == "adamw" else FusedSource)
+    if batched:
+        assert queued.source._batches and all(queued.source._batches.values())
     assert list(queued.history.steps) == list(synced.history.steps) == [1, 2, 3]
     _assert_same_layers(queued, synced)
     for layer in synced.layers:  # per neuron, the gradient norm is the clipped gradient's on both paths
@@ -328,13 +336,10 @@ def test_a_measured_step_is_queued_and_records_what_the_synced_one_does(name, ma
 
 @pytest.mark.parametrize("name", ["adamw", "rv-adamw"])
 def test_a_dropped_measured_step_records_nothing(name):
-    """A non-finite loss is known to the queued path only after the capture: the capture is discarded,
-    nothing is recorded, and the next measured step is the synced path's (which skipped the step)."""
+    """A non-finite loss is known to the queued path only after the capture: the capture is discarded
+    (`_measured_run` checks that nothing of it is left), nothing is recorded, and the next measured step is
+    the synced path's (which skipped the step)."""
     queued = _measured_run(name, 1e-3, queued=True, bad_step=2)
     synced = _measured_run(name, 1e-3, queued=False, bad_step=2)
     assert list(queued.history.steps) == list(synced.history.steps) == [1, 3]
     _assert_same_layers(queued, synced)
-    if isinstance(queued.source, FusedSource):
-        assert not queued.source.optimizer._track  # no request outlives its step
-    else:
-        assert queued.source._before is None  # no w_t copy kept
