@@ -134,31 +134,35 @@ def test_eager_tensors_read_the_flags_on_the_host(rule):
         plain.optimizer.zero_grad()
 
 
-@pytest.mark.parametrize("optim", ["adamw", "rv-adamw"])
-def test_training_with_the_queued_step_equals_the_synced_one(tiny_data_dir, tmp_path, monkeypatch, optim):
+# Measured every `every` steps: each run has measured steps that clip (norm > train.grad_clip=1), so its
+# queued capture takes the divisor (torch's AdamW: ModelSource; ours: the kernel).
+@pytest.mark.parametrize("optim, every", [("adamw", 3), ("rv-adamw", 5)])
+def test_training_with_the_queued_step_equals_the_synced_one(tiny_data_dir, tmp_path, monkeypatch, optim, every):
     """20 steps of the tiny recipe with a fused step (torch's AdamW; ours in Triton's interpreter),
-    metrics every 5 steps (queued too): the same losses, weights and rotation metrics as with every
+    rotation metrics measured (queued too): the same losses, weights and rotation metrics as with every
     step synced."""
     args = [f"optim.name={optim}", "optim.fused=true", "optim.lr=1e-2", "train.steps=20", "checkpoint.every=20",
-            "train.eval_every=20", "logging.rotation_every=5"]
+            "train.eval_every=20", f"logging.rotation_every={every}"]
     queued_steps = []
     step_on_device = SingleEngine._step_on_device
     monkeypatch.setattr(SingleEngine, "_step_on_device",
                         lambda engine, *args: queued_steps.append(1) or step_on_device(engine, *args))
     queued = train(tiny_config(tiny_data_dir, tmp_path / "queued", *args))
-    assert len(queued_steps) == 20  # the measured steps 1, 5, 10, 15, 20 too
+    assert len(queued_steps) == 20  # the measured steps too
     monkeypatch.setattr(engine_module, "takes_device_flags", lambda optimizer: False)
     synced = train(tiny_config(tiny_data_dir, tmp_path / "synced", *args))
     assert sorted(queued.losses) == list(range(1, 21))
     records = {path: [r for r in read_metrics(tmp_path / path)] for path in ("queued", "synced")}
     norms = [r["train/grad_norm"] for r in records["queued"] if "train/grad_norm" in r]
     assert max(norms) > 1.0 > min(norms)  # steps with and without clipping (train.grad_clip=1)
+    measured = [r["train/grad_norm"] for r in records["queued"] if any(k.startswith("rotation/") for k in r)]
+    assert max(measured) > 1.0 > min(measured)  # measured steps with and without clipping too
     for step, value in synced.losses.items():
         assert queued.losses[step] == pytest.approx(value, rel=LOSS_RTOL), step
     rotation = {path: [{k: v for k, v in r.items() if k.startswith("rotation/")} for r in rows]
                 for path, rows in records.items()}
     rotation = {path: [r for r in rows if r] for path, rows in rotation.items()}
-    assert len(rotation["queued"]) == len(rotation["synced"]) == 5
+    assert len(rotation["queued"]) == len(rotation["synced"]) == len(measured) == 1 + 20 // every  # and step 1
     for got, want in zip(rotation["queued"], rotation["synced"], strict=True):
         assert got.keys() == want.keys()
         for key, value in want.items():
