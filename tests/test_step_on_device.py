@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import pretrain.parallel.engine as engine_module
 from pretrain.config import OptimConfig
 from pretrain.logger import read_metrics
-from pretrain.metrics import RotationTracker
+from pretrain.metrics import RotationTracker, fused_sums
 from pretrain.metrics.history import LAYER_METRICS
 from pretrain.metrics.sources import FusedSource, ModelSource
 from pretrain.optim.builder import build_optimizer
@@ -134,31 +134,35 @@ def test_eager_tensors_read_the_flags_on_the_host(rule):
         plain.optimizer.zero_grad()
 
 
-@pytest.mark.parametrize("optim", ["adamw", "rv-adamw"])
-def test_training_with_the_queued_step_equals_the_synced_one(tiny_data_dir, tmp_path, monkeypatch, optim):
+# Measured every `every` steps: each run has measured steps that clip (norm > train.grad_clip=1), so its
+# queued capture takes the divisor (torch's AdamW: ModelSource; ours: the kernel).
+@pytest.mark.parametrize("optim, every", [("adamw", 3), ("rv-adamw", 5)])
+def test_training_with_the_queued_step_equals_the_synced_one(tiny_data_dir, tmp_path, monkeypatch, optim, every):
     """20 steps of the tiny recipe with a fused step (torch's AdamW; ours in Triton's interpreter),
-    metrics every 5 steps (queued too): the same losses, weights and rotation metrics as with every
+    rotation metrics measured (queued too): the same losses, weights and rotation metrics as with every
     step synced."""
     args = [f"optim.name={optim}", "optim.fused=true", "optim.lr=1e-2", "train.steps=20", "checkpoint.every=20",
-            "train.eval_every=20", "logging.rotation_every=5"]
+            "train.eval_every=20", f"logging.rotation_every={every}"]
     queued_steps = []
     step_on_device = SingleEngine._step_on_device
     monkeypatch.setattr(SingleEngine, "_step_on_device",
                         lambda engine, *args: queued_steps.append(1) or step_on_device(engine, *args))
     queued = train(tiny_config(tiny_data_dir, tmp_path / "queued", *args))
-    assert len(queued_steps) == 20  # the measured steps 1, 5, 10, 15, 20 too
+    assert len(queued_steps) == 20  # the measured steps too
     monkeypatch.setattr(engine_module, "takes_device_flags", lambda optimizer: False)
     synced = train(tiny_config(tiny_data_dir, tmp_path / "synced", *args))
     assert sorted(queued.losses) == list(range(1, 21))
     records = {path: [r for r in read_metrics(tmp_path / path)] for path in ("queued", "synced")}
     norms = [r["train/grad_norm"] for r in records["queued"] if "train/grad_norm" in r]
     assert max(norms) > 1.0 > min(norms)  # steps with and without clipping (train.grad_clip=1)
+    measured = [r["train/grad_norm"] for r in records["queued"] if any(k.startswith("rotation/") for k in r)]
+    assert max(measured) > 1.0 > min(measured)  # measured steps with and without clipping too
     for step, value in synced.losses.items():
         assert queued.losses[step] == pytest.approx(value, rel=LOSS_RTOL), step
     rotation = {path: [{k: v for k, v in r.items() if k.startswith("rotation/")} for r in rows]
                 for path, rows in records.items()}
     rotation = {path: [r for r in rows if r] for path, rows in rotation.items()}
-    assert len(rotation["queued"]) == len(rotation["synced"]) == 5
+    assert len(rotation["queued"]) == len(rotation["synced"]) == len(measured) == 1 + 20 // every  # and step 1
     for got, want in zip(rotation["queued"], rotation["synced"], strict=True):
         assert got.keys() == want.keys()
         for key, value in want.items():
@@ -282,20 +286,20 @@ def _measured_setup(name: str, max_norm: float, queued: bool) -> tuple[SingleEng
 
 
 def _measured_run(name: str, max_norm: float, queued: bool, bad_step: int | None = None) -> RotationTracker:
-    """Three measured steps on one path; at `bad_step` the loss is non-finite (queued: the engine learns it
-    after the capture, which is then discarded; synced: the step is skipped)."""
+    """Three measured steps on one path, taken as the loop's `train_step` takes them; at `bad_step` the loss
+    is non-finite (queued: the engine learns it after the capture; synced: before it) and the step's capture,
+    if any, is discarded."""
     engine, tracker, forward_backward = _measured_setup(name, max_norm, queued)
-    model = engine.model
     for step in range(1, 4):
         loss = forward_backward()
-        if step == bad_step and not queued:
-            model.zero_grad(set_to_none=True)
-            continue
         value, norm = engine.step(torch.tensor(math.inf) if step == bad_step else loss, tracker.capture)
         if math.isfinite(value) and math.isfinite(norm):
             tracker.measure(step, 1e-2)
         else:
             tracker.discard()
+            with pytest.raises(RuntimeError, match="needs capture"):  # nothing of the capture is left
+                tracker.measure(step, 1e-2)
+            tracker.discard()  # twice, or with nothing captured (the synced path), is harmless
     return tracker
 
 
@@ -309,8 +313,14 @@ def _assert_same_layers(got: RotationTracker, want: RotationTracker) -> None:
 
 # torch's fused AdamW (ModelSource: it divides its sums) and ours (FusedSource: the kernel divides the
 # gradient), rotational and plain; max_norm 1e-3 clips every step through the update's divisor, 0 never.
-@pytest.mark.parametrize("name, max_norm", [("adamw", 1e-3), ("adamw", 0.0), ("rv-adamw", 1e-3), ("sgdm", 1e-3)])
-def test_a_measured_step_is_queued_and_records_what_the_synced_one_does(name, max_norm, monkeypatch):
+# `batched`: ModelSource's fp32 tensors in its batched Triton kernels (fused_sums.Batch, as on a GPU, where
+# the capture kernel writes |g|^2 itself), run in the interpreter.
+@pytest.mark.parametrize("name, max_norm, batched", [("adamw", 1e-3, False), ("adamw", 1e-3, True),
+                                                     ("adamw", 0.0, False), ("rv-adamw", 1e-3, False),
+                                                     ("sgdm", 1e-3, False)])
+def test_a_measured_step_is_queued_and_records_what_the_synced_one_does(name, max_norm, batched, monkeypatch):
+    if batched:
+        monkeypatch.setattr(fused_sums, "RUN_ON_CPU", True)
     queued_steps = []
     step_on_device = SingleEngine._step_on_device
     monkeypatch.setattr(SingleEngine, "_step_on_device",
@@ -319,6 +329,8 @@ def test_a_measured_step_is_queued_and_records_what_the_synced_one_does(name, ma
     assert len(queued_steps) == 3
     synced = _measured_run(name, max_norm, queued=False)
     assert isinstance(queued.source, ModelSource if name == "adamw" else FusedSource)
+    if batched:
+        assert queued.source._batches and all(queued.source._batches.values())
     assert list(queued.history.steps) == list(synced.history.steps) == [1, 2, 3]
     _assert_same_layers(queued, synced)
     for layer in synced.layers:  # per neuron, the gradient norm is the clipped gradient's on both paths
@@ -328,13 +340,10 @@ def test_a_measured_step_is_queued_and_records_what_the_synced_one_does(name, ma
 
 @pytest.mark.parametrize("name", ["adamw", "rv-adamw"])
 def test_a_dropped_measured_step_records_nothing(name):
-    """A non-finite loss is known to the queued path only after the capture: the capture is discarded,
-    nothing is recorded, and the next measured step is the synced path's (which skipped the step)."""
+    """A non-finite loss is known to the queued path only after the capture: the capture is discarded
+    (`_measured_run` checks that nothing of it is left), nothing is recorded, and the next measured step is
+    the synced path's (which skipped the step)."""
     queued = _measured_run(name, 1e-3, queued=True, bad_step=2)
     synced = _measured_run(name, 1e-3, queued=False, bad_step=2)
     assert list(queued.history.steps) == list(synced.history.steps) == [1, 3]
     _assert_same_layers(queued, synced)
-    if isinstance(queued.source, FusedSource):
-        assert not queued.source.optimizer._track  # no request outlives its step
-    else:
-        assert queued.source._before is None  # no w_t copy kept

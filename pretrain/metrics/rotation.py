@@ -3,7 +3,7 @@
 Per optimizer step the training loop does::
 
     measuring = tracker.should_measure(step)
-    if measuring: tracker.capture()                # after backward + clip, before optimizer.step()
+    if measuring: tracker.capture(divisor)         # after backward, right before optimizer.step()
     optimizer.step()
     if measuring: scalars = tracker.measure(step, lr)    # tracker.discard() if the step was dropped
 
