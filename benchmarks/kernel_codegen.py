@@ -196,10 +196,12 @@ def sums_launches(shapes: dict[str, list[tuple[int, ...]]], count: int = 2) -> I
 
 
 def all_launches(shapes: dict[str, list[tuple[int, ...]]]) -> Iterator[KernelLaunch]:
-    """What a GPU run makes, every step queued (flags): the RV-AdamW step plain and measured, RV-Lion's, our plain
-    AdamW's, and the sums that measure torch's AdamW."""
+    """What a GPU run makes: the RV-AdamW step queued (flags; one GPU, DDP) plain and measured, and measured
+    without flags (FSDP2 and fp16 read the flags first); RV-Lion's; our plain AdamW's; the sums that measure
+    torch's AdamW."""
     yield from step_launches(shapes, "adamw", True, tracked=False, flags=True)
     yield from step_launches(shapes, "adamw", True, tracked=True, flags=True)
+    yield from step_launches(shapes, "adamw", True, tracked=True, flags=False)
     yield from step_launches(shapes, "lion", True, tracked=False, flags=True)
     yield from step_launches(shapes, "adamw", False, tracked=False, flags=True)
     yield from sums_launches(shapes)

@@ -40,10 +40,11 @@ def launches(request) -> list[dict]:
 
 
 def test_every_launch_is_compiled(launches):
-    """Every kind a GPU run makes: steps queued (flags), measured ones too since session 9."""
+    """Every kind a GPU run makes: steps queued (flags), measured ones too since session 9, and measured steps
+    that read the flags first (FSDP2, fp16)."""
     labels = [launch["launch"] for launch in launches]
-    for kind in ("step rv-adamw flags", "step rv-adamw tracked flags", "step rv-lion flags", "sums capture_kernel",
-                 "sums delta_kernel"):
+    for kind in ("step rv-adamw flags", "step rv-adamw tracked flags", "step rv-adamw tracked:", "step rv-lion flags",
+                 "sums capture_kernel", "sums delta_kernel"):
         assert any(label.startswith(kind) for label in labels), kind
     assert any(label.startswith("step adamw flags:") and "norms" not in label for label in labels)  # plain AdamW
 

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import pretrain.parallel.engine as engine_module
+import pretrain.train
 from pretrain.config import OptimConfig
 from pretrain.logger import read_metrics
 from pretrain.metrics import RotationTracker, fused_sums
@@ -171,6 +172,36 @@ def test_training_with_the_queued_step_equals_the_synced_one(tiny_data_dir, tmp_
     want = load_file(synced.checkpoint / "model" / "model.safetensors")
     for name, w in want.items():
         assert ((got[name] - w).norm() / w.norm()).item() <= WEIGHT_RTOL, name
+
+
+def test_training_discards_a_measured_step_it_drops_and_measuring_changes_no_weight(tiny_data_dir, tmp_path,
+                                                                                     monkeypatch):
+    """A NaN loss at a measured step (step 4, metrics every 2): the queued capture is discarded and
+    nothing of step 4 is logged. Measuring queues its capture beside the same update, so the run
+    that measures every 3 steps (not step 4) has the same weights, losses and step-6 metrics."""
+    forward_backward = pretrain.train.forward_backward
+
+    def nan_at_4(engine, loader, step, *args):
+        loss = forward_backward(engine, loader, step, *args)
+        return torch.full_like(loss, math.nan) if step == 4 else loss
+
+    monkeypatch.setattr(pretrain.train, "forward_backward", nan_at_4)
+    discarded = []
+    discard = RotationTracker.discard
+    monkeypatch.setattr(RotationTracker, "discard", lambda tracker: discarded.append(1) or discard(tracker))
+    args = ["optim.name=adamw", "optim.fused=true", "train.nan_policy=skip", "train.steps=8", "checkpoint.every=8",
+            "train.eval_every=8"]
+    runs = {every: train(tiny_config(tiny_data_dir, tmp_path / f"every{every}", *args,
+                                     f"logging.rotation_every={every}")) for every in (2, 3)}
+    assert len(discarded) == 1  # step 4 of the run that measures every 2
+    assert runs[2].losses == runs[3].losses and sorted(runs[2].losses) == [1, 2, 3, 5, 6, 7, 8]
+    rotation = {every: {r["step"]: {k: v for k, v in r.items() if k.startswith("rotation/")}
+                        for r in read_metrics(tmp_path / f"every{every}")} for every in (2, 3)}
+    assert [s for s, r in rotation[2].items() if r] == [1, 2, 6, 8]  # 4 was dropped
+    assert rotation[2][6] and rotation[2][6] == rotation[3][6]
+    got = load_file(runs[2].checkpoint / "model" / "model.safetensors")
+    want = load_file(runs[3].checkpoint / "model" / "model.safetensors")
+    assert all(torch.equal(got[name], want[name]) for name in want)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
