@@ -41,7 +41,7 @@ section "Device"
 
 if want 0; then
   section "0. GPU tests: the compiled kernels against the eager paths (AdamW cases; CI covers every rule in the interpreter)"
-  run 150 $py -m pytest -q -p no:cacheprovider tests/test_optim_fused.py tests/test_metrics_fused_sums.py \
+  run 240 $py -m pytest -q -p no:cacheprovider tests/test_optim_fused.py tests/test_metrics_fused_sums.py \
     tests/test_metrics_training.py tests/test_metrics_layer_sums.py tests/test_step_on_device.py \
     tests/test_kernel_codegen.py::test_the_offline_compile_is_the_jits_own \
     tests/test_rope.py::test_the_table_is_transformers_own_bit_for_bit \
