@@ -173,7 +173,7 @@ class TorchEngine:
         are copied to the host before the optimizer is queued and read after, so the optimizer
         keeps the GPU busy while the host finishes this step and starts the next one. A measured
         step takes this path too (`before_update` is queued with the rest), so measuring neither
-        stalls the GPU nor changes the arithmetic of the update.
+        stalls the GPU nor changes how the update clips.
         """
         grads = [p.grad for p in self._params if p.grad is not None]
         norm = grad_norm(grads) if grads else loss.new_zeros(())
