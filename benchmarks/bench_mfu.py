@@ -187,13 +187,16 @@ class BenchStep:
         return (time.perf_counter() - start) / count
 
 
-def profile_steps(bench_step: BenchStep, first_step: int, count: int) -> torch.profiler.profile:
-    """`count` steps under torch.profiler, after one profiler warm-up step that the results leave out."""
+def profile_steps(bench_step: BenchStep, first_step: int, count: int, shapes: bool = False) -> torch.profiler.profile:
+    """`count` steps under torch.profiler, after one profiler warm-up step that the results leave out.
+
+    `shapes`: record each op's input shapes too, which costs host time per op (so not for a trace,
+    whose gaps would then show the profiler's host time)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if bench_step.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     schedule = torch.profiler.schedule(wait=0, warmup=1, active=count, repeat=1)
-    with torch.profiler.profile(activities=activities, schedule=schedule, record_shapes=True) as profiler:
+    with torch.profiler.profile(activities=activities, schedule=schedule, record_shapes=shapes) as profiler:
         for step in range(first_step, first_step + 1 + count):
             bench_step(step, torch.profiler.record_function)
             profiler.step()
@@ -215,10 +218,9 @@ def write_profile(profiler: torch.profiler.profile, path: str, count: int, cuda:
         out.write(f"torch.profiler key_averages over {count} untimed step(s) after row {row}'s timed ones; "
                   f"times are totals over all {count}\n")
         out.write(profiler.key_averages().table(sort_by=sort_by, row_limit=40))
-        # Which tensors an op ran on tells calls of one name apart (e.g. a reduction over a norm's
-        # weight gradient from one over a bias's).
-        out.write("\n\nThe same, by input shapes (top 30):\n")
-        out.write(profiler.key_averages(group_by_input_shape=True).table(sort_by=sort_by, row_limit=30))
+        if profiler.record_shapes:  # which tensors an op ran on tells calls of one name apart
+            out.write("\n\nThe same, by input shapes (top 30):\n")
+            out.write(profiler.key_averages(group_by_input_shape=True).table(sort_by=sort_by, row_limit=30))
 
 
 def write_trace(profiler: torch.profiler.profile, path: str) -> None:
@@ -333,7 +335,8 @@ def run_rows(args: argparse.Namespace, model: torch.nn.Module, loss_fn: Callable
             loop_time = bench_step.loop(args.warmup + args.steps + 1, args.steps)
             row += 1
             if (args.profile or args.trace) and row in profiled:
-                profiler = profile_steps(bench_step, args.warmup + 2 * args.steps + 1, args.profile_steps)
+                profiler = profile_steps(bench_step, args.warmup + 2 * args.steps + 1, args.profile_steps,
+                                         shapes=not args.trace)
                 if args.profile:
                     write_profile(profiler, row_path(args.profile, row, len(profiled)), args.profile_steps, cuda, row)
                 if args.trace:
