@@ -26,11 +26,10 @@ the median of its own part, so they add up to `step ms` only approximately. `mea
 the median of the timed steps that recorded rotation metrics (`-`: none did); with
 `--rotation-every 10` it gives their cost against the same row's other steps
 (benchmarks/gpu_summary.py), a comparison that row-to-row drift does not blur. `loop ms` is the
-mean of as many more steps run back to
-back, exactly as `pretrain train` runs them: no sync but the step's own loss and norm read,
-which (`engine.step` on the device, pretrain/parallel/engine.py) need not wait for the update,
-so the host prepares the next step while the device finishes the last one's update. That is
-the throughput a run gets; tokens/s and MFU are `step ms`'s.
+mean of as many more steps run back to back, exactly as `pretrain train` runs them: no sync but
+the step's own loss and norm read, which (`engine.step` on the device, pretrain/parallel/engine.py)
+need not wait for the update, so the host prepares the next step while the device finishes the
+last one's update. That is the throughput a run gets; tokens/s and MFU are `step ms`'s.
 
 `--profile FILE` / `--trace FILE` (the rows `--profile-rows` lists, default 0, the first; rows
 count optimizers x rotation_every values in table order): after that row's timed steps, one untimed
@@ -52,7 +51,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gzip
-import math
 import os
 import shutil
 import statistics
@@ -73,7 +71,7 @@ from pretrain.model import build_model, resolve_size
 from pretrain.parallel import Engine, build_engine
 from pretrain.parallel.world import World
 from pretrain.params import classify_parameters
-from pretrain.train import forward_backward, pick_device, pick_precision
+from pretrain.train import StepOutcome, forward_backward, pick_device, pick_precision
 
 
 class RandomTokens:
@@ -166,10 +164,10 @@ class BenchStep:
         """Clip, step and (on a measured step) the rotation metrics, as the loop's train_step does."""
         measuring = self.tracker.should_measure(step)
         with mark("engine.step"):
-            applied = all(math.isfinite(x) for x in self.engine.step(loss, self.tracker.capture if measuring else None))
+            outcome = StepOutcome(step, self.lr, *self.engine.step(loss, self.tracker.capture if measuring else None))
         if measuring:
             with mark("rotation metrics"):
-                if applied:
+                if outcome.applied:
                     self.tracker.measure(step, self.lr)
                 else:
                     self.tracker.discard()

@@ -57,6 +57,15 @@ def _engine(name: str = "torch-adamw", fused: bool = True, max_norm: float = 1.0
                         max_norm), model
 
 
+def _count_queued_steps(monkeypatch) -> list[int]:
+    """A list that grows by one each time an engine takes the queued step (`_step_on_device`)."""
+    queued: list[int] = []
+    step_on_device = SingleEngine._step_on_device
+    monkeypatch.setattr(SingleEngine, "_step_on_device",
+                        lambda engine, *args: queued.append(1) or step_on_device(engine, *args))
+    return queued
+
+
 def _backward(model: torch.nn.Module, scale: float = 1.0) -> torch.Tensor:
     x = torch.linspace(-1, 1, 32, device=DEVICE).view(4, 8)
     loss = (model(x) * scale).square().mean()
@@ -144,10 +153,7 @@ def test_training_with_the_queued_step_equals_the_synced_one(tiny_data_dir, tmp_
     step synced."""
     args = [f"optim.name={optim}", "optim.fused=true", "optim.lr=1e-2", "train.steps=20", "checkpoint.every=20",
             "train.eval_every=20", f"logging.rotation_every={every}"]
-    queued_steps = []
-    step_on_device = SingleEngine._step_on_device
-    monkeypatch.setattr(SingleEngine, "_step_on_device",
-                        lambda engine, *args: queued_steps.append(1) or step_on_device(engine, *args))
+    queued_steps = _count_queued_steps(monkeypatch)
     queued = train(tiny_config(tiny_data_dir, tmp_path / "queued", *args))
     assert len(queued_steps) == 20  # the measured steps too
     monkeypatch.setattr(engine_module, "takes_device_flags", lambda optimizer: False)
@@ -266,9 +272,7 @@ def test_an_optimizer_with_a_tensor_outside_the_triton_step_is_read_first(monkey
     engine takes the synced step, which costs no more, from the first step on."""
     engine, model, odd = _odd_model(1.0)
     assert not engine.optimizer.takes_device_flags
-    queued = []
-    step_on_device = SingleEngine._step_on_device
-    monkeypatch.setattr(SingleEngine, "_step_on_device", lambda e, *args: queued.append(1) or step_on_device(e, *args))
+    queued = _count_queued_steps(monkeypatch)
     for step in range(3):
         before = odd.detach().clone()
         _odd_step(engine, model, odd, step)
@@ -352,10 +356,7 @@ def _assert_same_layers(got: RotationTracker, want: RotationTracker) -> None:
 def test_a_measured_step_is_queued_and_records_what_the_synced_one_does(name, max_norm, batched, monkeypatch):
     if batched:
         monkeypatch.setattr(fused_sums, "RUN_ON_CPU", True)
-    queued_steps = []
-    step_on_device = SingleEngine._step_on_device
-    monkeypatch.setattr(SingleEngine, "_step_on_device",
-                        lambda engine, *args: queued_steps.append(1) or step_on_device(engine, *args))
+    queued_steps = _count_queued_steps(monkeypatch)
     queued = _measured_run(name, max_norm, queued=True)
     assert len(queued_steps) == 3
     synced = _measured_run(name, max_norm, queued=False)
