@@ -29,7 +29,9 @@ the median of the timed steps that recorded rotation metrics (`-`: none did); wi
 mean of as many more steps run back to back, exactly as `pretrain train` runs them: no sync but
 the step's own loss and norm read, which (`engine.step` on the device, pretrain/parallel/engine.py)
 need not wait for the update, so the host prepares the next step while the device finishes the
-last one's update. That is the throughput a run gets; tokens/s and MFU are `step ms`'s.
+last one's update. A measured step's rotation figures are read a step later, as the loop reads
+them (`Records`, pretrain/train.py), so measuring adds no wait there either. That is the
+throughput a run gets; tokens/s and MFU are `step ms`'s.
 
 `--profile FILE` / `--trace FILE` (the rows `--profile-rows` lists, default 0, the first; rows
 count optimizers x rotation_every values in table order): after that row's timed steps, one untimed
@@ -143,6 +145,7 @@ class BenchStep:
     device: torch.device
     grad_accum: int
     lr: float
+    unread: int | None = None  # the measured step whose scalars the next step reads
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -161,16 +164,20 @@ class BenchStep:
         return time.perf_counter() - start, split.seconds_to_mark(start)
 
     def _update(self, loss: torch.Tensor, step: int, mark: Mark = no_mark) -> None:
-        """Clip, step and (on a measured step) the rotation metrics, as the loop's train_step does."""
+        """Clip, step and (on a measured step) the rotation metrics, as the loop's train_step does; then
+        read the step before's metrics, as the loop's `Records` does."""
         measuring = self.tracker.should_measure(step)
         with mark("engine.step"):
             outcome = StepOutcome(step, self.lr, *self.engine.step(loss, self.tracker.capture if measuring else None))
         if measuring:
             with mark("rotation metrics"):
                 if outcome.applied:
-                    self.tracker.measure(step, self.lr)
+                    self.tracker.queue_measure(step, self.lr)
                 else:
                     self.tracker.discard()
+        if self.unread is not None:
+            self.tracker.scalars(self.unread)
+        self.unread = step if measuring and outcome.applied else None
 
     def loop(self, first_step: int, count: int) -> float:
         """Seconds a step of `count` steps run back to back, as the training loop runs them: each step

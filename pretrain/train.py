@@ -131,7 +131,7 @@ class StepOutcome:
     loss: float  # mean over the global batch
     grad_norm: float  # global, before clipping; NaN when the loss was already non-finite
     loss_scaled: bool = False  # the engine scales the loss (fp16): see `overflowed`
-    rotation: dict[str, float] = field(default_factory=dict)  # `rotation/...` scalars of a measured step
+    measured: bool = False  # rotation metrics queued (`run.tracker.scalars(step)` reads them)
 
     @property
     def applied(self) -> bool:
@@ -213,7 +213,8 @@ def train_step(run: Run, step: int) -> StepOutcome:
     outcome = StepOutcome(step, lr, *engine.step(loss, run.tracker.capture if measuring else None),
                           loss_scaled=engine.scales_loss)
     if measuring and outcome.applied:
-        outcome.rotation = run.tracker.measure(step, lr)
+        run.tracker.queue_measure(step, lr)  # read a step later, once the update is done
+        outcome.measured = True
     elif measuring:  # captured before the engine knew the step would be dropped
         run.tracker.discard()
     return outcome
@@ -405,13 +406,14 @@ def _loop(run: Run) -> TrainResult:
     """Steps start_step+1 .. end_step; eval, logging and checkpoints are all due at end_step too."""
     cfg, end = run.cfg, run.end_step
     result = TrainResult(run.run_dir, run.start_step, is_main=run.world.is_main)
-    window, skips = Window(), 0
+    window, skips, records = Window(), 0, Records(run)
     with tqdm(total=cfg.train.steps, initial=run.start_step, dynamic_ncols=True,
-              disable=not (cfg.logging.progress and run.world.is_main)) as progress:
+              disable=not (cfg.logging.progress and run.world.is_main)) as progress, records:
         for step in range(run.start_step + 1, end + 1):
             if run.watchdog is not None:
                 run.watchdog.beat(step)
             outcome = train_step(run, step)
+            records.write_held()  # the step before's rotation metrics arrived while this step ran
             result.step = step
             if not outcome.applied:
                 skips = _count_skip(run, outcome, skips)
@@ -422,22 +424,61 @@ def _loop(run: Run) -> TrainResult:
                 continue
             skips, result.losses[step] = 0, outcome.loss
             window.add(run.tokens_per_step, outcome.loss)
-            record = dict(outcome.rotation)
+            record = {}
             if _due(step, cfg.logging.log_every, end):
                 record.update(_train_scalars(run, outcome, *window.take()))
             if _due(step, cfg.train.eval_every, end):
                 run.val_loss = record["val/loss"] = _evaluate(run)
-            if record and run.logger is not None:
-                run.logger.log(step, record)
-                if not cfg.logging.progress and ("train/loss" in record or "val/loss" in record):
-                    print(log_line(step, cfg.train.steps, record), flush=True)
+            records.add(step, record, outcome.measured)
             progress.set_postfix_str(f"loss {outcome.loss:.3f} lr {outcome.lr:.2e} {run.tracker.summary_line()}",
                                      refresh=False)
             progress.update(1)
             if _due(step, cfg.checkpoint.every, end if cfg.checkpoint.save_final else None):
+                records.write_held()  # the metrics file reaches every step a checkpoint holds
                 result.checkpoint = save_checkpoint(run, step)
     result.val_loss = run.val_loss
     return result
+
+
+class Records:
+    """Writes the loop's records (`metrics.jsonl`, trackers, the text log line) in step order.
+
+    A measured step's record is held until the next step is queued (`write_held`): its rotation
+    metrics then reach the host without the loop waiting for the update, which the loop would
+    otherwise do once per measured step with the device idle. Leaving the `with` block writes a
+    held record, so none is lost when the loop ends or fails.
+    """
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self._held: tuple[int, dict[str, float]] | None = None
+
+    def add(self, step: int, record: dict[str, float], measured: bool) -> None:
+        """Step `step`'s scalars; `measured`: its rotation metrics are queued and join the record."""
+        self.write_held()
+        if measured:
+            self._held = (step, record)
+        else:
+            self._write(step, record)
+
+    def write_held(self) -> None:
+        if self._held is not None:
+            step, record = self._held
+            self._held = None
+            self._write(step, {**self.run.tracker.scalars(step), **record})
+
+    def _write(self, step: int, record: dict[str, float]) -> None:
+        logger = self.run.logger
+        if record and logger is not None:
+            logger.log(step, record)
+            if not self.run.cfg.logging.progress and ("train/loss" in record or "val/loss" in record):
+                print(log_line(step, self.run.cfg.train.steps, record), flush=True)
+
+    def __enter__(self) -> Records:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.write_held()
 
 
 def _due(step: int, every: int, end: int | None) -> bool:

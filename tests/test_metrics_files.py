@@ -24,6 +24,7 @@ from pretrain.metrics import (
     model_card_section,
 )
 from pretrain.metrics.rotation import LOG_GROUPS
+from pretrain.parallel.host_copy import HostCopy
 from pretrain.params import classify_parameters
 
 STEPS = 6
@@ -166,6 +167,49 @@ def test_save_before_any_measurement_writes_a_readable_folder(tmp_path):
     assert data.step is None and len(data.history) == 0 and data.snapshot == {}
     assert not (tmp_path / "rotation" / "heatmap.png").exists()
     assert "not measured yet" in model_card_section(tmp_path / "rotation")
+
+
+def test_queued_measurements_record_what_measure_records_and_wait_only_when_read(monkeypatch):
+    """The training loop's way (`queue_measure`, then `scalars` a step later) against `measure`.
+
+    A read of one step must not wait for the copy of a later queued one: the loop reads step t-1's
+    figures while step t's update may still be running."""
+    arrivals = []  # one per measurement whose figures the host waited for
+    wait = HostCopy.tensor
+    monkeypatch.setattr(HostCopy, "tensor", lambda copy: arrivals.append(1) or wait(copy))
+
+    def measured(queued: bool) -> tuple[RotationTracker, dict[int, dict[str, float]]]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4))
+        tracker = RotationTracker(model, classify_parameters(model, rotational_embeddings=False),
+                                  OptimConfig(weight_decay=0.1), every=1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+        scalars = {}
+        for step in (1, 2, 3):
+            model(torch.randn(5, 16)).square().sum().backward()
+            tracker.capture()
+            optimizer.step()
+            optimizer.zero_grad()
+            if not queued:
+                scalars[step] = tracker.measure(step, 0.1)
+                continue
+            tracker.queue_measure(step, 0.1)
+            assert len(arrivals) == step - 1
+            if step > 1:
+                scalars[step - 1] = tracker.scalars(step - 1)
+                assert len(arrivals) == step - 1 and tracker.summary_line()  # step's own copy not waited for
+        return tracker, scalars
+
+    want, want_scalars = measured(queued=False)
+    arrivals.clear()
+    got, got_scalars = measured(queued=True)
+    state = got.state_dict()  # records the last queued measurement
+    assert len(arrivals) == 3 and state["history"]["step"].tolist() == [1, 2, 3]
+    got_scalars[3] = got.scalars(3)
+    assert got_scalars == want_scalars
+    np.testing.assert_array_equal(got.history.values, want.history.values)
+    with pytest.raises(KeyError, match="step 4 was not measured"):
+        got.scalars(4)
 
 
 def test_run_without_weight_decay_has_no_ratio_but_still_plots(tmp_path):

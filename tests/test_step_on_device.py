@@ -3,8 +3,9 @@ the step that reads them first: same clipping, same skips, same training."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -224,13 +225,26 @@ def test_a_queued_step_waits_for_nothing_before_its_read(name, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["adamw", "rv-adamw"])
 def test_a_measured_queued_step_waits_for_nothing_before_its_read(name, monkeypatch):
-    """The same for a step the rotation tracker measures: its capture is queued with the update."""
+    """The same for a step the rotation tracker measures, as the loop takes it: its capture is queued
+    with the update, and its measurement after the update (`queue_measure`), to be read a step later."""
     engine, tracker, forward_backward = _measured_setup(name, 1e-3, queued=True)
     engine.step(forward_backward(), tracker.capture)  # the first step plans and compiles
     tracker.measure(1, 1e-2)
     value, norm = _step_checking_syncs(engine, forward_backward(), tracker.capture, monkeypatch)
     assert math.isfinite(value) and math.isfinite(norm)
-    assert tracker.measure(2, 1e-2)
+    with _syncs_refused():
+        tracker.queue_measure(2, 1e-2)
+    assert tracker.scalars(2)
+
+
+@contextlib.contextmanager
+def _syncs_refused() -> Iterator[None]:
+    """CUDA's sync debug mode "error": a synchronizing call raises."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def _step_checking_syncs(engine: SingleEngine, loss: torch.Tensor, before_update: Callable | None,
@@ -243,11 +257,8 @@ def _step_checking_syncs(engine: SingleEngine, loss: torch.Tensor, before_update
         return read(copy)
 
     monkeypatch.setattr(HostCopy, "tolist", read_after_the_check)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with _syncs_refused():
         return engine.step(loss, before_update)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
 
 
 def _odd_model(max_norm: float) -> tuple[SingleEngine, torch.nn.Module, torch.nn.Parameter]:

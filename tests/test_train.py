@@ -9,8 +9,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pretrain.cli import main
+from pretrain.logger import read_metrics
+from pretrain.metrics import load_rotation
 from pretrain.model import build_model
-from pretrain.train import train
+from pretrain.train import train, train_step
 from tests.train_utils import tiny_args, tiny_config
 
 
@@ -50,6 +52,33 @@ def test_resume_is_exact(tiny_data_dir, tmp_path, optimizer):
     # The metrics log describes one trajectory: one train/loss per step, no duplicates.
     steps = [line for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if '"train/loss"' in line]
     assert len(steps) == 8
+
+
+def test_measured_steps_log_their_own_rotation_figures_in_step_order(tiny_data_dir, tmp_path):
+    # The loop writes a measured step's record a step late (its figures arrive while the next step
+    # runs): the file must still hold one record per step, in order, each with its own step's figures.
+    result = train(tiny_config(tiny_data_dir, tmp_path / "run", "optim.name=rv-adamw"))
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert all("train/loss" in r and "rotation/angle_rms/embed_tokens" in r for r in records)
+    for step in (4, 8):  # against the history each checkpoint saved (checkpoint.every=4)
+        data = load_rotation(result.run_dir / "checkpoints" / f"step_{step:06d}" / "rotation")
+        assert data.history.steps[-1] == step
+        for i, layer in enumerate(data.history.layers):
+            assert records[step - 1][f"rotation/angle/{layer}"] == data.history.column("theta_mean")[-1, i]
+
+
+def test_a_failing_step_still_logs_the_measured_step_before_it(tiny_data_dir, tmp_path, monkeypatch):
+    def failing_at_3(run, step):
+        if step == 3:
+            raise RuntimeError("out of memory")
+        return train_step(run, step)
+
+    monkeypatch.setattr("pretrain.train.train_step", failing_at_3)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(tiny_config(tiny_data_dir, tmp_path / "run"))
+    records = read_metrics(tmp_path / "run")  # kept: it logged metrics
+    assert [r["step"] for r in records] == [1, 2] and all("rotation/angle/embed_tokens" in r for r in records)
 
 
 def test_loss_falls_well_below_unigram_entropy(tiny_data_dir, tmp_path, read_split):

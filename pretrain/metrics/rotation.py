@@ -9,7 +9,10 @@ Per optimizer step the training loop does::
 
 Only measurement steps cost anything: `capture` keeps one exact copy of the tracked weights
 (in their own dtype) and the per-neuron gradient norms; `measure` reduces the step's change
-per neuron and frees the copy. The quantities and file format: docs/rotation-metrics.md.
+per neuron and frees the copy. `measure` waits for the update to read its figures; the
+training loop instead calls `queue_measure(step, lr)`, which waits for nothing, and reads
+`scalars(step)` a step later, when they have long arrived. The quantities and file format:
+docs/rotation-metrics.md.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pretrain.metrics.neurons import LAYER_STATS, NEURON_METRICS, LayerSums, lay
 from pretrain.metrics.sources import FusedSource, ModelSource, OptimizerSource
 from pretrain.metrics.store import write_rotation
 from pretrain.optim.equilibrium import equilibrium_rate, rule_of
+from pretrain.parallel.host_copy import HostCopy
 from pretrain.params import ParamSpec
 
 STATE_VERSION = 1
@@ -62,7 +66,7 @@ class RotationTracker:
         self.specs = [spec for spec in table if spec.tracked]
         names = [layer_name(spec.name) for spec in self.specs]
         self.layers = names if len(set(names)) == len(names) else [spec.name for spec in self.specs]
-        self.history = RotationHistory(self.layers)
+        self._history = RotationHistory(self.layers)
         # Per-neuron values of the latest measurement ([neurons, NEURON_METRICS]); split into
         # `snapshot`'s per-layer dict only when read (a checkpoint), not on every measured step.
         self._latest: torch.Tensor | None = None
@@ -75,6 +79,9 @@ class RotationTracker:
         self._neurons = [spec.num_neurons for spec in self.specs]
         self._layer_sums = LayerSums(self._neurons)
         self._line = ""
+        # The queued measurement (`queue_measure`) whose per-layer figures are still on their way
+        # to the host: (step, lr, their copy). Recorded in `history` by `_record`.
+        self._queued: tuple[int, float, HostCopy] | None = None
 
     # ------------------------------------------------------------------ the per-step protocol
 
@@ -97,26 +104,47 @@ class RotationTracker:
         """Forget a capture whose step was dropped (non-finite), so nothing of it is recorded."""
         self.source.end()
 
-    @torch.no_grad()
     def measure(self, step: int, lr: float) -> dict[str, float]:
-        """Compare to the captured weights; record and return `rotation/...` scalars (finite ones only)."""
+        """Compare to the captured weights; record and return `rotation/...` scalars (finite ones only).
+
+        Waits for the update to finish; `queue_measure` + `scalars` is the same without the wait."""
+        self.queue_measure(step, lr)
+        return self.scalars(step)
+
+    @torch.no_grad()
+    def queue_measure(self, step: int, lr: float) -> None:
+        """`measure` without waiting for the device: the figures are recorded once they reach the host.
+
+        What reads the history (`scalars` of this step, `history`, `state_dict`, `save`) records
+        them first, waiting for them if they are still on their way; so does the next
+        `queue_measure`, by which time they have arrived.
+        """
+        self._record()
         sums = self.source.end()
         if sums is None:
             raise RuntimeError("RotationTracker.measure() needs capture() before optimizer.step()")
         if self.source.group is not None:  # sharded: each rank summed the elements it holds
             dist.all_reduce(sums, group=self.source.group)
         metrics = neuron_metrics(sums[:, :3], sums[:, 3].sqrt())
-        stats = layer_stats(metrics, self._layer_sums.to(metrics.device)).cpu().numpy()  # the one host sync
-        per_layer = dict(zip(LAYER_STATS, stats.T, strict=True))
         self._latest, self._snapshot = metrics, {}
+        self._queued = (step, lr, HostCopy(layer_stats(metrics, self._layer_sums.to(metrics.device))))
 
-        eta_r = equilibrium_rate(self._rule, lr, self._optim.weight_decay, self._optim.betas, self._optim.momentum)
-        layer_eta = np.array([eta_r if spec.weight_decay else 0.0 for spec in self.specs])
-        per_layer["ratio"] = np.divide(per_layer["theta_mean"], layer_eta,
-                                       out=np.full(len(self.specs), np.nan), where=layer_eta > 0)
-        self.history.append(step, lr, eta_r, np.stack([per_layer[m] for m in LAYER_METRICS], axis=1))
-        self._line = self._summarize()
-        return self._scalars()
+    def scalars(self, step: int) -> dict[str, float]:
+        """The `rotation/...` scalars of measured step `step` (finite ones only).
+
+        Waits only if `step` is the queued measurement: a later one stays queued."""
+        if self._queued is not None and self._queued[0] == step:
+            self._record()
+        at = np.flatnonzero(self._history.steps == step)
+        if not at.size:
+            raise KeyError(f"step {step} was not measured")
+        return self._scalars(int(at[-1]))
+
+    @property
+    def history(self) -> RotationHistory:
+        """Every recorded measurement (a queued one is recorded first)."""
+        self._record()
+        return self._history
 
     @property
     def snapshot(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -128,7 +156,8 @@ class RotationTracker:
         return self._snapshot
 
     def summary_line(self) -> str:
-        """Short progress-bar text, e.g. 'θ/η 1.02 eq 10/14' (layers within ±10%); '' before any measurement."""
+        """Short progress-bar text of the latest recorded measurement, e.g. 'θ/η 1.02 eq 10/14' (layers
+        within ±10%); '' before any. It does not wait for a queued one."""
         return self._line
 
     # ------------------------------------------------------------------ persistence
@@ -145,7 +174,7 @@ class RotationTracker:
         if history.layers != self.layers:
             raise ValueError(f"rotation history tracks {len(history.layers)} layers {history.layers[:3]}..., "
                              f"this model tracks {len(self.layers)} layers {self.layers[:3]}...")
-        self.history = history
+        self._history, self._queued = history, None
         self._latest, self._snapshot = None, {layer: dict(m) for layer, m in state["snapshot"].items()}
         self._line = self._summarize() if len(history) else ""
 
@@ -156,26 +185,41 @@ class RotationTracker:
 
     # ------------------------------------------------------------------ internals
 
-    def _scalars(self) -> dict[str, float]:
-        latest = self.history.values[-1].T.ravel().tolist()  # metric-major, as self._keys
-        out = dict(zip(self._keys, latest, strict=True))
-        out["rotation/eta_r"] = float(self.history.eta_r[-1])
-        # The latest measurement only: over the whole history a long run's measured steps would grow O(steps).
-        out["rotation/ratio_mean"] = float(self.history.ratio_mean(first=-1)[0])
-        out["rotation/balance"] = float(self.history.balance(first=-1)[0])
+    def _record(self) -> None:
+        """Append the queued measurement, if any, to the history (waiting for its figures)."""
+        if self._queued is None:
+            return
+        step, lr, copy = self._queued
+        self._queued = None
+        per_layer = dict(zip(LAYER_STATS, copy.tensor().numpy().T, strict=True))
+        eta_r = equilibrium_rate(self._rule, lr, self._optim.weight_decay, self._optim.betas, self._optim.momentum)
+        layer_eta = np.array([eta_r if spec.weight_decay else 0.0 for spec in self.specs])
+        per_layer["ratio"] = np.divide(per_layer["theta_mean"], layer_eta,
+                                       out=np.full(len(self.specs), np.nan), where=layer_eta > 0)
+        self._history.append(step, lr, eta_r, np.stack([per_layer[m] for m in LAYER_METRICS], axis=1))
+        self._line = self._summarize()
+
+    def _scalars(self, index: int) -> dict[str, float]:
+        """The logger scalars of the history's measurement `index`."""
+        history = self._history
+        out = dict(zip(self._keys, history.values[index].T.ravel().tolist(), strict=True))  # metric-major
+        out["rotation/eta_r"] = float(history.eta_r[index])
+        # This measurement only: over the whole history a long run's measured steps would grow O(steps).
+        out["rotation/ratio_mean"] = float(history.ratio_mean(first=index)[0])
+        out["rotation/balance"] = float(history.balance(first=index)[0])
         # Undefined values (no eta_r without weight decay, a layer whose theta is 0) stay
         # NaN in the history but are left out here, so logger graphs have no holes.
         return {k: v for k, v in out.items() if math.isfinite(v)}
 
     def _summarize(self) -> str:
-        ratio = self.history.column("ratio")[-1]
+        ratio = self._history.column("ratio")[-1]
         defined = ~np.isnan(ratio)
         if not defined.any():  # no eta_r (no weight decay): the mean angle itself
-            theta = self.history.column("theta_mean")[-1]
+            theta = self._history.column("theta_mean")[-1]
             theta = theta[~np.isnan(theta)]
             return f"θ {theta.mean():.1e}" if theta.size else "θ nan"
         inside = int((np.abs(ratio[defined] - 1.0) <= EQUILIBRIUM_TOLERANCE).sum())
-        return f"θ/η {self.history.ratio_mean(first=-1)[0]:.2f} eq {inside}/{int(defined.sum())}"
+        return f"θ/η {self._history.ratio_mean(first=-1)[0]:.2f} eq {inside}/{int(defined.sum())}"
 
     def _layer_table(self) -> list[dict]:
         return [{"name": layer, "param": spec.name, "kind": spec.kind, "shape": list(spec.shape),

@@ -27,7 +27,11 @@ class HostCopy:
         else:
             self._host = values.detach()
 
-    def tolist(self) -> list[float]:
+    def tensor(self) -> torch.Tensor:
+        """The host copy, once it has arrived."""
         if self._event is not None:
             self._event.synchronize()
-        return self._host.tolist()
+        return self._host
+
+    def tolist(self) -> list[float]:
+        return self.tensor().tolist()
