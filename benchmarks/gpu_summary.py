@@ -182,6 +182,8 @@ def figures(report: Report) -> list[Figure]:
         Figure("rotation_every=1, llama 16 x 512 eager: adamw step time", _cost(metrics, "adamw", "1"), "cost", "< 10"),
         Figure("rotation_every=1, llama 16 x 512 eager: rv-adamw step time", _cost(metrics, "rv-adamw", "1"), "cost",
                "< 10"),
+        *(Figure(f"rotation_every=1, llama 16 x 512 eager: {name} steps back to back as `pretrain train` runs them "
+                 "(`loop ms`)", _cost(metrics, name, "1", "loop ms"), "cost", "") for name in ("adamw", "rv-adamw")),
         Figure("rotation_every=1, GPT-2 compiled: adamw step time", _cost(gpt2, "adamw", "1"), "cost", "< 10"),
         Figure("rotation_every=1, GPT-2 compiled: rv-adamw step time", _cost(gpt2, "rv-adamw", "1"), "cost", "< 10"),
         Figure("rotation_every=1, GPT-2 compiled: adamw-plain (our AdamW kernel, which writes the sums) step time",
