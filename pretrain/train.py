@@ -441,12 +441,13 @@ def _loop(run: Run) -> TrainResult:
 
 
 class Records:
-    """Writes the loop's records (`metrics.jsonl`, trackers, the text log line) in step order.
+    """Writes the loop's records (`metrics.jsonl`, trackers, the text log line) in step order; rank 0 only.
 
     A measured step's record is held until the next step is queued (`write_held`): its rotation
     metrics then reach the host without the loop waiting for the update, which the loop would
-    otherwise do once per measured step with the device idle. Leaving the `with` block writes a
-    held record, so none is lost when the loop ends or fails.
+    otherwise do once per measured step with the device idle. A checkpoint writes a held record
+    first, and so does leaving the `with` block, at the end or on an exception; a hard stop
+    (SIGKILL, the step watchdog's exit) loses it, as it would lose the step being run.
     """
 
     def __init__(self, run: Run) -> None:
@@ -455,6 +456,8 @@ class Records:
 
     def add(self, step: int, record: dict[str, float], measured: bool) -> None:
         """Step `step`'s scalars; `measured`: its rotation metrics are queued and join the record."""
+        if self.run.logger is None:  # not rank 0: its tracker records its measurements when next read
+            return
         self.write_held()
         if measured:
             self._held = (step, record)
@@ -462,23 +465,29 @@ class Records:
             self._write(step, record)
 
     def write_held(self) -> None:
+        """Write the held record, if any, with its rotation metrics (waits for them if still on the way)."""
         if self._held is not None:
             step, record = self._held
-            self._held = None
             self._write(step, {**self.run.tracker.scalars(step), **record})
+            self._held = None
 
     def _write(self, step: int, record: dict[str, float]) -> None:
-        logger = self.run.logger
-        if record and logger is not None:
-            logger.log(step, record)
+        if record:
+            self.run.logger.log(step, record)
             if not self.run.cfg.logging.progress and ("train/loss" in record or "val/loss" in record):
                 print(log_line(step, self.run.cfg.train.steps, record), flush=True)
 
     def __enter__(self) -> Records:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.write_held()
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        try:
+            self.write_held()
+        except Exception:
+            # Leaving on an exception, that one says what went wrong (a broken device fails this
+            # read too): it must not be replaced by this one.
+            if exc is None:
+                raise
 
 
 def _due(step: int, every: int, end: int | None) -> bool:

@@ -12,6 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from pretrain.config import OptimConfig
 from pretrain.metrics import RotationTracker
+from pretrain.metrics.sources import OptimizerSource
 from pretrain.params import classify_parameters
 
 
@@ -112,3 +113,31 @@ def test_tracker_matches_weights_saved_around_the_step(build, impl, path, capsys
     assert tracker.summary_line().startswith("θ/η ")
     layers = set(tracker.layers)
     assert {"lm_head", "layers.1.mlp.down_proj"} <= layers or {"wte", "h.1.attn.c_attn"} <= layers
+
+
+def test_the_optimizer_hooks_source_measures_what_the_weights_show():
+    """`OptimizerSource` (DeepSpeed's path; here over whole tensors, as ZeRO stage 0 steps them) against
+    the weights' own tracker (checked above against an independent angle), on the same steps. Its sums
+    live on the optimizer's device: NCCL reduces nothing else (a GPU run, when there is one)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = tiny_llama().to(device)
+    table = classify_parameters(model, rotational_embeddings=False)
+    cfg = OptimConfig(name="adamw", lr=3e-3, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    hooks = OptimizerSource(optimizer, [s for s in table if s.tracked],
+                            {id(p): name for name, p in model.named_parameters()}, {}, None)
+    assert hooks.device.type == device
+    trackers = [RotationTracker(model, table, cfg, every=1), RotationTracker(model, table, cfg, every=1, source=hooks)]
+    x = torch.randint(0, 128, (4, 32)).to(device)
+    for step in (1, 2):
+        model(input_ids=x, labels=x).loss.backward()
+        for tracker in trackers:
+            tracker.capture()
+        optimizer.step()
+        optimizer.zero_grad()
+        for tracker in trackers:
+            tracker.queue_measure(step, cfg.lr)
+    weights, hooked = (tracker.history.values for tracker in trackers)
+    assert np.isfinite(weights).all()
+    np.testing.assert_allclose(hooked, weights, rtol=1e-7)  # the gradient norms are summed in another order

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pretrain.cli import main
-from pretrain.logger import read_metrics
-from pretrain.metrics import load_rotation
+from pretrain.logger import MetricsLogger, read_metrics
+from pretrain.metrics import RotationTracker, load_rotation
 from pretrain.model import build_model
 from pretrain.train import train, train_step
 from tests.train_utils import tiny_args, tiny_config
@@ -54,31 +54,54 @@ def test_resume_is_exact(tiny_data_dir, tmp_path, optimizer):
     assert len(steps) == 8
 
 
-def test_measured_steps_log_their_own_rotation_figures_in_step_order(tiny_data_dir, tmp_path):
-    # The loop writes a measured step's record a step late (its figures arrive while the next step
-    # runs): the file must still hold one record per step, in order, each with its own step's figures.
-    result = train(tiny_config(tiny_data_dir, tmp_path / "run", "optim.name=rv-adamw"))
+def test_measured_steps_log_their_own_rotation_figures_in_step_order(tiny_data_dir, tmp_path, monkeypatch):
+    # The loop writes a measured step's record once the next step is queued (its figures arrive
+    # meanwhile), before a checkpoint and at the end: the file still holds one record per step, in
+    # order, each with its own step's figures.
+    events = []
+    monkeypatch.setattr("pretrain.train.train_step", lambda run, step: events.append(("run", step)) or
+                        train_step(run, step))
+    log = MetricsLogger.log
+    monkeypatch.setattr(MetricsLogger, "log", lambda logger, step, values: events.append(("log", step)) or
+                        log(logger, step, values))
+    result = train(tiny_config(tiny_data_dir, tmp_path / "run", "optim.name=rv-adamw", "logging.rotation_every=2"))
     records = read_metrics(tmp_path / "run")
-    assert [r["step"] for r in records] == list(range(1, 9))
-    assert all("train/loss" in r and "rotation/angle_rms/embed_tokens" in r for r in records)
-    for step in (4, 8):  # against the history each checkpoint saved (checkpoint.every=4)
-        data = load_rotation(result.run_dir / "checkpoints" / f"step_{step:06d}" / "rotation")
-        assert data.history.steps[-1] == step
-        for i, layer in enumerate(data.history.layers):
-            assert records[step - 1][f"rotation/angle/{layer}"] == data.history.column("theta_mean")[-1, i]
+    assert [r["step"] for r in records] == list(range(1, 9)) and all("train/loss" in r for r in records)
+    # Measured: 1, 2, 4, 6, 8; checkpoints at 4 and 8 (the end). Logged after the next step started:
+    # the measured steps no checkpoint follows; the others before it.
+    late = [step for step in range(1, 8) if events.index(("log", step)) > events.index(("run", step + 1))]
+    assert late == [1, 2, 6]
+    history = load_rotation(result.run_dir / "checkpoints" / "step_000008" / "rotation").history
+    assert history.steps.tolist() == [1, 2, 4, 6, 8]
+    for row, step in enumerate(history.steps):
+        for i, layer in enumerate(history.layers):
+            assert records[step - 1][f"rotation/angle/{layer}"] == history.column("theta_mean")[row, i]
+    assert not any(key.startswith("rotation/") for key in records[2])  # step 3 was not measured
 
 
-def test_a_failing_step_still_logs_the_measured_step_before_it(tiny_data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("read_fails", [False, True])
+def test_a_failing_step_still_logs_the_measured_step_before_it(tiny_data_dir, tmp_path, monkeypatch, read_fails):
+    # The record held for step 2 is written on the way out; if that read fails too (a broken device),
+    # the step's own error still is the one raised.
     def failing_at_3(run, step):
         if step == 3:
             raise RuntimeError("out of memory")
         return train_step(run, step)
 
     monkeypatch.setattr("pretrain.train.train_step", failing_at_3)
+    scalars = RotationTracker.scalars
+
+    def read(tracker: RotationTracker, step: int) -> dict[str, float]:
+        if read_fails and step == 2:
+            raise RuntimeError("device lost")
+        return scalars(tracker, step)
+
+    monkeypatch.setattr(RotationTracker, "scalars", read)
     with pytest.raises(RuntimeError, match="out of memory"):
         train(tiny_config(tiny_data_dir, tmp_path / "run"))
     records = read_metrics(tmp_path / "run")  # kept: it logged metrics
-    assert [r["step"] for r in records] == [1, 2] and all("rotation/angle/embed_tokens" in r for r in records)
+    assert [r["step"] for r in records] == ([1] if read_fails else [1, 2])
+    assert all("rotation/angle/embed_tokens" in r for r in records)
 
 
 def test_loss_falls_well_below_unigram_entropy(tiny_data_dir, tmp_path, read_split):

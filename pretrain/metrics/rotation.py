@@ -5,14 +5,15 @@ Per optimizer step the training loop does::
     measuring = tracker.should_measure(step)
     if measuring: tracker.capture(divisor)         # after backward, right before optimizer.step()
     optimizer.step()
-    if measuring: scalars = tracker.measure(step, lr)    # tracker.discard() if the step was dropped
+    if measuring: tracker.queue_measure(step, lr)  # tracker.discard() if the step was dropped
+    ...                                            # the next step is queued and reads its loss
+    scalars = tracker.scalars(step)                # arrived meanwhile: no wait
 
 Only measurement steps cost anything: `capture` keeps one exact copy of the tracked weights
-(in their own dtype) and the per-neuron gradient norms; `measure` reduces the step's change
-per neuron and frees the copy. `measure` waits for the update to read its figures; the
-training loop instead calls `queue_measure(step, lr)`, which waits for nothing, and reads
-`scalars(step)` a step later, when they have long arrived. The quantities and file format:
-docs/rotation-metrics.md.
+(in their own dtype) and the per-neuron gradient norms; `queue_measure` reduces the step's
+change per neuron, frees the copy and queues the per-layer numbers' copy to the host.
+`measure(step, lr)` is `queue_measure` and `scalars` at once, waiting for the update. The
+quantities and file format: docs/rotation-metrics.md.
 """
 
 from __future__ import annotations
@@ -135,7 +136,10 @@ class RotationTracker:
         Waits only if `step` is the queued measurement: a later one stays queued."""
         if self._queued is not None and self._queued[0] == step:
             self._record()
-        at = np.flatnonzero(self._history.steps == step)
+        steps = self._history.steps
+        if len(steps) and steps[-1] == step:  # the loop's case: no search over a long run's history
+            return self._scalars(len(steps) - 1)
+        at = np.flatnonzero(steps == step)
         if not at.size:
             raise KeyError(f"step {step} was not measured")
         return self._scalars(int(at[-1]))
@@ -190,8 +194,8 @@ class RotationTracker:
         if self._queued is None:
             return
         step, lr, copy = self._queued
-        self._queued = None
         per_layer = dict(zip(LAYER_STATS, copy.tensor().numpy().T, strict=True))
+        self._queued = None  # only once read: a failed read (a broken device) leaves it queued
         eta_r = equilibrium_rate(self._rule, lr, self._optim.weight_decay, self._optim.betas, self._optim.momentum)
         layer_eta = np.array([eta_r if spec.weight_decay else 0.0 for spec in self.specs])
         per_layer["ratio"] = np.divide(per_layer["theta_mean"], layer_eta,

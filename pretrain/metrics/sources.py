@@ -197,7 +197,10 @@ class OptimizerSource:
             total += spec.num_neurons
         self.total = total
         self._axis = {spec.name: spec.neuron_axis for spec in specs}
-        self._routes = {key: self._route(m) for key, m in maps.items()}
+        # The sums live where the optimizer's tensors do: NCCL all-reduces device tensors only,
+        # and host sums would cost a copy (a sync) per tensor per measured step.
+        self.device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
+        self._routes = {key: tuple(t.to(self.device) for t in self._route(m)) for key, m in maps.items()}
         self._sums: Tensor | None = None
         self._before: dict[int, Tensor] = {}
         self._workspace = workspace_elements(specs)
@@ -223,7 +226,7 @@ class OptimizerSource:
 
         The hooks read the gradients the optimizer steps with, so no `grad_divisor` applies (DeepSpeed gives none).
         """
-        self._sums = torch.zeros(self.total, 4, dtype=torch.float64)
+        self._sums = torch.zeros(self.total, 4, dtype=torch.float64, device=self.device)
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._sums is None:
@@ -252,12 +255,12 @@ class OptimizerSource:
     def _add(self, p: Tensor, values: Tensor, column: int) -> None:
         if id(p) in self.maps:
             src, dst = self._routes[id(p)]
-            self._sums[:, column].index_add_(0, dst, self.maps[id(p)].sums(values.flatten())[src].cpu())
+            self._sums[:, column].index_add_(0, dst, self.maps[id(p)].sums(values.flatten())[src].to(self._sums))
         else:
             name = self.names[id(p)]
             axis = self._axis[name]
             dims = tuple(d for d in range(values.dim()) if d != axis)
-            self._sums[self.base[name]:self.base[name] + p.shape[axis], column] += values.sum(dim=dims).cpu()
+            self._sums[self.base[name]:self.base[name] + p.shape[axis], column] += values.sum(dim=dims).to(self._sums)
 
     def end(self) -> Tensor | None:
         sums, self._sums = self._sums, None
