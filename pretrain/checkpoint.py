@@ -350,14 +350,23 @@ def check_compatible(ckpt: Path, cfg: Config) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """Torch RNG streams (dropout). Data sampling needs none: it is a pure function of the step."""
+    """Torch RNG streams (dropout). Data sampling needs none: it is a pure function of the step.
+
+    On a GPU, the stream of this rank's own device only (the current one, which `train` sets): a
+    resume may see another number of GPUs (another node type, CUDA_VISIBLE_DEVICES).
+    """
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, list):  # written before session 10: every visible GPU's stream, this rank's among them
+        device = torch.cuda.current_device()
+        cuda = cuda[device] if device < len(cuda) else cuda[0]
+    torch.cuda.set_rng_state(cuda)

@@ -364,7 +364,7 @@ def _tracker_source(engine: Engine, table: list[ParamSpec]) -> OptimizerSource |
     view = engine.optimizer_view()
     if view is None:
         return FusedSource.build(engine.raw_model, engine.optimizer, specs)
-    return OptimizerSource(view.optimizer, specs, view.names, view.maps, view.group)
+    return OptimizerSource(view.optimizer, specs, view.names, view.maps, view.group, view.device)
 
 
 def _restore(ckpt: Path, engine: Engine, tracker: RotationTracker, world: World) -> tuple[int, float | None]:

@@ -15,11 +15,15 @@ from pretrain.checkpoint import (
     candidates,
     find_latest,
     newest_verified,
+    rng_state,
+    set_rng_state,
     verify_checkpoint,
     write_checkpoint,
 )
 from pretrain.cli import main
 from pretrain.errors import UserError
+from pretrain.parallel.engine import SingleEngine
+from pretrain.parallel.world import World
 from pretrain.train import train
 from tests.train_utils import tiny_args, tiny_config
 
@@ -38,6 +42,46 @@ def save_steps(run_dir: Path, steps: list[int], keep_last: int = 10) -> None:
 
 def names(paths: list[Path]) -> list[str]:
     return [p.name for p in paths]
+
+
+@pytest.mark.parametrize("device", [1, 3])
+def test_a_gpu_rank_keeps_its_own_rng_stream_and_resumes_on_another_gpu_count(monkeypatch, device):
+    # Faked CUDA: rank on cuda:1 of two visible GPUs. Its checkpoint holds its own device's stream, and
+    # a resume sets it on the current device whatever the number of GPUs; a checkpoint of an older
+    # version (every visible GPU's stream) gives the current device's, or the first where it has none.
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: device)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([device == "cuda"]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((state, device)))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every GPU's stream was saved"))
+    state = rng_state()
+    assert state["cuda"].tolist() == [True]  # the current device's
+    set_rng_state(state)
+    old = {"torch": torch.get_rng_state(), "cuda": [torch.tensor([0]), torch.tensor([1])]}
+    set_rng_state(old)
+    assert [(s.tolist(), d) for s, d in restored] == [([True], "cuda"), ([1 if device == 1 else 0], "cuda")]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU checkpoint resumed on a CPU
+    set_rng_state(state)
+    assert len(restored) == 2
+
+
+def test_every_rank_maps_the_saved_optimizer_state_onto_its_own_device(tmp_path, monkeypatch):
+    # Rank 0 saved it from its GPU; loaded as saved, every DDP rank would put a full copy on GPU 0.
+    model = torch.nn.Linear(4, 4)
+    engine = SingleEngine(model, torch.optim.AdamW(model.parameters()), World(0, 1, 0), torch.float32, 1.0)
+    model(torch.randn(2, 4)).sum().backward()
+    engine.optimizer.step()
+    engine.save_state(tmp_path)
+    load, mapped = torch.load, {}
+
+    def spied(path: Path, **kwargs: object) -> object:
+        mapped[Path(path).name] = kwargs.get("map_location")
+        return load(path, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spied)
+    engine.load_state(tmp_path)
+    assert mapped == {"optimizer.pt": engine.device}
 
 
 def test_latest_names_the_newest_and_keep_last_prunes_the_oldest(tmp_path):

@@ -126,8 +126,7 @@ def test_the_optimizer_hooks_source_measures_what_the_weights_show():
     cfg = OptimConfig(name="adamw", lr=3e-3, weight_decay=0.1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     hooks = OptimizerSource(optimizer, [s for s in table if s.tracked],
-                            {id(p): name for name, p in model.named_parameters()}, {}, None)
-    assert hooks.device.type == device
+                            {id(p): name for name, p in model.named_parameters()}, {}, None, torch.device(device))
     trackers = [RotationTracker(model, table, cfg, every=1), RotationTracker(model, table, cfg, every=1, source=hooks)]
     x = torch.randint(0, 128, (4, 32)).to(device)
     for step in (1, 2):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pretrain.optim import RotationalOptimizer
+from pretrain.parallel.zero_portable import scalar_device
 
 RULE_HYPER = {"adamw": dict(lr=1e-2, betas=(0.9, 0.95)), "lion": dict(lr=1e-3), "sgdm": dict(lr=0.05)}
 
@@ -170,3 +171,14 @@ def test_a_vector_may_rotate_as_a_whole() -> None:
     p.grad = torch.randn(10)
     opt.step()
     torch.testing.assert_close(p.norm(), norm)
+
+
+def test_a_portable_zero_resume_puts_step_counts_where_each_optimizer_reads_them() -> None:
+    """torch's fused (or capturable) AdamW reads its step count on the parameter's device, as its own
+    `load_state_dict` places it; torch's other AdamW and ours keep it on the host (reading it never
+    syncs). The `meta` tensor stands in for a GPU partition, which this machine may not have."""
+    params, partition = [torch.nn.Parameter(torch.zeros(4))], torch.zeros(4, device="meta")
+    assert scalar_device(torch.optim.AdamW(params, fused=True), partition) == partition.device
+    assert scalar_device(torch.optim.AdamW(params, capturable=True), partition) == partition.device
+    assert scalar_device(torch.optim.AdamW(params), partition) == torch.device("cpu")
+    assert scalar_device(RotationalOptimizer(params, rule="adamw", lr=1e-3), partition) == torch.device("cpu")

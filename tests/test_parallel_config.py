@@ -96,6 +96,7 @@ def test_deepspeed_fp16_loss_scaling_keys_pass_through_and_the_run_config_owns_e
     ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage=3 but parallel.zero_stage=1"),
     ({"optimizer": {"type": "Adam"}}, "sets 'optimizer', which the run config owns"),
     ({"zero_optimization": {"compute_grad_norm": False}}, "compute_grad_norm=false"),
+    ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "offload_optimizer, which this project's"),
 ])
 def test_a_deepspeed_json_that_contradicts_the_run_config_is_refused(tmp_path, content, message):
     path = tmp_path / "ds.json"

@@ -188,7 +188,7 @@ class OptimizerSource:
     """Sums taken inside `optimizer.step()` (pre/post step hooks) from the tensors it updates."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, specs: list[ParamSpec], names: dict[int, str],
-                 maps: dict[int, SegmentMap], group: Any) -> None:
+                 maps: dict[int, SegmentMap], group: Any, device: torch.device) -> None:
         self.specs, self.names, self.maps, self.group = specs, names, maps, group
         self.base: dict[str, int] = {}
         total = 0
@@ -197,9 +197,9 @@ class OptimizerSource:
             total += spec.num_neurons
         self.total = total
         self._axis = {spec.name: spec.neuron_axis for spec in specs}
-        # The sums live where the optimizer's tensors do: NCCL all-reduces device tensors only,
-        # and host sums would cost a copy (a sync) per tensor per measured step.
-        self.device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
+        # The sums live on the compute device: NCCL all-reduces device tensors only, and host
+        # sums would cost a copy (a sync) per tensor per measured step.
+        self.device = device
         self._routes = {key: tuple(t.to(self.device) for t in self._route(m)) for key, m in maps.items()}
         self._sums: Tensor | None = None
         self._before: dict[int, Tensor] = {}

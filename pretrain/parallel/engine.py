@@ -48,13 +48,16 @@ class OptimizerView:
 
     The optimizer updates its own tensors (flat fp32 partitions, mapped to neurons by `maps`,
     keyed by `id(flat)`); `names` maps `id(model parameter)` to its name; per-neuron sums of a
-    partitioned state are all-reduced over `group` (None: every rank holds whole tensors).
+    partitioned state are all-reduced over `group` (None: every rank holds whole tensors), on
+    `device`, the compute device: NCCL reduces device tensors only, and the optimizer's own
+    tensors say nothing of it (ZeRO-3 empties its groups outside a step).
     """
 
     optimizer: torch.optim.Optimizer
     names: dict[int, str]
     maps: dict[int, SegmentMap]
     group: Any
+    device: torch.device
 
 
 class Engine(Protocol):
@@ -215,7 +218,9 @@ class TorchEngine:
             raise UserError(f"{state_dir.parent} was not written by a single-process or DDP run; resume it with "
                             "the parallel.strategy it was trained with")
         load_model(unwrap(self.raw_model), str(state_dir / "model.safetensors"))
-        self.optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))
+        # Rank 0 saved it from its own GPU: every rank maps it onto its own device.
+        self.optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", map_location=self.device,
+                                                  weights_only=True))
         self._load_scaler(state_dir)
 
     def _save_scaler(self, state_dir: Path) -> None:

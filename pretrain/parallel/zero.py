@@ -2,7 +2,8 @@
 
 The run config is the one source of truth: `deepspeed_config` derives batch sizes, ZeRO stage,
 clipping and precision from it and merges the optional `parallel.deepspeed_config` JSON (bucket
-sizes, offload, ...) under them; a JSON that sets any of those keys differently is refused.
+sizes, ...) under them; a JSON that sets any of those keys differently is refused, and so is optimizer
+offload.
 
 After `deepspeed.initialize`, the client optimizer (ours) holds flat 1-D fp32 partitions instead
 of the weights. `segment_maps` reads DeepSpeed's flattening (where each model tensor sits in the
@@ -77,6 +78,12 @@ def deepspeed_config(cfg: Config, world: World, dtype: torch.dtype) -> dict[str,
     if zero.get("compute_grad_norm", True) is not True:
         raise UserError("parallel.deepspeed_config sets zero_optimization.compute_grad_norm=false, but the run "
                         "logs and checks the gradient norm every step; remove it from the JSON")
+    if str((zero.get("offload_optimizer") or {}).get("device", "none")).lower() != "none":
+        # DeepSpeed refuses a client optimizer there unless told not to, and then steps ours on host
+        # partitions whose per-neuron sums it would all-reduce over NCCL, which reduces device tensors only.
+        raise UserError("parallel.deepspeed_config sets zero_optimization.offload_optimizer, which this project's "
+                        "optimizers do not support; remove it from the JSON (a higher parallel.zero_stage also "
+                        "saves GPU memory)")
     zero["stage"] = cfg.parallel.zero_stage
     return {**user, **ours, "zero_optimization": zero}
 
@@ -106,6 +113,7 @@ class DeepSpeedEngine:
         deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
         # Taken before DeepSpeed partitions (ZeRO-3 keeps the parameter objects, emptied).
         self.names = {id(p): name for name, p in model.named_parameters()}
+        self.device = next(model.parameters()).device
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                 config=deepspeed_config(cfg, world, dtype))
         self.model: nn.Module = self.ds
@@ -159,7 +167,7 @@ class DeepSpeedEngine:
 
     def optimizer_view(self) -> OptimizerView:
         maps = {id(flat): m for flat, (m, _, _) in self.maps.items()}
-        return OptimizerView(self.optimizer, self.names, maps, dist.group.WORLD if self.stage else None)
+        return OptimizerView(self.optimizer, self.names, maps, dist.group.WORLD if self.stage else None, self.device)
 
     def export_state_dict(self) -> dict[str, torch.Tensor] | None:
         if self.stage == 3:

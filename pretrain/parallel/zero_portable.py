@@ -74,9 +74,17 @@ def load_portable(maps: dict, optimizer: torch.optim.Optimizer, zero_optimizer: 
                     raise UserError(f"{folder} lacks {what} of some tensors of a rotational group; it cannot resume")
                 state[what] = torch.cat(parts).to(flat.device)
         for what, value in scalars.items():
-            state[what] = value.clone()
+            state[what] = value.to(scalar_device(optimizer, flat), copy=True)
         _write_model_params(zero_optimizer, stage, j, flat, originals, [info.name for info in segment_map.tensors],
                             full)
+
+
+def scalar_device(optimizer: torch.optim.Optimizer, flat: torch.Tensor) -> torch.device:
+    """Where `optimizer` keeps `flat`'s step count: torch's fused or capturable AdamW reads it on the
+    parameter's device (its own `load_state_dict` puts it there); ours, like torch's other steps, on the host."""
+    settings = optimizer.defaults  # not its groups: ZeRO-3 empties them outside a step
+    on_device = isinstance(optimizer, torch.optim.AdamW) and (settings.get("fused") or settings.get("capturable"))
+    return flat.device if on_device else torch.device("cpu")
 
 
 def _assemble(folder: Path, infos: dict) -> tuple[dict, dict, dict]:
