@@ -2,6 +2,7 @@
 
 import json
 import typing
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from pretrain.config import ParallelConfig, load_config
 from pretrain.errors import UserError
 from pretrain.parallel import ENGINES
 from pretrain.parallel.world import World, check_world
-from pretrain.parallel.zero import deepspeed_config
+from pretrain.parallel.zero import DeepSpeedEngine, deepspeed_config
 from tests.train_utils import REPO
 
 
@@ -114,3 +115,15 @@ def test_the_shipped_deepspeed_json_is_accepted():
 
 def test_every_strategy_the_config_accepts_has_exactly_one_engine_builder():
     assert set(ENGINES) == set(typing.get_args(typing.get_type_hints(ParallelConfig)["strategy"]))
+
+
+def test_deepspeed_on_another_device_than_the_run_is_refused_in_one_line(monkeypatch):
+    # E.g. the CPU tests' DS_ACCELERATOR=cpu left set on a GPU node, or train.device=cpu there: DeepSpeed
+    # would move the model to its accelerator, away from the batches.
+    accelerator = pytest.importorskip("deepspeed.accelerator")
+    monkeypatch.setattr(accelerator, "get_accelerator", lambda: SimpleNamespace(device_name=lambda: "cuda"))
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    cfg = config("parallel.strategy=deepspeed", "parallel.zero_stage=1", "train.device=cpu")
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(UserError, match=r"accelerator is cuda \(DS_ACCELERATOR=cuda\) but the run trains on cpu"):
+        DeepSpeedEngine(model, torch.optim.AdamW(model.parameters()), World(0, 1, 0), cfg, [], torch.float32)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -108,12 +109,19 @@ class DeepSpeedEngine:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, world: World, cfg: Config,
                  table: list[ParamSpec], dtype: torch.dtype) -> None:
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
         self.raw_model, self.optimizer, self.world = model, optimizer, world
+        self.device = next(model.parameters()).device
+        accelerator = get_accelerator().device_name()
+        if accelerator != self.device.type:  # DeepSpeed would move the model there, away from the batches
+            raise UserError(f"DeepSpeed's accelerator is {accelerator} (DS_ACCELERATOR="
+                            f"{os.environ.get('DS_ACCELERATOR', 'unset')}) but the run trains on {self.device} "
+                            f"(train.device={cfg.train.device}); make them agree: set "
+                            f"DS_ACCELERATOR={self.device.type} or train.device")
         deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
         # Taken before DeepSpeed partitions (ZeRO-3 keeps the parameter objects, emptied).
         self.names = {id(p): name for name, p in model.named_parameters()}
-        self.device = next(model.parameters()).device
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                 config=deepspeed_config(cfg, world, dtype))
         self.model: nn.Module = self.ds
