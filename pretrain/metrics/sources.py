@@ -234,33 +234,40 @@ class OptimizerSource:
         for p in self._tracked(optimizer):
             self._before[id(p)] = p.detach().clone()
             if p.grad is not None:
-                self._add(p, p.grad.double().square(), column=3)
+                self._add(p, slice(3, 4), [_grad_square_sums(g, axis, g.shape[axis], g.device).unsqueeze(1)
+                                           for g, axis in self._pieces(p, p.grad)])
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._sums is None:
             return
+        workspace: Tensor | None = None
         for p in self._tracked(optimizer):
-            before = self._before.pop(id(p))
-            if id(p) in self.maps:
-                w0 = before.double()
-                dw = p.detach().double() - w0
-                for column, values in enumerate((w0 * w0, w0 * dw, dw * dw)):
-                    self._add(p, values, column)
-            else:  # a whole tensor (ZeRO stage 0)
-                name = self.names[id(p)]
-                rows = slice(self.base[name], self.base[name] + p.shape[self._axis[name]])
+            if workspace is None:
                 workspace = torch.empty(self._workspace, dtype=torch.float64, device=p.device)
-                self._sums[rows, :3] += neuron_sums(before, p.detach(), self._axis[name], workspace).to(self._sums)
+            pieces = zip(self._pieces(p, self._before.pop(id(p))), self._pieces(p, p.detach()), strict=True)
+            self._add(p, slice(0, 3), [neuron_sums(w0, w1, axis, workspace) for (w0, axis), (w1, _) in pieces])
 
-    def _add(self, p: Tensor, values: Tensor, column: int) -> None:
+    def _pieces(self, p: Tensor, t: Tensor) -> list[tuple[Tensor, int]]:
+        """`t` (shaped like `p`) in pieces with a neuron axis: a partition's blocks, or the whole tensor (ZeRO 0).
+
+        Summed piece by piece (`neuron_sums` in its bounded workspace), a measured step makes no
+        float64 copy of a whole partition: those took up to 40 bytes an element at once."""
         if id(p) in self.maps:
-            src, dst = self._routes[id(p)]
-            self._sums[:, column].index_add_(0, dst, self.maps[id(p)].sums(values.flatten())[src].to(self._sums))
-        else:
-            name = self.names[id(p)]
-            axis = self._axis[name]
-            dims = tuple(d for d in range(values.dim()) if d != axis)
-            self._sums[self.base[name]:self.base[name] + p.shape[axis], column] += values.sum(dim=dims).to(self._sums)
+            return [(block.view(t), 1 if block.columns else 0) for block in self.maps[id(p)].blocks]
+        return [(t, self._axis[self.names[id(p)]])]
+
+    def _add(self, p: Tensor, columns: slice, sums: list[Tensor]) -> None:
+        """Add the [neurons, k] sums of `p`'s pieces into `columns` of its tracker rows."""
+        if id(p) not in self.maps:
+            start = self.base[self.names[id(p)]]
+            self._sums[start:start + len(sums[0]), columns] += sums[0].to(self._sums)
+            return
+        segment_map = self.maps[id(p)]
+        part = self._sums.new_zeros(segment_map.num_neurons, columns.stop - columns.start)
+        for block, piece in zip(segment_map.blocks, sums, strict=True):
+            part[block.neurons] += piece.to(part)
+        src, dst = self._routes[id(p)]
+        self._sums[:, columns].index_add_(0, dst, part[src])
 
     def end(self) -> Tensor | None:
         sums, self._sums = self._sums, None
