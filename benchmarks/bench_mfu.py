@@ -277,6 +277,8 @@ def main() -> None:
             f"train.precision={args.precision}", "parallel.strategy=single", *args.overrides]
     cfg = load_config(args.config, base)
     device = pick_device(cfg.train.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # as `pretrain train` does: Triton launches on the current device
     dtype = pick_precision(cfg.train.precision, device)
     torch.manual_seed(0)
     model = build_model(cfg.model, args.vocab, args.seq_len, eos_id=0).to(device)
