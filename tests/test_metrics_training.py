@@ -11,7 +11,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from pretrain.config import OptimConfig
-from pretrain.metrics import RotationTracker
+from pretrain.metrics import LAYER_METRICS, RotationTracker
 from pretrain.metrics.sources import OptimizerSource
 from pretrain.params import classify_parameters
 
@@ -139,4 +139,6 @@ def test_the_optimizer_hooks_source_measures_what_the_weights_show():
             tracker.queue_measure(step, cfg.lr)
     weights, hooked = (tracker.history.values for tracker in trackers)
     assert np.isfinite(weights).all()
-    np.testing.assert_allclose(hooked, weights, rtol=1e-7)  # the gradient norms are summed in another order
+    grads = LAYER_METRICS.index("grad_norm")  # summed in another order (and on a GPU by another kernel)
+    np.testing.assert_allclose(np.delete(hooked, grads, axis=2), np.delete(weights, grads, axis=2), rtol=1e-7)
+    np.testing.assert_allclose(hooked[:, :, grads], weights[:, :, grads], rtol=1e-5)
