@@ -51,14 +51,18 @@ CUTS = [(0, 30), (30, 61), (61, 83), (5, 6), (29, 62)]
 
 
 @pytest.mark.parametrize(("lo", "hi"), CUTS)
-def test_sums_match_a_per_element_reference(lo, hi):
+def test_blocks_give_each_element_its_neuron_as_a_per_element_reference_does(lo, hi):
     _, _, total = layout()
-    values = torch.randn(total, dtype=torch.float64)
-    ids = reference_neurons(total)[lo:hi]
-    expected = np.zeros(4 + 5 + 1)
-    np.add.at(expected, ids[ids >= 0], values[lo:hi].numpy()[ids >= 0])
-    got = partition_map(lo, hi).sums(values[lo:hi])
-    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-12)
+    got = np.full(hi - lo, -1)  # padding stays -1
+    for block in partition_map(lo, hi).blocks:
+        elements = block.view(torch.arange(hi - lo))
+        neurons = torch.arange(block.neurons.start, block.neurons.stop)
+        neurons = neurons.view(1, -1) if block.columns else neurons.view(-1, 1)
+        got[elements.flatten().numpy()] = neurons.expand_as(elements).flatten().numpy()
+    expected = np.full(hi - lo, -1)  # a partition may reach past the last tensor (trailing padding)
+    reference = reference_neurons(total)[lo:hi]
+    expected[:len(reference)] = reference
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_partitions_add_up_to_the_whole_tensors():

@@ -111,13 +111,6 @@ class SegmentMap:
                 yield Block(offset, rows, width, base if columns else base + row, columns)
             start, offset = start + count, offset + count
 
-    def sums(self, values: Tensor) -> Tensor:
-        """Per-neuron sums of a per-element tensor over this partition's elements: [num_neurons] (local part)."""
-        out = values.new_zeros(self.num_neurons)
-        for block in self.blocks:
-            out[block.neurons] += block.view(values).sum(dim=0 if block.columns else 1)
-        return out
-
     def rotation_sums(self, w: Tensor, u: Tensor, zero_mean: bool) -> Tensor:
         """[6 or 3, num_neurons] float32 local sums: ||w||^2, ||u||^2, <u, w> (and sum w, sum u, count)."""
         out = torch.zeros(6 if zero_mean else 3, self.num_neurons, dtype=torch.float32, device=w.device)
