@@ -391,15 +391,23 @@ def train(cfg: Config, resume: str | None = None, stop_at: int | None = None) ->
     world = check_world(cfg)
     device = pick_device(cfg.train.device, world.local_rank, world.size)
     created_group = init_world(cfg, device)
+    finished = False
     try:
-        with setup(cfg, world, device, resume, stop_at) as run:
-            result = _loop(run)
-            if world.is_main:
-                plot_loss_curves(read_metrics(run.run_dir), run.run_dir / "loss.png")
+        result = _run(cfg, world, device, resume, stop_at)
+        finished = True
         return result
     finally:
         if created_group:
-            close_world()
+            close_world(finished)
+
+
+def _run(cfg: Config, world: World, device: torch.device, resume: str | None, stop_at: int | None) -> TrainResult:
+    """Build, train, plot: the run's objects (model, optimizer, sharded tensors) die with this frame."""
+    with setup(cfg, world, device, resume, stop_at) as run:
+        result = _loop(run)
+        if world.is_main:
+            plot_loss_curves(read_metrics(run.run_dir), run.run_dir / "loss.png")
+    return result
 
 
 def _loop(run: Run) -> TrainResult:

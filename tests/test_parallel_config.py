@@ -1,16 +1,20 @@
-"""The launch check and the DeepSpeed config derived from the run config (no processes started)."""
+"""The launch check, the DeepSpeed config derived from the run config, the step watchdog and leaving the group."""
 
 import json
+import subprocess
+import sys
 import typing
+import weakref
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from pretrain.config import ParallelConfig, load_config
 from pretrain.errors import UserError
 from pretrain.parallel import ENGINES
-from pretrain.parallel.world import World, check_world
+from pretrain.parallel.world import StepWatchdog, World, check_world, close_world
 from pretrain.parallel.zero import DeepSpeedEngine, deepspeed_config
 from tests.train_utils import REPO
 
@@ -127,3 +131,40 @@ def test_deepspeed_on_another_device_than_the_run_is_refused_in_one_line(monkeyp
     model = torch.nn.Linear(4, 4)
     with pytest.raises(UserError, match=r"accelerator is cuda \(DS_ACCELERATOR=cuda\) but the run trains on cpu"):
         DeepSpeedEngine(model, torch.optim.AdamW(model.parameters()), World(0, 1, 0), cfg, [], torch.float32)
+
+
+def test_the_step_watchdog_thread_ends_with_stop():
+    """No thread of the run lives on into interpreter exit (where a waking thread can abort the process)."""
+    watchdog = StepWatchdog(limit_s=60.0, rank=0, enabled=True)
+    thread = watchdog._thread
+    assert thread is not None and thread.is_alive()
+    watchdog.beat(1)
+    watchdog.stop()
+    assert not thread.is_alive()
+
+
+def test_a_stalled_step_ends_the_process_with_one_line():
+    code = ("import time\nfrom pretrain.parallel.world import StepWatchdog\n"
+            "w = StepWatchdog(limit_s=0.3, rank=1, enabled=True)\nw.beat(1); w.beat(2)\ntime.sleep(30)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: rank 1: step 2 made no progress"), done.stderr
+    assert "--resume auto" in lines[0]
+
+
+def test_close_world_frees_the_runs_cycles_before_it_leaves_the_group(tmp_path):
+    """FSDP2's modules and DTensors sit in reference cycles that hold the process group; left to the
+    interpreter's exit, their teardown races gloo's threads. close_world collects them while the group lives."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    group_alive_when_freed: list[bool] = []
+
+    class Holder:  # a cycle, as a sharded module and its state form
+        pass
+
+    holder = Holder()
+    holder.me = holder
+    weakref.finalize(holder, lambda: group_alive_when_freed.append(dist.is_initialized()))
+    del holder
+    close_world(finished=True)
+    assert group_alive_when_freed == [True] and not dist.is_initialized()

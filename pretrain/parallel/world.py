@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import sys
 import threading
@@ -115,9 +116,21 @@ def init_world(cfg: Config, device: torch.device) -> bool:
     return True
 
 
-def close_world() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def close_world(finished: bool) -> None:
+    """Leave the process group. `finished`: every rank got here without an error, so they can meet first.
+
+    The run's objects are collected while the interpreter is whole: FSDP2 modules and DTensors form
+    reference cycles that hold the group, and one freed at interpreter exit lets gloo's worker threads
+    touch Python objects as it shuts down (seen once: "terminate called without an active exception",
+    SIGABRT on a rank that had finished). The barrier keeps a rank from closing its connections while
+    a peer still sends on them. A failed rank skips it: its peers may be gone.
+    """
+    if not dist.is_initialized():
+        return
+    gc.collect()
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def average_over_ranks(values: torch.Tensor) -> torch.Tensor:
@@ -173,9 +186,11 @@ class StepWatchdog:
         self._armed = False
         self._longest = 0.0
         self._step = 0
-        self._running = enabled
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
         if enabled:
-            threading.Thread(target=self._watch, name="step-watchdog", daemon=True).start()
+            self._thread = threading.Thread(target=self._watch, name="step-watchdog", daemon=True)
+            self._thread.start()
 
     def beat(self, step: int) -> None:
         """A new step begins."""
@@ -204,13 +219,15 @@ class StepWatchdog:
                 self._started = time.monotonic()
 
     def stop(self) -> None:
-        self._running = False
+        """End the watch and wait for its thread: no thread of ours outlives the run into interpreter exit."""
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join()
 
     def _watch(self) -> None:
-        while self._running:
-            time.sleep(min(1.0, self.limit_s / 10))
+        while not self._stopped.wait(min(1.0, self.limit_s / 10)):
             with self._lock:
-                if not (self._running and self._armed and self._started is not None):
+                if not (self._armed and self._started is not None):
                     continue
                 limit = max(self.limit_s, 10 * self._longest)
                 stalled = time.monotonic() - self._started
