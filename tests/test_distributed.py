@@ -251,6 +251,21 @@ def test_bf16_mixed_precision_trains_under_each_strategy(runs, strategy):
     assert "precision: bf16" in (runs.runs["llama", "rv-adamw", strategy, BF16] / "config.yaml").read_text()
 
 
+def test_a_bf16_deepspeed_run_exports_its_fp32_master_weights(runs):
+    """The model DeepSpeed runs on is bf16; the exported one is what the optimizer holds, as under DDP
+    and FSDP2 (DeepSpeed's own zero_to_fp32 reads the same masters from the checkpoint)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    run = runs.runs["llama", "rv-adamw", "zero2", BF16]
+    exported = final_weights(run)
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints" / latest / "state"))
+    assert exported.keys() <= masters.keys()
+    for name, w in exported.items():
+        assert w.dtype == torch.float32 and torch.equal(w, masters[name]), name
+    assert any(not torch.equal(w, w.bfloat16().float()) for w in exported.values())  # not bf16 values
+
+
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_resume_equals_uninterrupted_run(runs, strategy):
     straight, out = runs.runs["llama", "rv-adamw", strategy, ""], runs.resumed[strategy]

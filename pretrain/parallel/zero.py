@@ -178,15 +178,15 @@ class DeepSpeedEngine:
         return OptimizerView(self.optimizer, self.names, maps, dist.group.WORLD if self.stage else None, self.device)
 
     def export_state_dict(self) -> dict[str, torch.Tensor] | None:
-        if self.stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(self.raw_model.parameters()), modifier_rank=None):
-                state = {k: v.detach().cpu().clone() for k, v in self.raw_model.state_dict().items()} \
-                    if self.world.is_main else None
-        else:
-            state = self.raw_model.state_dict() if self.world.is_main else None
-        return fold_gains(state, self.raw_model) if state is not None else None
+        """The fp32 master weights, as the torch engines export them (not the bf16/fp16 copies the model runs on)."""
+        if self.stage == 0:  # fp32 only (check_world): the model's own weights are the masters
+            return fold_gains(self.raw_model.state_dict(), self.raw_model) if self.world.is_main else None
+        masters = full_masters(self.maps, self.world.is_main)
+        if not self.world.is_main:
+            return None
+        params = {name for name, _ in self.raw_model.named_parameters(remove_duplicate=False)}
+        buffers = {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items() if k not in params}
+        return fold_gains({**buffers, **masters}, self.raw_model)
 
     def save_state(self, state_dir: Path) -> None:
         # save_latest: DeepSpeed's own tools (zero_to_fp32.py, ds_to_universal) find the tag without -t.
@@ -261,6 +261,30 @@ def segment_maps(zero_optimizer: Any, table: list[ParamSpec], names: dict[int, s
             maps[fp32] = (SegmentMap(tensors, segments, fp32.numel(), group), list(originals),
                           opt.sub_group_to_group_id[j])
     return maps
+
+
+def full_masters(maps: SegmentMaps, is_main: bool) -> dict[str, torch.Tensor]:
+    """Every model tensor's fp32 master weights, assembled on the group's first rank (empty elsewhere).
+
+    Each rank owns disjoint runs of each tensor (its segments); a tensor is rebuilt from zeros plus every
+    rank's runs by one sum-reduce, exact because each element has exactly one nonzero term. One tensor at a
+    time: the peak is the largest tensor, not the model (DeepSpeed's GatheredParameters held all of it on
+    every rank). Every rank walks the maps in the same order, so the collectives match.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for flat, (segment_map, _, _) in maps.items():
+        group = segment_map.group
+        by_tensor: dict[int, list[Segment]] = {}
+        for seg in segment_map.segments:
+            by_tensor.setdefault(seg.tensor, []).append(seg)
+        for k, info in enumerate(segment_map.tensors):
+            full = torch.zeros(math.prod(info.shape), dtype=torch.float32, device=flat.device)
+            for seg in by_tensor.get(k, []):
+                full[seg.start:seg.start + seg.length] = flat[seg.offset:seg.offset + seg.length]
+            dist.reduce(full, dst=dist.get_global_rank(group, 0), group=group)
+            if is_main:
+                out[info.name] = full.view(info.shape).cpu()
+    return out
 
 
 def _offset(view: torch.Tensor, flat: torch.Tensor) -> int:
