@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--names", default="torch-fused,adamw,adamw:eager,rv-adamw,rv-adamw:eager,rv-adamw+sums,"
                                           "lion,lion:eager,rv-lion,rv-lion:eager,sgdm,rv-sgdm")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (benchmarks/bench_optim.py times the steps on a CPU)")
     shapes = (llama_shapes if args.set == "llama" else gpt2_shapes)(args.layers)
     optimizers = {}
     default_tiles = fused.ROW_TILE, fused.COLUMN_TILE
