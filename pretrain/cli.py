@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from pretrain.errors import USER_ERROR, UserError, disk_error
@@ -31,6 +32,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from pretrain.train import train
 
     result = train(cfg, resume=args.resume, stop_at=args.stop_at)
+    if result.stopped_by is not None:  # every rank exits with the signal's code (rank 0 has said why)
+        sys.exit(128 + result.stopped_by)
     if not result.is_main:  # rank 0 reports and samples for the whole run
         return
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
@@ -78,14 +81,20 @@ def _add_recipe(parser: argparse.ArgumentParser) -> None:
 def _cmd_study(args: argparse.Namespace) -> None:
     from pretrain.study import load_study
     from pretrain.study_report import write_report
-    from pretrain.study_run import LOG_FILE, launch_commands, run_study
+    from pretrain.study_run import LOG_FILE, STOPPED, launch_commands, run_study
 
     study = load_study(args.file, args.overrides, args.out_dir)
     if args.print_commands:
         print("\n".join(launch_commands(study, args.launcher)))
         return
-    failed = [] if args.report_only else [o for o in run_study(study, args.jobs) if o.status == "failed"]
+    outcomes = [] if args.report_only else run_study(study, args.jobs)
+    failed = [o for o in outcomes if o.status == "failed"]
+    stopped = [o for o in outcomes if o.status == STOPPED]
     print(f"report: {write_report(study)}")
+    if stopped and not failed:
+        print(f"study stopped by {signal.Signals(stopped[0].signal).name}: {len(stopped)} cell(s) checkpointed; "
+              "re-run the same command to resume", file=sys.stderr, flush=True)
+        sys.exit(128 + stopped[0].signal)
     if failed:
         raise UserError(f"{len(failed)} of {len(study.cells)} cells failed ({', '.join(o.name for o in failed[:3])}"
                         f"{', ...' if len(failed) > 3 else ''}); read <cell>/{LOG_FILE}, fix, and re-run to resume")

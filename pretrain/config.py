@@ -187,6 +187,8 @@ class CheckpointConfig:
     """Newest checkpoints kept; older ones are pruned; default 3."""
     save_final: bool = True
     """Also write a checkpoint at the run's last step; default true."""
+    on_signal: bool = True
+    """On SIGTERM/SIGUSR1 (a stop notice), checkpoint after the running step, exit 128+signal; default true."""
 
 
 @dataclass

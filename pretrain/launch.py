@@ -1,10 +1,12 @@
-"""`python -m pretrain.launch`: torchrun, minus its failure report when the run stopped on a user error.
+"""`python -m pretrain.launch`: torchrun, minus its failure report when rank 0 has said why the run stopped.
 
 It takes exactly torchrun's arguments (`python -m pretrain.launch --nproc_per_node 2 -m pretrain train
 CONFIG ...`). When rank 0 stops on bad input it has already printed the one-line `error: ...`, and
 every rank exits with USER_ERROR; plain torchrun then adds its own ChildFailedError traceback and the
-exit codes of every rank. This wrapper drops that report in exactly that case and exits with
-USER_ERROR itself; any other failure (a crash, a killed rank) keeps torchrun's full report.
+exit codes of every rank. The same holds for a run stopped by SIGTERM or SIGUSR1 after a checkpoint
+(rank 0's `stopped by ...` line, exit code 128 + the signal). This wrapper drops that report in exactly
+those cases and exits with the ranks' code itself; any other failure (a crash, a killed rank) keeps
+torchrun's full report.
 """
 
 from __future__ import annotations
@@ -31,11 +33,18 @@ class _HoldFailureLines(logging.Filter):
         return True
 
 
-def _user_error_only(failures: dict) -> bool:
-    """Whether the first rank to fail exited with USER_ERROR and the others did too or were stopped for it."""
+def _said_on_stderr(failures: dict) -> int | None:
+    """The exit code, where the first rank to fail ended the way rank 0 has said on stderr (bad input, or a
+    stop notice with a checkpoint: pretrain/parallel/stop.py) and the others did too or were stopped for it;
+    None where some rank failed otherwise (its report is kept)."""
+    from pretrain.parallel.stop import SIGNALS  # not before a failure: the launcher itself stays light
+
+    said = (USER_ERROR, *(128 + sig for sig in SIGNALS))
     first = min(failures.values(), key=lambda f: f.timestamp)
-    stopped = (-signal.SIGTERM, -signal.SIGKILL, USER_ERROR)
-    return first.exitcode == USER_ERROR and all(f.exitcode in stopped for f in failures.values())
+    stopped = (-signal.SIGTERM, -signal.SIGKILL, first.exitcode)
+    if first.exitcode in said and all(f.exitcode in stopped for f in failures.values()):
+        return first.exitcode
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(parse_args(argv))
     except ChildFailedError as exc:
-        if _user_error_only(exc.failures):
-            return USER_ERROR
+        said = _said_on_stderr(exc.failures)
+        if said is not None:
+            return said
         failure_logger.removeFilter(hold)
         for record in hold.held:
             failure_logger.handle(record)

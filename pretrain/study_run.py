@@ -29,6 +29,7 @@ from pretrain.study import Cell, Study
 DIVERGED_FILE = "study-diverged.json"
 LOG_FILE = "train.log"
 RUNNING_ELSEWHERE = "running elsewhere"
+STOPPED = "stopped"
 
 
 def cell_status(cell: Cell) -> str:
@@ -49,9 +50,10 @@ def cell_status(cell: Cell) -> str:
 @dataclass(frozen=True)
 class CellOutcome:
     name: str
-    status: str  # done | diverged | failed | running elsewhere
+    status: str  # done | diverged | failed | running elsewhere | stopped
     seconds: float
     message: str = ""
+    signal: int = 0  # `stopped`: the stop notice (SIGTERM, SIGUSR1) the cell checkpointed and stopped for
 
 
 def run_cell(cell: Cell) -> CellOutcome:
@@ -81,6 +83,9 @@ def run_cell(cell: Cell) -> CellOutcome:
             traceback.print_exc()
             reason = str(exc).partition("\n")[0]
             return CellOutcome(cell.name, "failed", time.perf_counter() - start, f"{type(exc).__name__}: {reason}")
+    if result.stopped_by is not None:  # a stop notice: checkpointed, resumable
+        return CellOutcome(cell.name, STOPPED, time.perf_counter() - start,
+                           f"by {result.stopped_by.name} after step {result.step}", int(result.stopped_by))
     val = f"val loss {result.val_loss:.4f}" if result.val_loss is not None else "no val loss"
     return CellOutcome(cell.name, "done", time.perf_counter() - start, val)
 
@@ -123,6 +128,8 @@ def run_study(study: Study, jobs: int = 1) -> list[CellOutcome]:
     if jobs == 1:
         for cell in todo:
             report(run_cell(cell))
+            if outcomes[-1].status == STOPPED:  # the notice was for the study: no further cell starts
+                break
     else:
         # Split the cores between the workers instead of letting each grab them all.
         threads = max(1, (os.cpu_count() or 1) // jobs)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +46,7 @@ from pretrain.model import build_model, save_hf_model
 from pretrain.parallel import (
     Engine,
     StepWatchdog,
+    StopSignals,
     World,
     average_over_ranks,
     barrier,
@@ -71,6 +74,7 @@ class TrainResult:
     val_loss: float | None = None
     checkpoint: Path | None = None
     is_main: bool = True  # rank 0 (the one that writes the run directory)
+    stopped_by: signal.Signals | None = None  # a stop notice (SIGTERM, SIGUSR1) ended the run early, checkpointed
 
 
 @dataclass
@@ -411,15 +415,20 @@ def _run(cfg: Config, world: World, device: torch.device, resume: str | None, st
 
 
 def _loop(run: Run) -> TrainResult:
-    """Steps start_step+1 .. end_step; eval, logging and checkpoints are all due at end_step too."""
+    """Steps start_step+1 .. end_step; eval, logging and checkpoints are all due at end_step too.
+
+    A stop notice (SIGTERM, SIGUSR1; parallel/stop.py) ends it after the running step, with a checkpoint.
+    """
     cfg, end = run.cfg, run.end_step
     result = TrainResult(run.run_dir, run.start_step, is_main=run.world.is_main)
     window, skips, records = Window(), 0, Records(run)
     with tqdm(total=cfg.train.steps, initial=run.start_step, dynamic_ncols=True,
-              disable=not (cfg.logging.progress and run.world.is_main)) as progress, records:
+              disable=not (cfg.logging.progress and run.world.is_main)) as progress, records, \
+            StopSignals(run.device, cfg.checkpoint.on_signal) as stop:
         for step in range(run.start_step + 1, end + 1):
             if run.watchdog is not None:
                 run.watchdog.beat(step)
+            stop.vote()
             outcome = train_step(run, step)
             records.write_held()  # the step before's rotation metrics arrived while this step ran
             result.step = step
@@ -427,23 +436,29 @@ def _loop(run: Run) -> TrainResult:
                 skips = _count_skip(run, outcome, skips)
                 if run.world.is_main:  # one line per launch, not one per rank
                     progress.write(_skip_line(run, outcome, skips))
-                if _due(step, cfg.checkpoint.every, end if cfg.checkpoint.save_final else None):
-                    result.checkpoint = save_checkpoint(run, step)  # the last good weights, under this step
-                continue
-            skips, result.losses[step] = 0, outcome.loss
-            window.add(run.tokens_per_step, outcome.loss)
-            record = {}
-            if _due(step, cfg.logging.log_every, end):
-                record.update(_train_scalars(run, outcome, *window.take()))
-            if _due(step, cfg.train.eval_every, end):
-                run.val_loss = record["val/loss"] = _evaluate(run)
-            records.add(step, record, outcome.measured)
-            progress.set_postfix_str(f"loss {outcome.loss:.3f} lr {outcome.lr:.2e} {run.tracker.summary_line()}",
-                                     refresh=False)
-            progress.update(1)
-            if _due(step, cfg.checkpoint.every, end if cfg.checkpoint.save_final else None):
+            else:
+                skips, result.losses[step] = 0, outcome.loss
+                window.add(run.tokens_per_step, outcome.loss)
+                record = {}
+                if _due(step, cfg.logging.log_every, end):
+                    record.update(_train_scalars(run, outcome, *window.take()))
+                if _due(step, cfg.train.eval_every, end):
+                    run.val_loss = record["val/loss"] = _evaluate(run)
+                records.add(step, record, outcome.measured)
+                progress.set_postfix_str(f"loss {outcome.loss:.3f} lr {outcome.lr:.2e} "
+                                         f"{run.tracker.summary_line()}", refresh=False)
+                progress.update(1)
+            signal_ = stop.agreed() if step < end else None
+            if signal_ is not None or _due(step, cfg.checkpoint.every, end if cfg.checkpoint.save_final else None):
                 records.write_held()  # the metrics file reaches every step a checkpoint holds
+                # After a skipped step: the last good weights, under this step.
                 result.checkpoint = save_checkpoint(run, step)
+            if signal_ is not None:
+                result.stopped_by = signal_
+                if run.world.is_main:  # now: once a rank exits, torchrun's agent stops the others
+                    print(f"stopped by {signal_.name} after step {step}: checkpoint {result.checkpoint}; continue it "
+                          "with --resume auto", file=sys.stderr, flush=True)
+                break
     result.val_loss = run.val_loss
     return result
 

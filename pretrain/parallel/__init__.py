@@ -14,6 +14,7 @@ from torch import nn
 from pretrain.config import Config
 from pretrain.optim import build_optimizer
 from pretrain.parallel.engine import DDPEngine, Engine, FSDPEngine, OptimizerView, SingleEngine
+from pretrain.parallel.stop import StopSignals
 from pretrain.parallel.world import (
     StepWatchdog,
     World,
@@ -27,8 +28,8 @@ from pretrain.parallel.world import (
 )
 from pretrain.params import ParamSpec
 
-__all__ = ["ENGINES", "Engine", "OptimizerView", "StepWatchdog", "World", "average_over_ranks", "barrier",
-           "build_engine", "check_world", "close_world", "decided_by_main", "init_world", "mean_over_ranks"]
+__all__ = ["ENGINES", "Engine", "OptimizerView", "StepWatchdog", "StopSignals", "World", "average_over_ranks",
+           "barrier", "build_engine", "check_world", "close_world", "decided_by_main", "init_world", "mean_over_ranks"]
 
 EngineBuilder = Callable[[Config, nn.Module, list[ParamSpec], World, torch.dtype], Engine]
 

@@ -1,0 +1,136 @@
+"""A stop notice (SIGTERM, SIGUSR1) ends a run after the running step with a checkpoint: one process,
+two ranks of which only one got the signal (they must still stop at the same step), and a study."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.parallel.stop import StopSignals
+from pretrain.study import load_study
+from tests.test_distributed import free_port, launch_env
+from tests.test_study import write_study
+from tests.train_utils import REPO, tiny_args
+
+# Far more steps than the test waits for: the run is always stopped by the signal.
+LONG = ["train.steps=100000", "checkpoint.every=100000", "train.eval_every=100000", "logging.rotation_every=3"]
+
+
+def test_a_signal_is_noted_and_the_old_handler_comes_back():
+    before = signal.getsignal(signal.SIGUSR1)
+    with StopSignals(torch.device("cpu"), enabled=True) as stop:
+        stop.vote()  # one process: no vote to take
+        assert stop.agreed() is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.agreed() == signal.SIGUSR1
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_disabled_it_leaves_the_handlers_alone():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals(torch.device("cpu"), enabled=False) as stop:
+        assert signal.getsignal(signal.SIGTERM) is before
+        assert stop.agreed() is None
+
+
+def wait_for_steps(run_dir: Path, at_least: int, proc: subprocess.Popen) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0]
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= at_least:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the run did not start stepping")
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_stopped_with_a_checkpoint(run_dir: Path, out: str) -> int:
+    """The one line, and a checkpoint at the step it names, which the metrics file reaches."""
+    lines = [line for line in out.splitlines() if line.startswith("stopped by")]
+    assert len(lines) == 1, out
+    step = int(lines[0].split("after step ")[1].split(":")[0])
+    assert f"checkpoints/step_{step:06d}" in lines[0] and lines[0].endswith("continue it with --resume auto")
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{step:06d}"
+    assert logged_steps(run_dir) == list(range(1, step + 1))  # every step, the measured ones' held records too
+    return step
+
+
+def test_sigterm_checkpoints_the_running_step_and_the_run_resumes_from_it(tiny_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "pretrain", "train", *tiny_args(tiny_data_dir, run_dir, *LONG)]
+    proc = subprocess.Popen(args, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    wait_for_steps(run_dir, 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    step = assert_stopped_with_a_checkpoint(run_dir, out)
+    assert "Traceback" not in out
+    resumed = subprocess.run([*args, "--resume", "auto", "--stop-at", str(step + 2)], cwd=REPO, env=launch_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"checkpoints/step_{step:06d} at step {step}" in resumed.stdout
+    assert logged_steps(run_dir) == list(range(1, step + 3))
+
+
+def worker_pids(agent: int) -> dict[int, int]:
+    """rank -> pid of the torchrun agent's worker processes."""
+    out: dict[int, int] = {}
+    for child in Path(f"/proc/{agent}/task/{agent}/children").read_text().split():
+        env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        rank = next((int(v.split(b"=")[1]) for v in env if v.startswith(b"RANK=")), None)
+        if rank is not None:
+            out[rank] = int(child)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tiny_data_dir, tmp_path, strategy):
+    """Rank 1 alone gets SIGUSR1 (a scheduler's notice reaches the ranks at different moments): rank 0
+    must stop at the same step, or the checkpoint's collectives would hang. Through `pretrain.launch`:
+    rank 0's line, no launcher report, the signal's exit code."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pretrain.launch", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "pretrain", "train",
+           *tiny_args(tiny_data_dir, run_dir, *LONG, f"parallel.strategy={strategy}")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for_steps(run_dir, 5, proc)
+    pids = worker_pids(proc.pid)
+    assert sorted(pids) == [0, 1]
+    os.kill(pids[1], signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGUSR1, err
+    assert "Traceback" not in err and "ChildFailedError" not in err, err
+    step = assert_stopped_with_a_checkpoint(run_dir, err)
+    state = run_dir / "checkpoints" / f"step_{step:06d}" / "state"
+    assert state.is_dir() and any(state.iterdir())
+
+
+def test_a_study_stops_with_its_running_cell_checkpointed_and_starts_no_other(tiny_data_dir, tmp_path):
+    path = write_study(tmp_path, tiny_data_dir, {"optim.name": ["rv-adamw"], "train.seed": [0, 1]}, overrides=LONG)
+    study = load_study(path)
+    first, second = (cell.run_dir for cell in study.cells)
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain", "study", str(path)], cwd=REPO, env=launch_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(first, 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, out + err
+    assert err.strip().splitlines()[-1] == ("study stopped by SIGTERM: 1 cell(s) checkpointed; re-run the same "
+                                           "command to resume")
+    assert (first / "checkpoints" / "latest").is_file() and not second.exists()
+    assert "stopped in" in out and "report:" in out
