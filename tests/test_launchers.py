@@ -349,6 +349,28 @@ def test_sbatch_script_runs_node_script_once_per_node():
     assert 'srun --kill-on-bad-exit=1 bash launch/slurm/node.sh "$@"' in text
 
 
+def test_sbatch_script_launches_through_pretrain_launch_with_the_projects_python(tmp_path):
+    """node.sh's default launcher (`$PYTHON -m pretrain.launch`) with the submit dir's venv, not a bare torchrun."""
+    submit = tmp_path / "submit"
+    (submit / ".venv" / "bin").mkdir(parents=True)
+    (submit / ".venv" / "bin" / "python").write_text("#!/bin/sh\n")
+    (submit / ".venv" / "bin" / "python").chmod(0o755)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text('#!/bin/sh\necho "PYTHON=${PYTHON:-} TORCHRUN=${TORCHRUN:-} ARGS=$*"\n')
+    (fake / "srun").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "TORCHRUN")}
+    env.update(PATH=f"{fake}:{env['PATH']}", SLURM_SUBMIT_DIR=str(submit))
+    out = subprocess.run(["bash", str(SLURM_BATCH), "configs/tiny-cpu.yaml", "train.steps=2"], env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (f"PYTHON={submit}/.venv/bin/python TORCHRUN= ARGS=--kill-on-bad-exit=1 bash "
+                                  "launch/slurm/node.sh configs/tiny-cpu.yaml train.steps=2")
+    env["TORCHRUN"] = "/opt/torchrun"  # the caller's choice wins
+    out = subprocess.run(["bash", str(SLURM_BATCH)], env=env, capture_output=True, text=True, timeout=30)
+    assert out.stdout.startswith("PYTHON= TORCHRUN=/opt/torchrun "), out.stdout
+
+
 @pytest.mark.parametrize("script", [MULTINODE, SLURM_NODE, SLURM_BATCH], ids=lambda p: p.name)
 def test_scripts_are_strict_bash(script):
     # (shellcheck -x was clean on all three when written; it is not a project dependency, so not run here.)
