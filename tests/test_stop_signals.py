@@ -3,6 +3,7 @@ two ranks of which only one got the signal (they must still stop at the same ste
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -134,3 +135,47 @@ def test_a_study_stops_with_its_running_cell_checkpointed_and_starts_no_other(ti
                                            "command to resume")
     assert (first / "checkpoints" / "latest").is_file() and not second.exists()
     assert "stopped in" in out and "report:" in out
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_the_launcher_stops_the_run_with_one_line(tiny_data_dir, tmp_path):
+    """Review s11 reproducer: the notice reaches torchrun's agent (`kill <launcher pid>`, a scheduler that
+    signals the task it started), which passes it on to its workers. The README promises the same
+    outcome as a signal to the workers: rank 0's line, exit 143, no launcher report."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pretrain.launch", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "pretrain", "train",
+           *tiny_args(tiny_data_dir, run_dir, *LONG, "parallel.strategy=ddp")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for_steps(run_dir, 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert "Traceback" not in err and "SignalException" not in err, err
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert_stopped_with_a_checkpoint(run_dir, err)
+
+
+@pytest.mark.slow
+def test_a_sigusr1_to_the_launcher_reaches_the_workers(tiny_data_dir, tmp_path):
+    """Review s11 reproducer: stop.py advertises `#SBATCH --signal=USR1@120`. torchrun's agent does not
+    handle SIGUSR1 (TORCHELASTIC_SIGNALS_TO_HANDLE is SIGTERM,SIGINT,SIGHUP,SIGQUIT), so the default action
+    ends the launcher at once and its workers train on, orphaned, with no checkpoint."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pretrain.launch", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "pretrain", "train",
+           *tiny_args(tiny_data_dir, run_dir, *LONG, "parallel.strategy=ddp")]
+    with open(tmp_path / "err", "w") as err_file:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL, stderr=err_file)
+    wait_for_steps(run_dir, 5, proc)
+    pids = worker_pids(proc.pid)
+    try:
+        proc.send_signal(signal.SIGUSR1)
+        proc.wait(timeout=120)
+        err = (tmp_path / "err").read_text()
+        assert proc.returncode == 128 + signal.SIGUSR1, err
+        assert_stopped_with_a_checkpoint(run_dir, err)
+    finally:
+        for pid in pids.values():  # orphaned workers would train on forever
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
