@@ -179,3 +179,28 @@ def test_a_sigusr1_to_the_launcher_reaches_the_workers(tiny_data_dir, tmp_path):
         for pid in pids.values():  # orphaned workers would train on forever
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_notice_during_a_cells_last_step_stops_the_study(tiny_data_dir, tmp_path, monkeypatch):
+    """Review s11 reproducer: `agreed()` is not read at the last step (train.py `step < end`), so a notice
+    that arrives while a cell runs its last step (its final eval and checkpoint included) is swallowed by
+    the handler and the study starts the next cell, which the scheduler then kills."""
+    import pretrain.train as train_module
+    from pretrain.study_run import STOPPED, run_study
+
+    path = write_study(tmp_path, tiny_data_dir, {"optim.name": ["rv-adamw"], "train.seed": [0, 1]},
+                       overrides=["train.steps=3"])
+    study = load_study(path)
+    first, second = (cell.run_dir for cell in study.cells)
+    real_step = train_module.train_step
+
+    def step_then_notice(run, step):
+        outcome = real_step(run, step)
+        if step == run.end_step and run.run_dir == first:
+            os.kill(os.getpid(), signal.SIGTERM)  # noted by StopSignals' handler, as from a scheduler
+        return outcome
+
+    monkeypatch.setattr(train_module, "train_step", step_then_notice)
+    outcomes = run_study(study, jobs=1)
+    assert len(outcomes) == 1 and outcomes[0].status in (STOPPED, "done"), outcomes  # done: it had finished
+    assert not second.exists()
