@@ -266,6 +266,16 @@ def test_a_bf16_deepspeed_run_exports_its_fp32_master_weights(runs):
     assert any(not torch.equal(w, w.bfloat16().float()) for w in exported.values())  # not bf16 values
 
 
+def test_a_bf16_deepspeed_export_says_float32_in_its_config(runs):
+    """Review s11 reproducer (not run in the review, CPU was scarce; CI's artifacts show it): the weights are
+    the fp32 masters but save_pretrained writes the model's own dtype (bf16 under DeepSpeed) into config.json,
+    so from_pretrained's default dtype="auto" (transformers 5) loads the masters as bf16."""
+    run = runs.runs["llama", "rv-adamw", "zero2", BF16]
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    config = json.loads((run / "checkpoints" / latest / "model" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "float32", config
+
+
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_resume_equals_uninterrupted_run(runs, strategy):
     straight, out = runs.runs["llama", "rv-adamw", strategy, ""], runs.resumed[strategy]
