@@ -302,3 +302,33 @@ def test_gradients_at_unaligned_addresses_step_as_aligned_ones(device, rotationa
             opt.step()
     assert pairs[1][0].fused_fraction == 1.0
     assert_same(*pairs)
+
+
+def test_a_launch_makes_its_tensors_device_current(monkeypatch):
+    """Triton launches on the current CUDA device: `launch` makes the tensors' device current around the
+    launch (and the compile-and-load), so a kernel never reads one GPU's pointer tables from another."""
+    from pretrain.optim import fused
+
+    events: list[str] = []
+
+    class Guard:  # stands in for torch.cuda.device, which needs a GPU
+        def __init__(self, device: torch.device) -> None:
+            self.device = device
+
+        def __enter__(self) -> None:
+            events.append(f"enter {self.device}")
+
+        def __exit__(self, *exc: object) -> None:
+            events.append("exit")
+
+    class Kernel:
+        def __getitem__(self, grid: tuple[int, ...]):
+            return lambda *args, **constants: events.append(f"run {grid} {args} {constants}")
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    monkeypatch.setattr(fused, "compile_only", lambda *a: events.append("compile"))
+    fused.launch(Kernel(), (2,), (1,), {"X": 3}, torch.device("cuda", 1))
+    fused.launch(Kernel(), (2,), (1,), {}, torch.device("cuda", 1), warmup=True)
+    fused.launch(Kernel(), (1,), (), {}, torch.device("cpu"))  # the interpreter: no CUDA device to make current
+    assert events == ["enter cuda:1", "run (2,) (1,) {'X': 3}", "exit", "enter cuda:1", "compile", "exit",
+                      "run (1,) () {}"]

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from pretrain.optim.fused import PointerTables, compile_only, table_address, table_rows
+from pretrain.optim.fused import PointerTables, launch, table_address, table_rows
 
 # Tests set this under Triton's interpreter (TRITON_INTERPRET=1) to run the kernel on CPU tensors.
 RUN_ON_CPU = False
@@ -72,9 +72,9 @@ def delta_sums(before: Tensor, after: Tensor, axis: int) -> Tensor:
     neurons, width = before.shape[axis], before.shape[1 - axis]
     out = torch.empty(neurons, 3, dtype=torch.float64, device=before.device)
     block_k = min(_BLOCK_K, triton.next_power_of_2(width))
-    _delta_sums_kernel[(triton.cdiv(neurons, _BLOCK_N),)](
-        before, after, out, neurons, width, before.stride(axis), before.stride(1 - axis),
-        BLOCK_N=_BLOCK_N, BLOCK_K=block_k, NUM_K=triton.cdiv(width, block_k), num_warps=4)
+    launch(_delta_sums_kernel, (triton.cdiv(neurons, _BLOCK_N),),
+           (before, after, out, neurons, width, before.stride(axis), before.stride(1 - axis)),
+           dict(BLOCK_N=_BLOCK_N, BLOCK_K=block_k, NUM_K=triton.cdiv(width, block_k), num_warps=4), before.device)
     return out
 
 
@@ -164,10 +164,7 @@ class Batch:
 
     def _launch(self, kernel: Any, *tables: Tensor, warmup: bool = False) -> None:
         grid, args, constants = self.arguments(*tables)
-        if warmup:
-            compile_only(kernel, grid, args, constants)
-        else:
-            kernel[grid](*args, **constants)
+        launch(kernel, grid, args, constants, tables[0].device, warmup)
 
     def compile(self, weights: list[Tensor], grads: list[Tensor], rows: list[Tensor]) -> None:
         """Compile and load both kernels for these tensors, running nothing (KernelRejected).

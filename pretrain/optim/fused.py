@@ -22,6 +22,7 @@ compares it with (on CPU through Triton's interpreter).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -272,6 +273,21 @@ class Layout:
         return Layout(rows, cols, cols, 1) if axis % 2 == 0 else Layout(cols, rows, 1, cols)
 
 
+def launch(kernel: Any, grid: tuple[int, ...], args: tuple, constants: dict[str, Any], device: torch.device,
+           warmup: bool = False) -> None:
+    """Queue `kernel` on `device` (its current stream); `warmup`: only compile and load it (`compile_only`).
+
+    Triton launches on the current CUDA device, not on its arguments': a process on cuda:1 that left
+    cuda:0 current (library use without `torch.cuda.set_device`) would run the kernel on cuda:0 with
+    cuda:1's pointer tables. Making `device` current costs a device query when it already is.
+    """
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        if warmup:
+            compile_only(kernel, grid, args, constants)
+        else:
+            kernel[grid](*args, **constants)
+
+
 def compile_only(kernel: Any, grid: tuple[int, ...], args: tuple, constants: dict[str, Any]) -> None:
     """Compile `kernel` for these arguments and load it onto the device, running nothing.
 
@@ -373,10 +389,7 @@ class Launch:
         `warmup`: compile and load the kernel for these arguments and run nothing (KernelRejected).
         """
         grid, args, constants, copies = self._arguments(weights, grads, hyper, sums, flags)
-        if warmup:
-            compile_only(_step_kernel, grid, args, constants)
-        else:
-            _step_kernel[grid](*args, **constants)
+        launch(_step_kernel, grid, args, constants, self.device, warmup)
         del copies  # held until the kernel is queued: its table has only their addresses
 
     def arguments(self, weights: list[Tensor], grads: list[Tensor], hyper: Hyper, sums: list[Tensor] | None = None,
