@@ -361,7 +361,6 @@ def main() -> None:
                                     "train.precision=fp32"])
     init_world(cfg, torch.device("cpu"))
     install_probes()
-    finished = False
     try:
         info = machine_info()
         out = [f"Machine: {info}",
@@ -377,9 +376,8 @@ def main() -> None:
                 print(f"[{plain} / {rv} done after {time.perf_counter() - started:.0f} s]", flush=True)
         if world.is_main:
             print("\n".join(out), flush=True)
-        finished = True
     finally:
-        close_world(finished)
+        close_world()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 
 from pretrain.errors import USER_ERROR, UserError, disk_error
@@ -81,20 +80,20 @@ def _add_recipe(parser: argparse.ArgumentParser) -> None:
 def _cmd_study(args: argparse.Namespace) -> None:
     from pretrain.study import load_study
     from pretrain.study_report import write_report
-    from pretrain.study_run import LOG_FILE, STOPPED, launch_commands, run_study
+    from pretrain.study_run import LOG_FILE, STOPPED, StudyRun, launch_commands, run_study
 
     study = load_study(args.file, args.overrides, args.out_dir)
     if args.print_commands:
         print("\n".join(launch_commands(study, args.launcher)))
         return
-    outcomes = [] if args.report_only else run_study(study, args.jobs)
-    failed = [o for o in outcomes if o.status == "failed"]
-    stopped = [o for o in outcomes if o.status == STOPPED]
+    ran = StudyRun([]) if args.report_only else run_study(study, args.jobs)
+    failed = [o for o in ran.outcomes if o.status == "failed"]
     print(f"report: {write_report(study)}")
-    if stopped and not failed:
-        print(f"study stopped by {signal.Signals(stopped[0].signal).name}: {len(stopped)} cell(s) checkpointed; "
-              "re-run the same command to resume", file=sys.stderr, flush=True)
-        sys.exit(128 + stopped[0].signal)
+    if ran.stopped_by is not None and not failed:
+        stopped = sum(o.status == STOPPED for o in ran.outcomes)
+        print(f"study stopped by {ran.stopped_by.name}: {stopped} cell(s) checkpointed; re-run the same command "
+              "to resume", file=sys.stderr, flush=True)
+        sys.exit(128 + ran.stopped_by)
     if failed:
         raise UserError(f"{len(failed)} of {len(study.cells)} cells failed ({', '.join(o.name for o in failed[:3])}"
                         f"{', ...' if len(failed) > 3 else ''}); read <cell>/{LOG_FILE}, fix, and re-run to resume")

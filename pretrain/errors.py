@@ -1,12 +1,17 @@
-"""The one exception type that reaches the user as a one-line message, and the disk errors that become one."""
+"""The one exception type that reaches the user as a one-line message, the disk errors that become one, and
+the exit codes of a run that stopped with a line saying why."""
 
 from __future__ import annotations
 
 import errno
 import shutil
+import signal
 from pathlib import Path
 
 USER_ERROR = 2  # the exit code of every rank that stops on a UserError
+# Stop notices (a scheduler's preemption or time limit): the run checkpoints and every rank exits with
+# 128 + the signal (pretrain/parallel/stop.py).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 # How libraries that write through their own I/O layer (safetensors, torch's zip writer) word the same errors.

@@ -11,11 +11,16 @@ torchrun's full report.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import sys
+from argparse import Namespace
+from pathlib import Path
+from types import FrameType
 
-from pretrain.errors import USER_ERROR
+from pretrain.errors import STOP_SIGNALS, USER_ERROR
 
 # The agent's own lines about a failed or stopped worker, held back until we know why it failed.
 _FAILURE_LOGGER = "torch.distributed.elastic.multiprocessing.api"
@@ -37,9 +42,7 @@ def _said_on_stderr(failures: dict) -> int | None:
     """The exit code, where the first rank to fail ended the way rank 0 has said on stderr (bad input, or a
     stop notice with a checkpoint: pretrain/parallel/stop.py) and the others did too or were stopped for it;
     None where some rank failed otherwise (its report is kept)."""
-    from pretrain.parallel.stop import SIGNALS  # not before a failure: the launcher itself stays light
-
-    said = (USER_ERROR, *(128 + sig for sig in SIGNALS))
+    said = (USER_ERROR, *(128 + sig for sig in STOP_SIGNALS))
     first = min(failures.values(), key=lambda f: f.timestamp)
     stopped = (-signal.SIGTERM, -signal.SIGKILL, first.exitcode)
     if first.exitcode in said and all(f.exitcode in stopped for f in failures.values()):
@@ -47,15 +50,47 @@ def _said_on_stderr(failures: dict) -> int | None:
     return None
 
 
+def _forward_stop_notices(args: Namespace) -> None:
+    """A stop notice sent to the launcher (a scheduler signals the task it started) goes on to the workers,
+    which checkpoint and exit with 128 + the signal; the agent keeps watching them and reports that code.
+    Left to torchrun's agent, SIGUSR1 would end it at once, the workers training on orphaned, and SIGTERM
+    would raise in it after the workers stopped, with a traceback and exit code 1. So the agent handles
+    the other signals of its list (`--signals-to-handle`) only."""
+    names = {sig.name for sig in STOP_SIGNALS}
+    listed = getattr(args, "signals_to_handle", None) or os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE",
+                                                                        "SIGTERM,SIGINT,SIGHUP,SIGQUIT")
+    kept = ",".join(n for n in listed.split(",") if n.strip() not in names)
+    args.signals_to_handle = os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = kept  # the option, or the variable
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        for pid in _children():
+            with contextlib.suppress(ProcessLookupError):  # one that has just exited
+                os.kill(pid, signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, forward)
+
+
+def _children() -> list[int]:
+    """This process's child processes (the agent's workers), from Linux's /proc."""
+    pids: list[int] = []
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):
+            pids += [int(pid) for pid in (task / "children").read_text().split()]
+    return pids
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    args = parse_args(argv)
+    _forward_stop_notices(args)
     hold = _HoldFailureLines()
     failure_logger = logging.getLogger(_FAILURE_LOGGER)
     failure_logger.addFilter(hold)
     try:
-        run(parse_args(argv))
+        run(args)
     except ChildFailedError as exc:
         said = _said_on_stderr(exc.failures)
         if said is not None:

@@ -16,13 +16,18 @@ import json
 import multiprocessing
 import os
 import shlex
+import signal
+import threading
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
-from pretrain.errors import UserError
+from pretrain.errors import STOP_SIGNALS, UserError
 from pretrain.run_lock import RunDirInUse, holder
 from pretrain.study import Cell, Study
 
@@ -90,18 +95,109 @@ def run_cell(cell: Cell) -> CellOutcome:
     return CellOutcome(cell.name, "done", time.perf_counter() - start, val)
 
 
+@dataclass(frozen=True)
+class StudyRun:
+    outcomes: list[CellOutcome]  # of the cells run, in the order they ended
+    stopped_by: signal.Signals | None = None  # a stop notice ended the study early (no further cell started)
+
+
+class _StopNotices:
+    """A stop notice to the study (SIGTERM, SIGUSR1: pretrain/parallel/stop.py) ends it once its running cells
+    have checkpointed; no further cell starts. The notice is passed on at once and then every second until the
+    cells end (`send`: to this process, whose cell runs here, or to the pool's workers), so a cell that was
+    still setting up when it came, before its loop listens, gets it once it trains."""
+
+    def __init__(self, send: Callable[[int], None]) -> None:
+        self.send = send
+        self.seen = 0
+        self._previous: dict[int, Any] = {}
+        self._done = threading.Event()
+        self._passer: threading.Thread | None = None
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        if self.seen:
+            return  # our own re-sent notice, or a second one
+        self.seen = signum
+        self.send(signum)
+        self._passer = threading.Thread(target=self._pass_on, name="study-stop-notice", daemon=True)
+        self._passer.start()
+
+    def _pass_on(self) -> None:
+        while not self._done.wait(1.0):
+            self.send(self.seen)
+
+    def __enter__(self) -> _StopNotices:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._note) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._passer is not None:
+            self._passer.join()
+        for sig, previous in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+
+
 def _init_worker(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    for sig in STOP_SIGNALS:  # between cells a worker lets the study's notice pass; its cells' loops take it
+        signal.signal(sig, signal.SIG_IGN)
 
 
-def run_study(study: Study, jobs: int = 1) -> list[CellOutcome]:
+def _signal_workers(pool: ProcessPoolExecutor, signum: int) -> None:
+    for process in list(pool._processes.values()):  # the executor's workers: it has no public accessor
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signum)
+
+
+def run_study(study: Study, jobs: int = 1) -> StudyRun:
     """Run every unfinished cell, `jobs` at a time in separate processes (in this process when 1)."""
-    from pretrain.checkpoint import check_compatible
-
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}")
+    todo = _cells_to_run(study, jobs)
+    outcomes: list[CellOutcome] = []
+
+    def report(outcome: CellOutcome) -> None:
+        outcomes.append(outcome)
+        print(f"[{len(outcomes)}/{len(todo)}] {outcome.name}: {outcome.status} in {outcome.seconds:.0f} s"
+              f" ({outcome.message})", flush=True)
+
+    def stopping() -> bool:  # a notice reached the study, or a cell (which then checkpointed and stopped)
+        return bool(notices.seen) or any(o.status == STOPPED for o in outcomes)
+
+    if jobs == 1:
+        with _StopNotices(lambda signum: os.kill(os.getpid(), signum)) as notices:
+            for cell in todo:
+                if stopping():
+                    break
+                report(run_cell(cell))
+    else:
+        # Split the cores between the workers instead of letting each grab them all.
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        context = multiprocessing.get_context("spawn")  # fork would copy this process's torch threads
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool, \
+                _StopNotices(lambda signum: _signal_workers(pool, signum)) as notices:
+            pending, running = list(todo), set[Future]()
+            while pending or running:
+                # At most one cell per worker is handed over, none waits in the pool's queue: no cell starts
+                # after a notice.
+                while pending and len(running) < jobs and not stopping():
+                    running.add(pool.submit(run_cell, pending.pop(0)))
+                done, running = wait(running, return_when=FIRST_COMPLETED) if running else (set(), set())
+                for future in done:
+                    report(future.result())
+                pending = [] if stopping() else pending
+    stopped = next((o.signal for o in outcomes if o.status == STOPPED), 0) or notices.seen
+    return StudyRun(outcomes, signal.Signals(stopped) if stopped else None)
+
+
+def _cells_to_run(study: Study, jobs: int) -> list[Cell]:
+    """The unfinished cells not held by another process, each checked against its run folder; says which."""
+    from pretrain.checkpoint import check_compatible
+
     todo, elsewhere = [], 0
     for cell in study.cells:
         if (cell.run_dir / "config.yaml").is_file():  # a cell changed since it ran must not be mixed up
@@ -118,26 +214,7 @@ def run_study(study: Study, jobs: int = 1) -> list[CellOutcome]:
     others = f"{elsewhere} {RUNNING_ELSEWHERE}, " if elsewhere else ""
     print(f"study {study.name}: {len(study.cells)} cells, {len(study.cells) - len(todo) - elsewhere} finished, "
           f"{others}{len(todo)} to run with {jobs} job(s); logs in <cell>/{LOG_FILE}")
-    outcomes = []
-
-    def report(outcome: CellOutcome) -> None:
-        outcomes.append(outcome)
-        print(f"[{len(outcomes)}/{len(todo)}] {outcome.name}: {outcome.status} in {outcome.seconds:.0f} s"
-              f" ({outcome.message})", flush=True)
-
-    if jobs == 1:
-        for cell in todo:
-            report(run_cell(cell))
-            if outcomes[-1].status == STOPPED:  # the notice was for the study: no further cell starts
-                break
-    else:
-        # Split the cores between the workers instead of letting each grab them all.
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        context = multiprocessing.get_context("spawn")  # fork would copy this process's torch threads
-        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
-            for future in as_completed([pool.submit(run_cell, cell) for cell in todo]):
-                report(future.result())
-    return outcomes
+    return todo
 
 
 def _check_data(cells: list[Cell]) -> None:

@@ -14,6 +14,7 @@ import math
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,14 +396,14 @@ def train(cfg: Config, resume: str | None = None, stop_at: int | None = None) ->
     world = check_world(cfg)
     device = pick_device(cfg.train.device, world.local_rank, world.size)
     created_group = init_world(cfg, device)
-    finished = False
     try:
-        result = _run(cfg, world, device, resume, stop_at)
-        finished = True
-        return result
+        return _run(cfg, world, device, resume, stop_at)
     finally:
         if created_group:
-            close_world(finished)
+            failure = sys.exc_info()[1]
+            if failure is not None:  # its traceback's frames hold the run, which close_world must free first
+                traceback.clear_frames(failure.__traceback__)
+            close_world()
 
 
 def _run(cfg: Config, world: World, device: torch.device, resume: str | None, stop_at: int | None) -> TrainResult:
@@ -411,6 +412,10 @@ def _run(cfg: Config, world: World, device: torch.device, resume: str | None, st
         result = _loop(run)
         if world.is_main:
             plot_loss_curves(read_metrics(run.run_dir), run.run_dir / "loss.png")
+    if result.stopped_by is not None:
+        # Every rank exits with 128 + the signal, and torchrun's agent stops the others at the first exit:
+        # rank 0 finishes its plot and lets go of the run folder first.
+        barrier()
     return result
 
 
@@ -448,7 +453,7 @@ def _loop(run: Run) -> TrainResult:
                 progress.set_postfix_str(f"loss {outcome.loss:.3f} lr {outcome.lr:.2e} "
                                          f"{run.tracker.summary_line()}", refresh=False)
                 progress.update(1)
-            signal_ = stop.agreed() if step < end else None
+            signal_ = stop.agreed()  # at the last step too: a study must not start its next cell
             if signal_ is not None or _due(step, cfg.checkpoint.every, end if cfg.checkpoint.save_final else None):
                 records.write_held()  # the metrics file reaches every step a checkpoint holds
                 # After a skipped step: the last good weights, under this step.

@@ -201,6 +201,33 @@ def test_a_notice_during_a_cells_last_step_stops_the_study(tiny_data_dir, tmp_pa
         return outcome
 
     monkeypatch.setattr(train_module, "train_step", step_then_notice)
-    outcomes = run_study(study, jobs=1)
-    assert len(outcomes) == 1 and outcomes[0].status in (STOPPED, "done"), outcomes  # done: it had finished
-    assert not second.exists()
+    ran = run_study(study, jobs=1)
+    assert len(ran.outcomes) == 1 and ran.outcomes[0].status == STOPPED, ran  # its last step: checkpointed
+    assert ran.stopped_by == signal.SIGTERM and not second.exists()
+
+
+def test_a_study_with_two_jobs_passes_the_notice_to_its_cells(tiny_data_dir, tmp_path):
+    """SIGTERM to a `--jobs 2` study: both running cells checkpoint and stop, the third never starts, and no
+    worker is left training (the default would end the study at once, its workers training on)."""
+    path = write_study(tmp_path, tiny_data_dir, {"optim.name": ["rv-adamw"], "train.seed": [0, 1, 2]},
+                       overrides=LONG)
+    cells = [cell.run_dir for cell in load_study(path).cells]
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain", "study", str(path), "--jobs", "2"], cwd=REPO,
+                            env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        wait_for_steps(cells[0], 5, proc)
+        wait_for_steps(cells[1], 5, proc)
+        workers = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 128 + signal.SIGTERM, out + err
+        assert err.strip().splitlines()[-1] == ("study stopped by SIGTERM: 2 cell(s) checkpointed; re-run the same "
+                                               "command to resume")
+        assert all((cell / "checkpoints" / "latest").is_file() for cell in cells[:2]) and not cells[2].exists()
+        for pid in workers:  # ended with the study, not orphaned
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

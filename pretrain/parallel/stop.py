@@ -22,9 +22,8 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
+from pretrain.errors import STOP_SIGNALS
 from pretrain.parallel.host_copy import HostCopy
-
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopSignals:
@@ -40,7 +39,7 @@ class StopSignals:
         self._previous: dict[int, object] = {}
         self._vote: HostCopy | None = None
         if enabled and threading.current_thread() is threading.main_thread():
-            for sig in SIGNALS:
+            for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._note)
         self._voting = bool(self._previous) and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -66,5 +65,6 @@ class StopSignals:
 
     def __exit__(self, *exc: object) -> None:
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+            # None: a handler set outside Python, which cannot be put back; the default is the nearest.
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
         self._previous.clear()

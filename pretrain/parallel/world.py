@@ -116,21 +116,17 @@ def init_world(cfg: Config, device: torch.device) -> bool:
     return True
 
 
-def close_world(finished: bool) -> None:
-    """Leave the process group. `finished`: every rank got here without an error, so they can meet first.
+def close_world() -> None:
+    """Leave the process group, after collecting the run's objects while the interpreter is whole.
 
-    The run's objects are collected while the interpreter is whole: FSDP2 modules and DTensors form
-    reference cycles that hold the group, and one freed at interpreter exit lets gloo's worker threads
-    touch Python objects as it shuts down (seen once: "terminate called without an active exception",
-    SIGABRT on a rank that had finished). The barrier keeps a rank from closing its connections while
-    a peer still sends on them. A failed rank skips it: its peers may be gone.
+    FSDP2's modules and DTensors form reference cycles that hold the group; one freed at interpreter
+    exit lets gloo's worker threads touch Python objects as it shuts down (seen once in CI: "terminate
+    called without an active exception", SIGABRT on a rank that had finished). No barrier: a peer that
+    failed after the loop (its plot, its run folder) would turn a finished rank's exit into an error.
     """
-    if not dist.is_initialized():
-        return
-    gc.collect()
-    if finished:
-        dist.barrier()
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def average_over_ranks(values: torch.Tensor) -> torch.Tensor:

@@ -185,7 +185,9 @@ class DeepSpeedEngine:
         if not self.world.is_main:
             return None
         params = {name for name, _ in self.raw_model.named_parameters(remove_duplicate=False)}
-        buffers = {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items() if k not in params}
+        # Buffers in the masters' dtype too (DeepSpeed's half modes cast them with the model): one dtype per file.
+        buffers = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
+                   for k, v in self.raw_model.state_dict().items() if k not in params}
         return fold_gains({**buffers, **masters}, self.raw_model)
 
     def save_state(self, state_dir: Path) -> None:
