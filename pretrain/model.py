@@ -213,9 +213,9 @@ def save_hf_model(model: nn.Module, out_dir: Path, state_dict: dict[str, torch.T
     """
     model = unwrap(model)
     weights = state_dict if state_dict is not None else folded_state_dict(model)
-    training_dtype = model.config.dtype  # save_pretrained overwrites it
-    model.save_pretrained(out_dir, state_dict=weights, safe_serialization=True)
     dtypes = {str(t.dtype).removeprefix("torch.") for t in weights.values() if t.is_floating_point()}
+    training_dtype = model.config.dtype  # save_pretrained overwrites it (and empties `weights`)
+    model.save_pretrained(out_dir, state_dict=weights, safe_serialization=True)
     if len(dtypes) == 1 and dtypes != {str(model.config.dtype).removeprefix("torch.")}:
         # save_pretrained names the model's own dtype (bf16 under DeepSpeed's bf16 mode), not that of the
         # weights it was handed (the fp32 masters), and from_pretrained's default dtype="auto" would load

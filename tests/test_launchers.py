@@ -346,6 +346,7 @@ def test_sbatch_script_runs_node_script_once_per_node():
     assert "--ntasks-per-node=1" in directives
     assert any(d.startswith("--nodes=") for d in directives)
     assert any(d.startswith("--gpus-per-node=") for d in directives)
+    assert "--signal=TERM@120" in directives  # a stop notice before the time limit: the run checkpoints
     assert 'srun --kill-on-bad-exit=1 bash launch/slurm/node.sh "$@"' in text
 
 

@@ -104,6 +104,21 @@ def test_gains_fold_into_a_plain_transformers_checkpoint(arch, tmp_path):
         torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_fp32_weights_of_a_bf16_model_load_as_fp32(tmp_path):
+    """DeepSpeed's bf16 mode casts the model; its export hands save_hf_model the fp32 masters. The config must
+    name their dtype: from_pretrained's default (dtype="auto") follows it, and would round them to bf16."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="llama", preset="tiny"), VOCAB, SEQ, EOS)
+    masters = {k: v.clone() for k, v in model.state_dict().items()}
+    model.to(torch.bfloat16)
+    training_dtype = model.config.dtype
+    save_hf_model(model, tmp_path, dict(masters))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.dtype == torch.float32
+    assert all(torch.equal(loaded.state_dict()[k], w) for k, w in masters.items() if k in loaded.state_dict())
+    assert model.config.dtype == training_dtype  # the training model's config is left as it was
+
+
 def test_parameter_lookup_reads_the_current_tensors():
     """The rotation sources' name lookup: the tensors `get_parameter` gives, parametrized ones too, and a
     parameter replaced after the lookup was built (load_state_dict(assign=True)) is the one returned."""

@@ -1,16 +1,17 @@
 """A scheduler's stop notice ends the run with a checkpoint instead of losing the steps since the last one.
 
-SLURM sends SIGTERM on preemption, `scancel` and at the time limit (or SIGUSR1 ahead of it with
-`#SBATCH --signal=USR1@120`), and torchrun's agent passes a SIGTERM on to its workers, then kills them
-30 s later. Python's default for both signals ends the process at once. While a run trains, the
-handler here only notes the signal; the loop then writes a checkpoint at the end of the running step
-and stops (exit code 128 + the signal).
+SLURM sends SIGTERM on preemption, `scancel` and at the time limit (and ahead of it with
+`#SBATCH --signal=TERM@120`); torchrun's agent passes a SIGTERM on to its workers, then kills them
+30 s later, and `pretrain.launch` passes SIGTERM and SIGUSR1 on. Python's default for both signals
+ends the process at once. While a run trains, the handler here only notes the signal; the loop then
+writes a checkpoint at the end of the running step and stops (exit code 128 + the signal).
 
 Every rank must stop at the same step (writing a checkpoint is collective), but a signal reaches the
 ranks at different moments. So at the start of each step every rank votes: a one-element MAX all-reduce
 of the signal it has seen (0: none), queued on the device and copied to the host behind it. After the
-step every rank reads the same result, which arrived long before (no wait: the copy is not queued
-behind the update). A single process needs no vote.
+step every rank reads the same result, which arrived long before (on a GPU no wait: the copy is not
+queued behind the update; gloo's all-reduce blocks the host, a CPU's step anyway). A single process
+needs no vote.
 """
 
 from __future__ import annotations
