@@ -184,6 +184,10 @@ class DeepSpeedEngine:
         masters = full_masters(self.maps, self.world.is_main)
         if not self.world.is_main:
             return None
+        missing = set(self.names.values()) - set(masters)
+        if missing:  # every parameter trains here, so DeepSpeed's flat groups hold every one
+            raise RuntimeError(f"DeepSpeed's partitions hold no master weights of {sorted(missing)[0]}; this "
+                               "DeepSpeed version groups parameters differently from what the export expects")
         params = {name for name, _ in self.raw_model.named_parameters(remove_duplicate=False)}
         # Buffers in the masters' dtype too (DeepSpeed's half modes cast them with the model): one dtype per file.
         buffers = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
