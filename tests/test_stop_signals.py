@@ -57,10 +57,10 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_stopped_with_a_checkpoint(run_dir: Path, out: str) -> int:
+def assert_stopped_with_a_checkpoint(run_dir: Path, out: str, notice: signal.Signals = signal.SIGTERM) -> int:
     """The one line, and a checkpoint at the step it names, which the metrics file reaches."""
     lines = [line for line in out.splitlines() if line.startswith("stopped by")]
-    assert len(lines) == 1, out
+    assert len(lines) == 1 and lines[0].startswith(f"stopped by {notice.name} after step "), out
     step = int(lines[0].split("after step ")[1].split(":")[0])
     assert f"checkpoints/step_{step:06d}" in lines[0] and lines[0].endswith("continue it with --resume auto")
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{step:06d}"
@@ -97,28 +97,41 @@ def worker_pids(agent: int) -> dict[int, int]:
     return out
 
 
+# (who gets the notice, which notice, strategy)
+NOTICES = [("rank 1", signal.SIGUSR1, "ddp"), ("rank 1", signal.SIGUSR1, "fsdp2"),
+           ("launcher", signal.SIGTERM, "ddp"), ("launcher", signal.SIGUSR1, "ddp")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tiny_data_dir, tmp_path, strategy):
-    """Rank 1 alone gets SIGUSR1 (a scheduler's notice reaches the ranks at different moments): rank 0
-    must stop at the same step, or the checkpoint's collectives would hang. Through `pretrain.launch`:
-    rank 0's line, no launcher report, the signal's exit code."""
+@pytest.mark.parametrize(("target", "notice", "strategy"), NOTICES, ids=lambda v: getattr(v, "name", str(v)))
+def test_a_notice_to_one_rank_or_to_the_launcher_stops_every_rank_at_one_step(tiny_data_dir, tmp_path, target,
+                                                                               notice, strategy):
+    """Rank 1 alone gets it (a scheduler's notice reaches the ranks at different moments): rank 0 must stop at
+    the same step, or the checkpoint's collectives would hang. The launcher gets it (a scheduler signals the
+    task it started): it passes it on (torchrun's agent would die at once on SIGUSR1, its workers training on,
+    and raise on SIGTERM). Either way: rank 0's line, the signal's exit code, no launcher report."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "pretrain.launch", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "-m", "pretrain", "train",
            *tiny_args(tiny_data_dir, run_dir, *LONG, f"parallel.strategy={strategy}")]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
-    wait_for_steps(run_dir, 5, proc)
-    pids = worker_pids(proc.pid)
-    assert sorted(pids) == [0, 1]
-    os.kill(pids[1], signal.SIGUSR1)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGUSR1, err
-    assert "Traceback" not in err and "ChildFailedError" not in err, err
-    step = assert_stopped_with_a_checkpoint(run_dir, err)
-    state = run_dir / "checkpoints" / f"step_{step:06d}" / "state"
-    assert state.is_dir() and any(state.iterdir())
+    pids: dict[int, int] = {}
+    try:
+        wait_for_steps(run_dir, 5, proc)
+        pids = worker_pids(proc.pid)
+        assert sorted(pids) == [0, 1]
+        os.kill(pids[1] if target == "rank 1" else proc.pid, notice)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 128 + notice, err
+        assert not any(word in err for word in ("Traceback", "ChildFailedError", "SignalException")), err
+        step = assert_stopped_with_a_checkpoint(run_dir, err, notice)
+        state = run_dir / "checkpoints" / f"step_{step:06d}" / "state"
+        assert state.is_dir() and any(state.iterdir())
+    finally:
+        for pid in pids.values():  # orphaned workers would train on forever
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_study_stops_with_its_running_cell_checkpointed_and_starts_no_other(tiny_data_dir, tmp_path):
@@ -135,50 +148,6 @@ def test_a_study_stops_with_its_running_cell_checkpointed_and_starts_no_other(ti
                                            "command to resume")
     assert (first / "checkpoints" / "latest").is_file() and not second.exists()
     assert "stopped in" in out and "report:" in out
-
-
-@pytest.mark.slow
-def test_a_sigterm_to_the_launcher_stops_the_run_with_one_line(tiny_data_dir, tmp_path):
-    """Review s11 reproducer: the notice reaches torchrun's agent (`kill <launcher pid>`, a scheduler that
-    signals the task it started), which passes it on to its workers. The README promises the same
-    outcome as a signal to the workers: rank 0's line, exit 143, no launcher report."""
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pretrain.launch", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "pretrain", "train",
-           *tiny_args(tiny_data_dir, run_dir, *LONG, "parallel.strategy=ddp")]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    wait_for_steps(run_dir, 5, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert "Traceback" not in err and "SignalException" not in err, err
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert_stopped_with_a_checkpoint(run_dir, err)
-
-
-@pytest.mark.slow
-def test_a_sigusr1_to_the_launcher_reaches_the_workers(tiny_data_dir, tmp_path):
-    """Review s11 reproducer: stop.py advertises `#SBATCH --signal=USR1@120`. torchrun's agent does not
-    handle SIGUSR1 (TORCHELASTIC_SIGNALS_TO_HANDLE is SIGTERM,SIGINT,SIGHUP,SIGQUIT), so the default action
-    ends the launcher at once and its workers train on, orphaned, with no checkpoint."""
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pretrain.launch", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "pretrain", "train",
-           *tiny_args(tiny_data_dir, run_dir, *LONG, "parallel.strategy=ddp")]
-    with open(tmp_path / "err", "w") as err_file:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL, stderr=err_file)
-    wait_for_steps(run_dir, 5, proc)
-    pids = worker_pids(proc.pid)
-    try:
-        proc.send_signal(signal.SIGUSR1)
-        proc.wait(timeout=120)
-        err = (tmp_path / "err").read_text()
-        assert proc.returncode == 128 + signal.SIGUSR1, err
-        assert_stopped_with_a_checkpoint(run_dir, err)
-    finally:
-        for pid in pids.values():  # orphaned workers would train on forever
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_notice_during_a_cells_last_step_stops_the_study(tiny_data_dir, tmp_path, monkeypatch):
