@@ -200,3 +200,26 @@ def test_a_study_with_two_jobs_passes_the_notice_to_its_cells(tiny_data_dir, tmp
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_notice_during_a_cells_final_checkpoint_stops_the_study(tiny_data_dir, tmp_path, monkeypatch):
+    """Review s11b reproducer: `agreed()` is now read at the last step, but a notice that arrives after it,
+    while the cell writes its final checkpoint (StopSignals still installed), is noted by StopSignals and
+    never read: the cell reports `done`, the study's own handler never saw it, and the next cell starts."""
+    import pretrain.train as train_module
+    from pretrain.study_run import run_study
+
+    path = write_study(tmp_path, tiny_data_dir, {"optim.name": ["rv-adamw"], "train.seed": [0, 1]},
+                       overrides=["train.steps=3"])
+    study = load_study(path)
+    first, second = (cell.run_dir for cell in study.cells)
+    real_save = train_module.save_checkpoint
+
+    def save_then_notice(run, step):
+        if step == run.end_step and run.run_dir == first:
+            os.kill(os.getpid(), signal.SIGTERM)  # as from a scheduler, while the final checkpoint is written
+        return real_save(run, step)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_notice)
+    ran = run_study(study, jobs=1)
+    assert ran.stopped_by == signal.SIGTERM and not second.exists(), ran
