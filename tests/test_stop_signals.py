@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -223,3 +224,51 @@ def test_a_notice_during_a_cells_final_checkpoint_stops_the_study(tiny_data_dir,
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_notice)
     ran = run_study(study, jobs=1)
     assert ran.stopped_by == signal.SIGTERM and not second.exists(), ran
+
+
+def test_a_sigterm_to_the_launcher_before_its_workers_exist_is_not_lost(tmp_path):
+    """Review s11b reproducer: the launcher's handler forwards a notice to the children it has now; while the
+    agent waits for its rendezvous there are none, so the notice is dropped and the launcher goes on (it would
+    start the workers and train the whole run). Before the fix the default action ended it: nothing ran yet."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "pretrain.launch", "--nnodes=2", "--node_rank=0", "--nproc_per_node=1",
+           "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "pretrain", "train", "configs/tiny-cpu.yaml",
+           f"train.out_dir={tmp_path / 'run'}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # node 0's store listens: the agent waits for node 1
+            assert proc.poll() is None, proc.communicate()[1]
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) in (-signal.SIGTERM, 128 + signal.SIGTERM)
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_a_notice_while_a_studys_workers_start_does_not_break_the_pool(tiny_data_dir, tmp_path):
+    """Review s11b reproducer: a `--jobs 2` study passes the notice to every process of its pool at once, also
+    to one still starting (spawn bootstrap, `_init_worker` importing torch before it sets SIG_IGN). The default
+    action ends it, the pool breaks and the study ends with a BrokenProcessPool traceback (exit 1)."""
+    path = write_study(tmp_path, tiny_data_dir, {"optim.name": ["rv-adamw"], "train.seed": [0, 1, 2]},
+                       overrides=LONG)
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain", "study", str(path), "--jobs", "2"], cwd=REPO,
+                            env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(children) < 3 and time.monotonic() < deadline:  # the resource tracker and two pool workers
+            assert proc.poll() is None, proc.communicate()
+            children = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, out + err
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
