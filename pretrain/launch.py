@@ -38,37 +38,70 @@ class _HoldFailureLines(logging.Filter):
         return True
 
 
-def _said_on_stderr(failures: dict) -> int | None:
-    """The exit code, where the first rank to fail ended the way rank 0 has said on stderr (bad input, or a
-    stop notice with a checkpoint: pretrain/parallel/stop.py) and the others did too or were stopped for it;
-    None where some rank failed otherwise (its report is kept)."""
+def _said_on_stderr(failures: dict, forwarded: int) -> int | None:
+    """The exit code, where the ranks ended the way a line on stderr says; None where some rank failed
+    otherwise (its report is kept).
+
+    Rank 0 has said it where the first rank to fail ended with USER_ERROR or 128 + a stop notice (a
+    checkpoint was written: pretrain/parallel/stop.py) and the others did too or were stopped for it.
+    Where this launcher passed on a notice (`forwarded`) and the workers died of it, before their loop
+    listened for it, this function says it.
+    """
     said = (USER_ERROR, *(128 + sig for sig in STOP_SIGNALS))
     first = min(failures.values(), key=lambda f: f.timestamp)
-    stopped = (-signal.SIGTERM, -signal.SIGKILL, first.exitcode)
-    if first.exitcode in said and all(f.exitcode in stopped for f in failures.values()):
+    codes = {f.exitcode for f in failures.values()}
+    if first.exitcode in said and codes <= {-signal.SIGTERM, -signal.SIGKILL, first.exitcode}:
         return first.exitcode
+    if forwarded and codes <= {-forwarded, 128 + forwarded, -signal.SIGTERM, -signal.SIGKILL}:
+        print(f"stopped by {signal.Signals(forwarded).name} before the workers could checkpoint (they had not "
+              "started training, or checkpoint.on_signal is false); continue with --resume auto",
+              file=sys.stderr, flush=True)
+        return 128 + forwarded
     return None
 
 
-def _forward_stop_notices(args: Namespace) -> None:
+class _StopNoticeForwarder:
     """A stop notice sent to the launcher (a scheduler signals the task it started) goes on to the workers,
     which checkpoint and exit with 128 + the signal; the agent keeps watching them and reports that code.
-    Left to torchrun's agent, SIGUSR1 would end it at once, the workers training on orphaned, and SIGTERM
-    would raise in it after the workers stopped, with a traceback and exit code 1. So the agent handles
-    the other signals of its list (`--signals-to-handle`) only."""
-    names = {sig.name for sig in STOP_SIGNALS}
-    listed = getattr(args, "signals_to_handle", None) or os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE",
-                                                                        "SIGTERM,SIGINT,SIGHUP,SIGQUIT")
-    kept = ",".join(n for n in listed.split(",") if n.strip() not in names)
-    args.signals_to_handle = os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = kept  # the option, or the variable
 
-    def forward(signum: int, frame: FrameType | None) -> None:
-        for pid in _children():
+    Left to torchrun's agent, SIGUSR1 would end it at once, the workers training on orphaned, and SIGTERM
+    would raise in it after the workers stopped, with a traceback and exit code 1. The agent installs its
+    handler for the signals of its list (`--signals-to-handle`) when it starts the workers; this puts
+    the stop notices on the list and has that handler pass them on instead. Before the workers start
+    (the agent may wait in its rendezvous, in C++, where no Python handler runs) a notice ends the
+    launcher as it always did.
+    """
+
+    def __init__(self, args: Namespace) -> None:
+        from torch.distributed.elastic.multiprocessing import api
+
+        self.signal = 0  # the notice passed on, if any
+        self._agents = getattr(api, "_terminate_process_handler", None)
+        listed = getattr(args, "signals_to_handle", None) or os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE",
+                                                                            "SIGTERM,SIGINT,SIGHUP,SIGQUIT")
+        names = [n.strip() for n in listed.split(",") if n.strip()]
+        names += [sig.name for sig in STOP_SIGNALS if sig.name not in names]
+        args.signals_to_handle = os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = ",".join(names)
+        if self._agents is None:  # another torch: no hook, so take the notices from the start
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, self._handle)
+        else:
+            api._terminate_process_handler = self._handle
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum not in STOP_SIGNALS:
+            if self._agents is not None:
+                self._agents(signum, frame)
+            return
+        workers = _children()
+        if not workers:  # none started yet, or all gone: the signal's own action
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signal = self.signal or signum
+        for pid in workers:
             with contextlib.suppress(ProcessLookupError):  # one that has just exited
                 os.kill(pid, signum)
-
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, forward)
 
 
 def _children() -> list[int]:
@@ -85,14 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import parse_args, run
 
     args = parse_args(argv)
-    _forward_stop_notices(args)
+    notices = _StopNoticeForwarder(args)
     hold = _HoldFailureLines()
     failure_logger = logging.getLogger(_FAILURE_LOGGER)
     failure_logger.addFilter(hold)
     try:
         run(args)
     except ChildFailedError as exc:
-        said = _said_on_stderr(exc.failures)
+        said = _said_on_stderr(exc.failures, notices.signal)
         if said is not None:
             return said
         failure_logger.removeFilter(hold)

@@ -107,50 +107,66 @@ class _StopNotices:
     cells end (`send`: to this process, whose cell runs here, or to the pool's workers), so a cell that was
     still setting up when it came, before its loop listens, gets it once it trains."""
 
-    def __init__(self, send: Callable[[int], None]) -> None:
+    def __init__(self, send: Callable[[int], None], enabled: bool) -> None:
         self.send = send
         self.seen = 0
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self._previous: dict[int, Any] = {}
         self._done = threading.Event()
-        self._passer: threading.Thread | None = None
+        # Started here, not in the handler: a handler that starts a thread can deadlock the main thread.
+        self._passer = threading.Thread(target=self._pass_on, name="study-stop-notice", daemon=True)
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
-        if self.seen:
-            return  # our own re-sent notice, or a second one
-        self.seen = signum
-        self.send(signum)
-        self._passer = threading.Thread(target=self._pass_on, name="study-stop-notice", daemon=True)
-        self._passer.start()
+        if not self.seen:  # a second one, or our own passed on to this process, changes nothing
+            self.seen = signum
+            self.send(signum)
 
     def _pass_on(self) -> None:
         while not self._done.wait(1.0):
-            self.send(self.seen)
+            if self.seen:
+                self.send(self.seen)
 
     def __enter__(self) -> _StopNotices:
-        if threading.current_thread() is threading.main_thread():
+        if self.enabled:  # else (checkpoint.on_signal=false) the signals keep their default: the study ends
             self._previous = {sig: signal.signal(sig, self._note) for sig in STOP_SIGNALS}
+            self._passer.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()
-        if self._passer is not None:
+        if self._passer.is_alive():
             self._passer.join()
         for sig, previous in self._previous.items():
             signal.signal(sig, signal.SIG_DFL if previous is None else previous)
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, listen: bool) -> None:
+    if listen:  # first: between cells a worker lets the study's notice pass; its cells' loops take it
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
     import torch
 
     torch.set_num_threads(threads)
-    for sig in STOP_SIGNALS:  # between cells a worker lets the study's notice pass; its cells' loops take it
-        signal.signal(sig, signal.SIG_IGN)
 
 
 def _signal_workers(pool: ProcessPoolExecutor, signum: int) -> None:
+    """Pass a notice to the pool's workers that are ready for it: one still starting (the default action
+    still set) would die of it and break the pool; it gets the notice a second later."""
     for process in list(pool._processes.values()):  # the executor's workers: it has no public accessor
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signum)
+        if _handles(process.pid, signum):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signum)
+
+
+def _handles(pid: int, signum: int) -> bool:
+    """Whether process `pid` ignores or catches `signum` (Linux's /proc/<pid>/status masks)."""
+    try:
+        fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if ":\t" in line)
+    except OSError:
+        return False
+    bit = 1 << (signum - 1)
+    return bool((int(fields.get("SigIgn", "0"), 16) | int(fields.get("SigCgt", "0"), 16)) & bit)
 
 
 def run_study(study: Study, jobs: int = 1) -> StudyRun:
@@ -168,8 +184,9 @@ def run_study(study: Study, jobs: int = 1) -> StudyRun:
     def stopping() -> bool:  # a notice reached the study, or a cell (which then checkpointed and stopped)
         return bool(notices.seen) or any(o.status == STOPPED for o in outcomes)
 
+    listen = all(cell.config.checkpoint.on_signal for cell in todo)
     if jobs == 1:
-        with _StopNotices(lambda signum: os.kill(os.getpid(), signum)) as notices:
+        with _StopNotices(lambda signum: os.kill(os.getpid(), signum), listen) as notices:
             for cell in todo:
                 if stopping():
                     break
@@ -178,8 +195,9 @@ def run_study(study: Study, jobs: int = 1) -> StudyRun:
         # Split the cores between the workers instead of letting each grab them all.
         threads = max(1, (os.cpu_count() or 1) // jobs)
         context = multiprocessing.get_context("spawn")  # fork would copy this process's torch threads
-        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool, \
-                _StopNotices(lambda signum: _signal_workers(pool, signum)) as notices:
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
+                                 initargs=(threads, listen)) as pool, \
+                _StopNotices(lambda signum: _signal_workers(pool, signum), listen) as notices:
             pending, running = list(todo), set[Future]()
             while pending or running:
                 # At most one cell per worker is handed over, none waits in the pool's queue: no cell starts

@@ -398,11 +398,12 @@ def train(cfg: Config, resume: str | None = None, stop_at: int | None = None) ->
     created_group = init_world(cfg, device)
     try:
         return _run(cfg, world, device, resume, stop_at)
+    except BaseException as failure:
+        if created_group:  # its traceback's frames hold the run, which close_world must free first
+            traceback.clear_frames(failure.__traceback__)
+        raise
     finally:
         if created_group:
-            failure = sys.exc_info()[1]
-            if failure is not None:  # its traceback's frames hold the run, which close_world must free first
-                traceback.clear_frames(failure.__traceback__)
             close_world()
 
 
@@ -453,7 +454,7 @@ def _loop(run: Run) -> TrainResult:
                 progress.set_postfix_str(f"loss {outcome.loss:.3f} lr {outcome.lr:.2e} "
                                          f"{run.tracker.summary_line()}", refresh=False)
                 progress.update(1)
-            signal_ = stop.agreed()  # at the last step too: a study must not start its next cell
+            signal_ = stop.agreed() if step < end else None  # the last step ends the run anyway
             if signal_ is not None or _due(step, cfg.checkpoint.every, end if cfg.checkpoint.save_final else None):
                 records.write_held()  # the metrics file reaches every step a checkpoint holds
                 # After a skipped step: the last good weights, under this step.

@@ -267,9 +267,8 @@ def test_a_bf16_deepspeed_run_exports_its_fp32_master_weights(runs):
 
 
 def test_a_bf16_deepspeed_export_says_float32_in_its_config(runs):
-    """Review s11 reproducer (not run in the review, CPU was scarce; CI's artifacts show it): the weights are
-    the fp32 masters but save_pretrained writes the model's own dtype (bf16 under DeepSpeed) into config.json,
-    so from_pretrained's default dtype="auto" (transformers 5) loads the masters as bf16."""
+    """save_pretrained writes the model's own dtype (bf16 under DeepSpeed) into config.json, and
+    from_pretrained's default dtype="auto" follows it: the config must name the exported masters' float32."""
     run = runs.runs["llama", "rv-adamw", "zero2", BF16]
     latest = (run / "checkpoints" / "latest").read_text().strip()
     config = json.loads((run / "checkpoints" / latest / "model" / "config.json").read_text())

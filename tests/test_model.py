@@ -115,7 +115,8 @@ def test_fp32_weights_of_a_bf16_model_load_as_fp32(tmp_path):
     save_hf_model(model, tmp_path, dict(masters))
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert loaded.dtype == torch.float32
-    assert all(torch.equal(loaded.state_dict()[k], w) for k, w in masters.items() if k in loaded.state_dict())
+    state = loaded.state_dict()
+    assert state.keys() == masters.keys() and all(torch.equal(state[k], w) for k, w in masters.items())
     assert model.config.dtype == training_dtype  # the training model's config is left as it was
 
 

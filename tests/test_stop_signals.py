@@ -26,14 +26,36 @@ from tests.train_utils import REPO, tiny_args
 LONG = ["train.steps=100000", "checkpoint.every=100000", "train.eval_every=100000", "logging.rotation_every=3"]
 
 
-def test_a_signal_is_noted_and_the_old_handler_comes_back():
-    before = signal.getsignal(signal.SIGUSR1)
+@pytest.fixture
+def handlers_restored():
+    """This process's handlers as they were: an ignored SIGTERM would be inherited by every later subprocess."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+
+
+def test_a_signal_is_noted_and_a_python_handler_before_hears_it_too(handlers_restored):
+    heard: list[int] = []
+    study = lambda signum, frame: heard.append(signum)  # noqa: E731 (a study's handler, say)
+    signal.signal(signal.SIGUSR1, study)
     with StopSignals(torch.device("cpu"), enabled=True) as stop:
         stop.vote()  # one process: no vote to take
         assert stop.agreed() is None
         os.kill(os.getpid(), signal.SIGUSR1)
-        assert stop.agreed() == signal.SIGUSR1
-    assert signal.getsignal(signal.SIGUSR1) is before
+        assert stop.agreed() == signal.SIGUSR1 and heard == [signal.SIGUSR1]
+    assert signal.getsignal(signal.SIGUSR1) is study
+
+
+def test_after_a_notice_the_default_becomes_ignore_else_it_comes_back(handlers_restored):
+    """A stopping process must not die of a second notice in its last writes; one that saw none is as before."""
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    with StopSignals(torch.device("cpu"), enabled=True):
+        pass
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    with StopSignals(torch.device("cpu"), enabled=True):
+        os.kill(os.getpid(), signal.SIGUSR1)
+    assert signal.getsignal(signal.SIGUSR1) == signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
 
 
 def test_disabled_it_leaves_the_handlers_alone():
@@ -151,29 +173,29 @@ def test_a_study_stops_with_its_running_cell_checkpointed_and_starts_no_other(ti
     assert "stopped in" in out and "report:" in out
 
 
-def test_a_notice_during_a_cells_last_step_stops_the_study(tiny_data_dir, tmp_path, monkeypatch):
-    """Review s11 reproducer: `agreed()` is not read at the last step (train.py `step < end`), so a notice
-    that arrives while a cell runs its last step (its final eval and checkpoint included) is swallowed by
-    the handler and the study starts the next cell, which the scheduler then kills."""
+@pytest.mark.parametrize("during", ["train_step", "save_checkpoint"])
+def test_a_notice_in_a_cells_last_step_stops_the_study(tiny_data_dir, tmp_path, monkeypatch, during):
+    """The cell's last step ends its run anyway (`done`), and the study hears the notice too (the loop's
+    handler passes it on): no further cell starts. Also while the final checkpoint is written (reviews s11,
+    s11b: the notice was swallowed and the next cell started)."""
     import pretrain.train as train_module
-    from pretrain.study_run import STOPPED, run_study
+    from pretrain.study_run import run_study
 
     path = write_study(tmp_path, tiny_data_dir, {"optim.name": ["rv-adamw"], "train.seed": [0, 1]},
                        overrides=["train.steps=3"])
     study = load_study(path)
     first, second = (cell.run_dir for cell in study.cells)
-    real_step = train_module.train_step
+    real = getattr(train_module, during)
 
-    def step_then_notice(run, step):
-        outcome = real_step(run, step)
+    def then_notice(run, step):
         if step == run.end_step and run.run_dir == first:
-            os.kill(os.getpid(), signal.SIGTERM)  # noted by StopSignals' handler, as from a scheduler
-        return outcome
+            os.kill(os.getpid(), signal.SIGTERM)  # as from a scheduler
+        return real(run, step)
 
-    monkeypatch.setattr(train_module, "train_step", step_then_notice)
+    monkeypatch.setattr(train_module, during, then_notice)
     ran = run_study(study, jobs=1)
-    assert len(ran.outcomes) == 1 and ran.outcomes[0].status == STOPPED, ran  # its last step: checkpointed
-    assert ran.stopped_by == signal.SIGTERM and not second.exists()
+    assert [o.status for o in ran.outcomes] == ["done"] and ran.stopped_by == signal.SIGTERM, ran
+    assert not second.exists()
 
 
 def test_a_study_with_two_jobs_passes_the_notice_to_its_cells(tiny_data_dir, tmp_path):
@@ -188,48 +210,29 @@ def test_a_study_with_two_jobs_passes_the_notice_to_its_cells(tiny_data_dir, tmp
     try:
         wait_for_steps(cells[0], 5, proc)
         wait_for_steps(cells[1], 5, proc)
-        workers = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        workers = [int(pid) for pid in children  # the pool's, not multiprocessing's resource tracker
+                   if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(workers) == 2
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 128 + signal.SIGTERM, out + err
         assert err.strip().splitlines()[-1] == ("study stopped by SIGTERM: 2 cell(s) checkpointed; re-run the same "
                                                "command to resume")
         assert all((cell / "checkpoints" / "latest").is_file() for cell in cells[:2]) and not cells[2].exists()
-        for pid in workers:  # ended with the study, not orphaned
-            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        for pid in workers:  # ended with the study, not orphaned (a zombie waits for its reaper only)
+            with contextlib.suppress(FileNotFoundError):
+                assert "zombie" in Path(f"/proc/{pid}/status").read_text()
     finally:
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_a_notice_during_a_cells_final_checkpoint_stops_the_study(tiny_data_dir, tmp_path, monkeypatch):
-    """Review s11b reproducer: `agreed()` is now read at the last step, but a notice that arrives after it,
-    while the cell writes its final checkpoint (StopSignals still installed), is noted by StopSignals and
-    never read: the cell reports `done`, the study's own handler never saw it, and the next cell starts."""
-    import pretrain.train as train_module
-    from pretrain.study_run import run_study
-
-    path = write_study(tmp_path, tiny_data_dir, {"optim.name": ["rv-adamw"], "train.seed": [0, 1]},
-                       overrides=["train.steps=3"])
-    study = load_study(path)
-    first, second = (cell.run_dir for cell in study.cells)
-    real_save = train_module.save_checkpoint
-
-    def save_then_notice(run, step):
-        if step == run.end_step and run.run_dir == first:
-            os.kill(os.getpid(), signal.SIGTERM)  # as from a scheduler, while the final checkpoint is written
-        return real_save(run, step)
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_notice)
-    ran = run_study(study, jobs=1)
-    assert ran.stopped_by == signal.SIGTERM and not second.exists(), ran
-
-
 def test_a_sigterm_to_the_launcher_before_its_workers_exist_is_not_lost(tmp_path):
-    """Review s11b reproducer: the launcher's handler forwards a notice to the children it has now; while the
-    agent waits for its rendezvous there are none, so the notice is dropped and the launcher goes on (it would
-    start the workers and train the whole run). Before the fix the default action ended it: nothing ran yet."""
+    """While the agent waits for its rendezvous there are no workers to pass a notice to: it ends the launcher,
+    as it did before the launcher passed notices on (review s11b: it was dropped, and the run would have
+    trained to its end once the other node came)."""
     port = free_port()
     cmd = [sys.executable, "-m", "pretrain.launch", "--nnodes=2", "--node_rank=0", "--nproc_per_node=1",
            "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "pretrain", "train", "configs/tiny-cpu.yaml",
@@ -251,9 +254,8 @@ def test_a_sigterm_to_the_launcher_before_its_workers_exist_is_not_lost(tmp_path
 
 
 def test_a_notice_while_a_studys_workers_start_does_not_break_the_pool(tiny_data_dir, tmp_path):
-    """Review s11b reproducer: a `--jobs 2` study passes the notice to every process of its pool at once, also
-    to one still starting (spawn bootstrap, `_init_worker` importing torch before it sets SIG_IGN). The default
-    action ends it, the pool breaks and the study ends with a BrokenProcessPool traceback (exit 1)."""
+    """A `--jobs 2` study passes a notice only to workers ready for it: one still starting would die of it and
+    break the pool (review s11b: a BrokenProcessPool traceback, exit 1); it gets the notice a second later."""
     path = write_study(tmp_path, tiny_data_dir, {"optim.name": ["rv-adamw"], "train.seed": [0, 1, 2]},
                        overrides=LONG)
     proc = subprocess.Popen([sys.executable, "-m", "pretrain", "study", str(path), "--jobs", "2"], cwd=REPO,

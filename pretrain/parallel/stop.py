@@ -30,8 +30,11 @@ from pretrain.parallel.host_copy import HostCopy
 class StopSignals:
     """Notes SIGTERM / SIGUSR1 while a run trains and tells the loop, the same on every rank, when to stop.
 
-    A context manager: leaving it puts the previous handlers back. Handlers can only be set from the
-    main thread; elsewhere (a run driven from another thread) the signals keep their own behaviour.
+    A context manager: leaving it puts the previous handlers back, or, once a notice was seen and the
+    previous one was the default (which would end the process), ignores further notices: the process
+    is stopping anyway and must not die in its last writes. A previous Python handler (a study's) hears
+    every notice too. Handlers can only be set from the main thread; elsewhere (a run driven from
+    another thread) the signals keep their own behaviour.
     """
 
     def __init__(self, device: torch.device, enabled: bool) -> None:
@@ -46,6 +49,9 @@ class StopSignals:
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
         self._seen = signum
+        previous = self._previous.get(signum)
+        if callable(previous):  # a study listens too: it must start no further cell
+            previous(signum, frame)
 
     def vote(self) -> None:
         """At the start of a step, on every rank: put this rank's signal (0: none) to the vote."""
@@ -66,6 +72,9 @@ class StopSignals:
 
     def __exit__(self, *exc: object) -> None:
         for sig, previous in self._previous.items():
-            # None: a handler set outside Python, which cannot be put back; the default is the nearest.
-            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+            if previous is None:  # a handler set outside Python, which cannot be put back: the nearest
+                previous = signal.SIG_DFL
+            if self._seen and previous == signal.SIG_DFL:
+                previous = signal.SIG_IGN
+            signal.signal(sig, previous)
         self._previous.clear()

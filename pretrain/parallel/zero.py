@@ -128,6 +128,11 @@ class DeepSpeedEngine:
         self.stage = cfg.parallel.zero_stage
         try:
             self.maps = segment_maps(self.ds.optimizer, table, self.names, self.stage)
+            held = {info.name for segment_map, _, _ in self.maps.values() for info in segment_map.tensors}
+            missing = set(self.names.values()) - held if self.stage else set()
+            if missing:  # every parameter trains, so DeepSpeed's flat groups must hold each (the export reads them)
+                raise RuntimeError(f"DeepSpeed's partitions hold no master weights of {sorted(missing)[0]}; this "
+                                   "DeepSpeed version groups parameters differently from what this project expects")
             if isinstance(optimizer, RotationalOptimizer):
                 for flat, (segment_map, originals, group_index) in self.maps.items():
                     optimizer.adopt_flat_partition(flat, segment_map, originals, group_index)
@@ -184,10 +189,6 @@ class DeepSpeedEngine:
         masters = full_masters(self.maps, self.world.is_main)
         if not self.world.is_main:
             return None
-        missing = set(self.names.values()) - set(masters)
-        if missing:  # every parameter trains here, so DeepSpeed's flat groups hold every one
-            raise RuntimeError(f"DeepSpeed's partitions hold no master weights of {sorted(missing)[0]}; this "
-                               "DeepSpeed version groups parameters differently from what the export expects")
         params = {name for name, _ in self.raw_model.named_parameters(remove_duplicate=False)}
         # Buffers in the masters' dtype too (DeepSpeed's half modes cast them with the model): one dtype per file.
         buffers = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
