@@ -94,7 +94,10 @@ class _StopNoticeForwarder:
                 self._agents(signum, frame)
             return
         workers = _children()
-        if not workers:  # none started yet, or all gone: the signal's own action
+        if not workers and self._agents is not None:  # all gone, or /proc cannot list them: torchrun's own way
+            self._agents(signum, frame)
+            return
+        if not workers:  # none started yet: the signal's own action
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
